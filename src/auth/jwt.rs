@@ -1,0 +1,164 @@
+//! JWT access-token verification (RFC 7519, RFC 9068, RFC 8725).
+//!
+//! Keys are loaded once, at start-up, each with the one algorithm it may verify: the key is chosen
+//! by the header's `kid` (or, without a `kid`, as the only configured key of the header's `alg`), and
+//! the key then fixes the algorithm, issuer and audience. That shuts out `alg: none` and the
+//! "HS256 signed with the RSA public key" confusion (RFC 8725 §2.1, §3.1). `jku`, `x5u`, `x5c` and `jwk`
+//! headers are never followed or used. `exp`, `iss` and `aud` are required; `nbf` is checked when present;
+//! `typ` must say this is an access token or a JWT (RFC 9068 §2.1, RFC 8725 §3.11).
+
+use std::collections::HashMap;
+
+use jsonwebtoken::{decode, decode_header, errors::ErrorKind, Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::AuthFailure;
+
+/// One verification key, with everything it pins.
+pub struct VerifyKey {
+    pub kid: Option<String>,
+    pub alg: Algorithm,
+    pub key: DecodingKey,
+    pub issuer: String,
+    pub audience: String,
+}
+
+/// The claims fhir-edge reads. Unknown claims are ignored; registered claims are checked by
+/// `jsonwebtoken` against the key's [`Validation`].
+#[derive(Debug, Deserialize)]
+pub struct Claims {
+    /// Kept as a JSON value: a non-string scope is a scope problem (403), not a malformed token.
+    #[serde(default)]
+    pub scope: Option<Value>,
+    #[serde(default)]
+    pub sub: Option<String>,
+    #[serde(default)]
+    pub client_id: Option<String>,
+    #[serde(default)]
+    pub jti: Option<String>,
+}
+
+struct Entry {
+    alg: Algorithm,
+    key: DecodingKey,
+    validation: Validation,
+}
+
+/// Verifies bearer tokens against the configured keys. Immutable after construction.
+pub struct Verifier {
+    entries: Vec<Entry>,
+    by_kid: HashMap<String, usize>,
+}
+
+impl Verifier {
+    /// Builds the verifier. `kid`s must be unique (the config loader checks this and reports it).
+    pub fn new(keys: Vec<VerifyKey>, leeway_seconds: u64) -> Verifier {
+        let mut entries = Vec::with_capacity(keys.len());
+        let mut by_kid = HashMap::new();
+        for k in keys {
+            let mut v = Validation::new(k.alg);
+            v.leeway = leeway_seconds;
+            v.validate_exp = true;
+            v.validate_nbf = true;
+            v.validate_aud = true;
+            v.set_required_spec_claims(&["exp", "iss", "aud"]);
+            v.set_issuer(&[k.issuer.as_str()]);
+            v.set_audience(&[k.audience.as_str()]);
+            if let Some(kid) = &k.kid {
+                by_kid.insert(kid.clone(), entries.len());
+            }
+            entries.push(Entry {
+                alg: k.alg,
+                key: k.key,
+                validation: v,
+            });
+        }
+        Verifier { entries, by_kid }
+    }
+
+    /// Number of configured keys.
+    pub fn key_count(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Verifies `token` (already bounded in size by the bearer extractor) and returns its claims.
+    pub fn verify(&self, token: &str) -> Result<Claims, AuthFailure> {
+        // Compact JWS only: exactly three segments. Five are a JWE, four or six are garbage.
+        if token.bytes().filter(|&b| b == b'.').count() != 2 {
+            return Err(AuthFailure::Malformed401);
+        }
+        let header = decode_header(token).map_err(|_| AuthFailure::Malformed401)?;
+        match header.typ.as_deref() {
+            Some(t)
+                if t.eq_ignore_ascii_case("at+jwt")
+                    || t.eq_ignore_ascii_case("application/at+jwt")
+                    || t.eq_ignore_ascii_case("JWT") => {}
+            _ => return Err(AuthFailure::WrongType),
+        }
+        let entry = self.select(header.kid.as_deref(), header.alg)?;
+        let data =
+            decode::<Claims>(token, &entry.key, &entry.validation).map_err(|e| match e.kind() {
+                ErrorKind::InvalidSignature => AuthFailure::BadSignature,
+                ErrorKind::InvalidAlgorithm | ErrorKind::MissingAlgorithm => {
+                    AuthFailure::BadSignature
+                }
+                ErrorKind::ExpiredSignature => AuthFailure::Expired,
+                ErrorKind::ImmatureSignature => AuthFailure::NotYetValid,
+                ErrorKind::InvalidIssuer => AuthFailure::WrongIssuer,
+                ErrorKind::InvalidAudience => AuthFailure::WrongAudience,
+                ErrorKind::MissingRequiredClaim(_) => AuthFailure::MissingClaim,
+                _ => AuthFailure::Malformed401,
+            })?;
+        Ok(data.claims)
+    }
+
+    fn select(&self, kid: Option<&str>, alg: Algorithm) -> Result<&Entry, AuthFailure> {
+        let entry = match kid {
+            Some(kid) => self
+                .by_kid
+                .get(kid)
+                .and_then(|&i| self.entries.get(i))
+                .ok_or(AuthFailure::UnknownKey)?,
+            None => {
+                let mut candidates = self.entries.iter().filter(|e| e.alg == alg);
+                match (candidates.next(), candidates.next()) {
+                    // Without a kid, only an unambiguous key may be used: trying several would turn one
+                    // request into several signature checks.
+                    (Some(e), None) => e,
+                    _ => return Err(AuthFailure::UnknownKey),
+                }
+            }
+        };
+        // The key fixes the algorithm (RFC 8725 §3.1).
+        if entry.alg != alg {
+            return Err(AuthFailure::BadSignature);
+        }
+        Ok(entry)
+    }
+}
+
+/// Signs and verifies a throwaway token: `jsonwebtoken` compiles without a crypto backend and only
+/// panics at the first use, so find out at start-up rather than on the first request.
+pub fn self_test() -> Result<(), String> {
+    let outcome = std::panic::catch_unwind(|| {
+        use jsonwebtoken::{encode, EncodingKey, Header};
+        let secret = b"fhir-edge start-up self test, not a real key";
+        let enc = EncodingKey::from_secret(secret).map_err(|e| e.to_string())?;
+        let dec = DecodingKey::from_secret(secret).map_err(|e| e.to_string())?;
+        let claims =
+            serde_json::json!({"exp": u64::MAX / 2, "iss": "self-test", "aud": "self-test"});
+        let token =
+            encode(&Header::new(Algorithm::HS256), &claims, &enc).map_err(|e| e.to_string())?;
+        let mut v = Validation::new(Algorithm::HS256);
+        v.set_issuer(&["self-test"]);
+        v.set_audience(&["self-test"]);
+        decode::<Value>(&token, &dec, &v)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    });
+    match outcome {
+        Ok(r) => r,
+        Err(_) => Err("the JWT crypto backend is missing (jsonwebtoken panicked)".into()),
+    }
+}

@@ -1,0 +1,118 @@
+//! Authentication of resource requests: bearer extraction → JWT verification → tenant from scope.
+//!
+//! The result is either the verified [`Grant`] (tenant plus the claims worth logging) or an
+//! [`AuthFailure`] whose variant is the reason (for metrics and logs) and whose class decides the
+//! response (RFC 6750 §3.1): no credentials → 401 without an error code; a malformed request → 400
+//! `invalid_request`; a bad token → 401 `invalid_token`; a good token that grants no routable tenant →
+//! 403 `insufficient_scope`.
+
+pub mod bearer;
+pub mod jwt;
+pub mod scope;
+
+use http::HeaderMap;
+
+use crate::tenant::TenantId;
+pub use jwt::{Claims, Verifier, VerifyKey};
+
+/// Why a request was not authenticated. Each variant is one bounded label value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// No `Authorization: Bearer` header.
+    Missing,
+    /// A malformed `Authorization` header, two of them, or a token in the query string.
+    Malformed,
+    /// The token is longer than the configured bound.
+    TooLarge,
+    /// Not a compact JWS, bad base64 or JSON, an unsupported `alg`, a claim of the wrong type.
+    Malformed401,
+    /// `typ` is neither `at+jwt` nor `JWT`.
+    WrongType,
+    /// No configured key for this `kid` (or, without a `kid`, no single key for this `alg`).
+    UnknownKey,
+    /// The signature does not verify, or the header's `alg` is not the key's.
+    BadSignature,
+    Expired,
+    NotYetValid,
+    WrongIssuer,
+    WrongAudience,
+    /// `exp`, `iss` or `aud` is missing.
+    MissingClaim,
+    /// The scope names no tenant, several, or one in a non-canonical spelling.
+    NoTenant,
+    /// The tenant is not in the routing table.
+    UnknownTenant,
+}
+
+/// The response class of a failure (RFC 6750 §3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureClass {
+    /// 401, challenge without an error code.
+    NoCredentials,
+    /// 400 `invalid_request`.
+    InvalidRequest,
+    /// 401 `invalid_token`.
+    InvalidToken,
+    /// 403 `insufficient_scope`.
+    InsufficientScope,
+}
+
+impl AuthFailure {
+    pub fn class(self) -> FailureClass {
+        use AuthFailure::*;
+        match self {
+            Missing => FailureClass::NoCredentials,
+            Malformed => FailureClass::InvalidRequest,
+            TooLarge | Malformed401 | WrongType | UnknownKey | BadSignature | Expired
+            | NotYetValid | WrongIssuer | WrongAudience | MissingClaim => {
+                FailureClass::InvalidToken
+            }
+            NoTenant | UnknownTenant => FailureClass::InsufficientScope,
+        }
+    }
+
+    /// Stable snake_case name, for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        use AuthFailure::*;
+        match self {
+            Missing => "missing",
+            Malformed => "malformed",
+            TooLarge => "too_large",
+            Malformed401 => "malformed_token",
+            WrongType => "wrong_typ",
+            UnknownKey => "unknown_kid",
+            BadSignature => "bad_signature",
+            Expired => "expired",
+            NotYetValid => "not_yet_valid",
+            WrongIssuer => "wrong_issuer",
+            WrongAudience => "wrong_audience",
+            MissingClaim => "missing_claim",
+            NoTenant => "no_tenant",
+            UnknownTenant => "unknown_tenant",
+        }
+    }
+}
+
+/// What a verified token grants.
+#[derive(Debug)]
+pub struct Grant {
+    pub tenant: TenantId,
+    pub claims: Claims,
+}
+
+/// Authenticates one request from its headers and raw query string.
+pub fn authenticate(
+    verifier: &Verifier,
+    headers: &HeaderMap,
+    query: Option<&[u8]>,
+    max_token_bytes: usize,
+) -> Result<Grant, AuthFailure> {
+    // RFC 6750 §2.3 tokens in the URI are refused even beside a header: they leak into logs.
+    if query.is_some_and(bearer::query_has_access_token) {
+        return Err(AuthFailure::Malformed);
+    }
+    let token = bearer::extract(headers, max_token_bytes)?;
+    let claims = verifier.verify(token)?;
+    let tenant = scope::tenant_from_scope(claims.scope.as_ref())?;
+    Ok(Grant { tenant, claims })
+}

@@ -1,0 +1,79 @@
+//! The token's `scope` claim → the one tenant it grants.
+//!
+//! Teams EHR integration: the client asks for a token with `scope=<tenant GUID>`; the proxy routes on the
+//! tenant in the *verified* token's scope and on nothing else. RFC 6749 §3.3 makes scope a string of
+//! space-delimited tokens; SMART scopes such as `system/*.read` may ride along and are ignored here.
+//! Exactly one element must be a canonical GUID. A scope that names a tenant in any other spelling
+//! (braces, `urn:uuid:`, no hyphens) is refused as a whole rather than half-understood.
+
+use serde_json::Value;
+
+use super::AuthFailure;
+use crate::tenant::TenantId;
+
+/// The tenant granted by a `scope` claim value.
+pub fn tenant_from_scope(scope: Option<&Value>) -> Result<TenantId, AuthFailure> {
+    let Some(Value::String(scope)) = scope else {
+        return Err(AuthFailure::NoTenant);
+    };
+    let mut found = None;
+    for element in scope.split(' ') {
+        if let Some(t) = TenantId::parse(element) {
+            if found.replace(t).is_some() {
+                return Err(AuthFailure::NoTenant);
+            }
+        } else if TenantId::is_non_canonical_spelling(element) {
+            return Err(AuthFailure::NoTenant);
+        }
+    }
+    found.ok_or(AuthFailure::NoTenant)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const T: &str = "145f4184-1b0b-41c7-ba24-b3c1291bfda1";
+
+    #[test]
+    fn one_guid_among_other_scopes() {
+        let want = TenantId::parse(T);
+        assert_eq!(tenant_from_scope(Some(&json!(T))).ok(), want);
+        assert_eq!(
+            tenant_from_scope(Some(&json!(format!("system/*.read {T}")))).ok(),
+            want
+        );
+        assert_eq!(
+            tenant_from_scope(Some(&json!(T.to_uppercase()))).ok(),
+            want,
+            "uppercase GUIDs name the same tenant"
+        );
+    }
+
+    #[test]
+    fn anything_else_grants_no_tenant() {
+        let other = "00000000-0000-0000-0000-000000000001";
+        for bad in [
+            json!(format!("{T} {other}")),
+            json!(format!("{T} {T}")),
+            json!(format!("{T} {{{other}}}")),
+            json!(format!("{{{T}}}")),
+            json!(format!("urn:uuid:{T}")),
+            json!(T.replace('-', "")),
+            json!("system/*.read"),
+            json!(""),
+            json!([T]),
+            json!(42),
+            json!(null),
+            json!(format!("{T}\t")),
+        ] {
+            assert_eq!(
+                tenant_from_scope(Some(&bad)),
+                Err(AuthFailure::NoTenant),
+                "{bad}"
+            );
+        }
+        assert_eq!(tenant_from_scope(None), Err(AuthFailure::NoTenant));
+    }
+}

@@ -1,0 +1,711 @@
+//! Static configuration (`conf/fhir-edge.yaml`, read once at start-up; restart to change).
+//!
+//! Parse, then validate, then use: the file is read into `serde` structs that reject unknown keys,
+//! then every value is checked and converted into [`Settings`], which is all the rest of the crate
+//! sees. Validation collects every problem (with file, line and key path) before failing, so
+//! `fhir-edge check` reports a broken file in one pass. Relative paths resolve against the directory of
+//! the file that names them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use jsonwebtoken::{Algorithm, DecodingKey};
+use serde::Deserialize;
+
+use crate::auth::{Verifier, VerifyKey};
+use crate::problems::{whole_file, Problems, Source};
+use crate::upstream::{read_ca_file, PeerSettings, Upstream, UpstreamUrl};
+
+// ---------------------------------------------------------------------------------------------
+// The file format. Defaults live in the `Default` impls, one place each.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    listen: Vec<String>,
+    #[serde(default)]
+    tls_listeners: Vec<FileTlsListener>,
+    public_base_url: String,
+    routes_file: String,
+    metadata_upstream: String,
+    auth: FileAuth,
+    #[serde(default)]
+    limits: FileLimits,
+    #[serde(default)]
+    server: FileServer,
+    #[serde(default)]
+    log: FileLog,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTlsListener {
+    addr: String,
+    cert_file: String,
+    key_file: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAuth {
+    #[serde(default = "default_leeway")]
+    leeway_seconds: u64,
+    #[serde(default = "default_max_token_bytes")]
+    max_token_bytes: usize,
+    #[serde(default = "default_realm")]
+    realm: String,
+    issuers: Vec<FileIssuer>,
+}
+
+fn default_leeway() -> u64 {
+    30
+}
+fn default_max_token_bytes() -> usize {
+    8192
+}
+fn default_realm() -> String {
+    "fhir-edge".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileIssuer {
+    issuer: String,
+    audience: String,
+    #[serde(default)]
+    keys: Vec<FileKey>,
+    #[serde(default)]
+    jwks_file: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileKey {
+    #[serde(default)]
+    kid: Option<String>,
+    alg: String,
+    #[serde(default)]
+    public_key_file: Option<String>,
+    #[serde(default)]
+    secret_file: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileLimits {
+    max_uri_bytes: usize,
+    max_header_bytes: usize,
+    max_headers: usize,
+    max_body_bytes: usize,
+    keepalive_timeout_seconds: u64,
+    keepalive_requests: u32,
+}
+
+impl Default for FileLimits {
+    fn default() -> Self {
+        FileLimits {
+            max_uri_bytes: 8 * 1024,
+            max_header_bytes: 32 * 1024,
+            max_headers: 100,
+            max_body_bytes: 10 * 1024 * 1024,
+            keepalive_timeout_seconds: 60,
+            keepalive_requests: 1000,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileServer {
+    threads: usize,
+    grace_period_seconds: u64,
+    graceful_shutdown_timeout_seconds: u64,
+    upstream_connect_timeout_ms: u64,
+    upstream_read_timeout_ms: u64,
+    upstream_write_timeout_ms: u64,
+    upstream_idle_timeout_ms: u64,
+    upstream_keepalive_pool_size: usize,
+    upstream_ca_file: Option<String>,
+    max_retries: usize,
+    pid_file: String,
+    upgrade_sock: String,
+    reload_debounce_ms: u64,
+    reload_poll_seconds: u64,
+}
+
+impl Default for FileServer {
+    fn default() -> Self {
+        FileServer {
+            threads: 2,
+            grace_period_seconds: 5,
+            graceful_shutdown_timeout_seconds: 5,
+            upstream_connect_timeout_ms: 2_000,
+            upstream_read_timeout_ms: 30_000,
+            upstream_write_timeout_ms: 30_000,
+            upstream_idle_timeout_ms: 55_000,
+            upstream_keepalive_pool_size: 1024,
+            upstream_ca_file: None,
+            max_retries: 2,
+            pid_file: "/tmp/fhir-edge.pid".into(),
+            upgrade_sock: "/tmp/fhir-edge-upgrade.sock".into(),
+            reload_debounce_ms: 150,
+            reload_poll_seconds: 30,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileLog {
+    level: String,
+}
+
+impl Default for FileLog {
+    fn default() -> Self {
+        FileLog {
+            level: "info".into(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The validated settings.
+
+/// The public face of the proxy: what clients see.
+#[derive(Debug, Clone)]
+pub struct PublicBase {
+    /// `https://edge.example.org/fhir` (no trailing slash).
+    pub url: String,
+    pub scheme: String,
+    /// `host[:port]`.
+    pub authority: String,
+    /// Path part without a trailing slash; empty for the root.
+    pub path: String,
+}
+
+/// A TLS listener.
+#[derive(Debug, Clone)]
+pub struct TlsListener {
+    pub addr: SocketAddr,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// Request size and connection limits (Pingora's own defaults are loose for an internet edge).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_uri_bytes: usize,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_body_bytes: usize,
+    pub keepalive_timeout_seconds: u64,
+    pub keepalive_requests: u32,
+}
+
+/// Process and upstream-connection settings.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub threads: usize,
+    pub grace_period_seconds: u64,
+    pub graceful_shutdown_timeout_seconds: u64,
+    pub upstream_keepalive_pool_size: usize,
+    pub max_retries: usize,
+    pub pid_file: String,
+    pub upgrade_sock: String,
+    pub reload_debounce: Duration,
+    pub reload_poll: Duration,
+}
+
+/// Defaults every route starts from (each route may override timeouts, TLS and SNI).
+#[derive(Debug, Clone)]
+pub struct RouteDefaults {
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub ca_der: Option<Vec<Vec<u8>>>,
+}
+
+impl RouteDefaults {
+    pub fn peer_settings(&self, group_key: u64) -> PeerSettings {
+        PeerSettings {
+            connect_timeout: self.connect_timeout,
+            read_timeout: self.read_timeout,
+            write_timeout: self.write_timeout,
+            idle_timeout: self.idle_timeout,
+            tls_verify: true,
+            sni: None,
+            ca_der: self.ca_der.clone(),
+            group_key,
+        }
+    }
+}
+
+/// Everything `fhir-edge.yaml` says, validated.
+pub struct Settings {
+    pub config_path: PathBuf,
+    pub listen: Vec<SocketAddr>,
+    pub tls_listeners: Vec<TlsListener>,
+    pub public: PublicBase,
+    pub routes_file: PathBuf,
+    pub metadata_upstream: Upstream,
+    pub verifier: Verifier,
+    pub realm: String,
+    pub max_token_bytes: usize,
+    pub limits: Limits,
+    pub server: ServerSettings,
+    pub route_defaults: RouteDefaults,
+    pub log_level: log::LevelFilter,
+}
+
+impl Settings {
+    /// Reads and validates the config file and the key files it names. The routing table is
+    /// loaded separately (it is hot-reloaded), see [`crate::routing`].
+    pub fn load(path: &Path) -> Result<Settings, Problems> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| whole_file(path, format!("cannot read: {e}")))?;
+        let mut src = Source::new(path, &text);
+        let file: FileConfig = match serde_yaml_ng::from_str(&text) {
+            Ok(f) => f,
+            Err(e) => {
+                src.yaml_error(&e);
+                return Err(Problems(src.problems));
+            }
+        };
+        match validate(file, path, &mut src) {
+            Some(s) if src.problems.is_empty() => Ok(s),
+            _ => Err(Problems(src.problems)),
+        }
+    }
+}
+
+fn resolve(dir: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        dir.join(p)
+    }
+}
+
+/// Validates every section; returns `None` when a value needed to build `Settings` is missing
+/// (its problem is already recorded).
+fn validate(f: FileConfig, path: &Path, src: &mut Source) -> Option<Settings> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut listen = Vec::new();
+    for (i, a) in f.listen.iter().enumerate() {
+        match a.parse::<SocketAddr>() {
+            Ok(addr) => listen.push(addr),
+            Err(_) => src.at(
+                a,
+                format!("listen[{i}]"),
+                "must be an IP:port address such as 127.0.0.1:8080",
+            ),
+        }
+    }
+    let mut tls_listeners = Vec::new();
+    for (i, l) in f.tls_listeners.iter().enumerate() {
+        let key = format!("tls_listeners[{i}]");
+        let addr = l
+            .addr
+            .parse::<SocketAddr>()
+            .map_err(|_| src.at(&l.addr, format!("{key}.addr"), "must be an IP:port address"));
+        let cert_file = resolve(dir, &l.cert_file);
+        let key_file = resolve(dir, &l.key_file);
+        for (name, p, raw) in [
+            ("cert_file", &cert_file, &l.cert_file),
+            ("key_file", &key_file, &l.key_file),
+        ] {
+            if let Err(e) = std::fs::metadata(p) {
+                src.at(
+                    raw,
+                    format!("{key}.{name}"),
+                    format!("cannot read {}: {e}", p.display()),
+                );
+            }
+        }
+        if let Ok(addr) = addr {
+            tls_listeners.push(TlsListener {
+                addr,
+                cert_file,
+                key_file,
+            });
+        }
+    }
+    if f.listen.is_empty() && f.tls_listeners.is_empty() {
+        src.at(
+            "listen",
+            "listen",
+            "at least one listener (listen or tls_listeners) is needed",
+        );
+    }
+
+    let public = parse_public_base(&f.public_base_url)
+        .map_err(|m| src.at(&f.public_base_url, "public_base_url", m))
+        .ok();
+
+    let routes_file = resolve(dir, &f.routes_file);
+
+    let limits = validate_limits(&f.limits, src);
+    let (server, route_defaults) = validate_server(&f.server, dir, src);
+
+    let metadata_upstream = UpstreamUrl::parse(&f.metadata_upstream)
+        .and_then(|url| {
+            let addr = url.resolve()?;
+            match &route_defaults {
+                Some(d) => Upstream::build(&url, addr, &d.peer_settings(0)).map(Some),
+                None => Ok(None),
+            }
+        })
+        .unwrap_or_else(|m| {
+            src.at(&f.metadata_upstream, "metadata_upstream", m);
+            None
+        });
+
+    let keys = load_issuers(&f.auth, dir, src);
+    if f.auth.max_token_bytes < 256 || f.auth.max_token_bytes > 64 * 1024 {
+        src.at(
+            "max_token_bytes",
+            "auth.max_token_bytes",
+            "must be between 256 and 65536",
+        );
+    }
+    if f.auth.leeway_seconds > 300 {
+        src.at(
+            "leeway_seconds",
+            "auth.leeway_seconds",
+            "must be at most 300",
+        );
+    }
+    if f.auth.realm.is_empty()
+        || !f
+            .auth
+            .realm
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    {
+        src.at(
+            "realm",
+            "auth.realm",
+            "must be non-empty printable ASCII without quotes or backslashes",
+        );
+    }
+
+    let log_level = match f.log.level.parse::<log::LevelFilter>() {
+        Ok(l) => Some(l),
+        Err(_) => {
+            src.at(
+                &f.log.level,
+                "log.level",
+                "must be one of off, error, warn, info, debug, trace",
+            );
+            None
+        }
+    };
+
+    Some(Settings {
+        config_path: path.to_path_buf(),
+        listen,
+        tls_listeners,
+        public: public?,
+        routes_file,
+        metadata_upstream: metadata_upstream?,
+        verifier: Verifier::new(keys, f.auth.leeway_seconds),
+        realm: f.auth.realm,
+        max_token_bytes: f.auth.max_token_bytes,
+        limits: limits?,
+        server: server?,
+        route_defaults: route_defaults?,
+        log_level: log_level?,
+    })
+}
+
+fn parse_public_base(s: &str) -> Result<PublicBase, String> {
+    let url = UpstreamUrl::parse(s)?;
+    Ok(PublicBase {
+        url: url.base_url(),
+        scheme: if url.tls { "https" } else { "http" }.into(),
+        authority: url.authority,
+        path: url.base_path,
+    })
+}
+
+fn validate_limits(l: &FileLimits, src: &mut Source) -> Option<Limits> {
+    let before = src.problems.len();
+    let mut check = |ok: bool, key: &str, msg: &str| {
+        if !ok {
+            src.at(key, format!("limits.{key}"), msg);
+        }
+    };
+    check(
+        (256..=64 * 1024).contains(&l.max_uri_bytes),
+        "max_uri_bytes",
+        "must be between 256 and 65536",
+    );
+    check(
+        (1024..=1024 * 1024).contains(&l.max_header_bytes),
+        "max_header_bytes",
+        "must be between 1024 and 1048576",
+    );
+    check(
+        (8..=256).contains(&l.max_headers),
+        "max_headers",
+        "must be between 8 and 256",
+    );
+    check(
+        l.max_body_bytes >= 1024,
+        "max_body_bytes",
+        "must be at least 1024",
+    );
+    check(
+        (1..=3600).contains(&l.keepalive_timeout_seconds),
+        "keepalive_timeout_seconds",
+        "must be between 1 and 3600",
+    );
+    check(
+        l.keepalive_requests >= 1,
+        "keepalive_requests",
+        "must be at least 1",
+    );
+    (src.problems.len() == before).then_some(Limits {
+        max_uri_bytes: l.max_uri_bytes,
+        max_header_bytes: l.max_header_bytes,
+        max_headers: l.max_headers,
+        max_body_bytes: l.max_body_bytes,
+        keepalive_timeout_seconds: l.keepalive_timeout_seconds,
+        keepalive_requests: l.keepalive_requests,
+    })
+}
+
+fn validate_server(
+    s: &FileServer,
+    dir: &Path,
+    src: &mut Source,
+) -> (Option<ServerSettings>, Option<RouteDefaults>) {
+    let before = src.problems.len();
+    let mut check = |ok: bool, key: &str, msg: &str| {
+        if !ok {
+            src.at(key, format!("server.{key}"), msg);
+        }
+    };
+    check(
+        (1..=256).contains(&s.threads),
+        "threads",
+        "must be between 1 and 256",
+    );
+    check(
+        s.grace_period_seconds <= 600,
+        "grace_period_seconds",
+        "must be at most 600",
+    );
+    check(
+        s.graceful_shutdown_timeout_seconds <= 600,
+        "graceful_shutdown_timeout_seconds",
+        "must be at most 600",
+    );
+    for (key, v) in [
+        ("upstream_connect_timeout_ms", s.upstream_connect_timeout_ms),
+        ("upstream_read_timeout_ms", s.upstream_read_timeout_ms),
+        ("upstream_write_timeout_ms", s.upstream_write_timeout_ms),
+        ("upstream_idle_timeout_ms", s.upstream_idle_timeout_ms),
+    ] {
+        check(
+            (1..=3_600_000).contains(&v),
+            key,
+            "must be between 1 and 3600000",
+        );
+    }
+    check(
+        s.upstream_keepalive_pool_size >= 1,
+        "upstream_keepalive_pool_size",
+        "must be at least 1",
+    );
+    check(s.max_retries <= 16, "max_retries", "must be at most 16");
+    check(
+        (10..=10_000).contains(&s.reload_debounce_ms),
+        "reload_debounce_ms",
+        "must be between 10 and 10000",
+    );
+    check(
+        s.reload_poll_seconds <= 86_400,
+        "reload_poll_seconds",
+        "must be at most 86400 (0 disables)",
+    );
+    let ca_der = match &s.upstream_ca_file {
+        None => None,
+        Some(p) => match read_ca_file(&resolve(dir, p)) {
+            Ok(ders) => Some(ders),
+            Err(m) => {
+                src.at(p, "server.upstream_ca_file", m);
+                None
+            }
+        },
+    };
+    if src.problems.len() != before {
+        return (None, None);
+    }
+    (
+        Some(ServerSettings {
+            threads: s.threads,
+            grace_period_seconds: s.grace_period_seconds,
+            graceful_shutdown_timeout_seconds: s.graceful_shutdown_timeout_seconds,
+            upstream_keepalive_pool_size: s.upstream_keepalive_pool_size,
+            max_retries: s.max_retries,
+            pid_file: s.pid_file.clone(),
+            upgrade_sock: s.upgrade_sock.clone(),
+            reload_debounce: Duration::from_millis(s.reload_debounce_ms),
+            reload_poll: Duration::from_secs(s.reload_poll_seconds),
+        }),
+        Some(RouteDefaults {
+            connect_timeout: Duration::from_millis(s.upstream_connect_timeout_ms),
+            read_timeout: Duration::from_millis(s.upstream_read_timeout_ms),
+            write_timeout: Duration::from_millis(s.upstream_write_timeout_ms),
+            idle_timeout: Duration::from_millis(s.upstream_idle_timeout_ms),
+            ca_der,
+        }),
+    )
+}
+
+/// Loads every issuer's keys; records a problem for each bad one.
+fn load_issuers(auth: &FileAuth, dir: &Path, src: &mut Source) -> Vec<VerifyKey> {
+    let mut out: Vec<VerifyKey> = Vec::new();
+    if auth.issuers.is_empty() {
+        src.at(
+            "issuers",
+            "auth.issuers",
+            "at least one trusted issuer is needed",
+        );
+    }
+    for (i, iss) in auth.issuers.iter().enumerate() {
+        let key = format!("auth.issuers[{i}]");
+        if iss.issuer.is_empty() {
+            src.at("issuer:", format!("{key}.issuer"), "must not be empty");
+        }
+        if iss.audience.is_empty() {
+            src.at("audience:", format!("{key}.audience"), "must not be empty");
+        }
+        let before = out.len();
+        for (j, k) in iss.keys.iter().enumerate() {
+            let kkey = format!("{key}.keys[{j}]");
+            match load_key(k, dir) {
+                Ok((alg, dk)) => out.push(VerifyKey {
+                    kid: k.kid.clone(),
+                    alg,
+                    key: dk,
+                    issuer: iss.issuer.clone(),
+                    audience: iss.audience.clone(),
+                }),
+                Err(m) => {
+                    let needle = k
+                        .public_key_file
+                        .as_deref()
+                        .or(k.secret_file.as_deref())
+                        .unwrap_or(&k.alg);
+                    src.at(needle, kkey, m)
+                }
+            }
+        }
+        if let Some(jwks) = &iss.jwks_file {
+            match load_jwks(&resolve(dir, jwks)) {
+                Ok(keys) => out.extend(keys.into_iter().map(|(kid, alg, dk)| VerifyKey {
+                    kid,
+                    alg,
+                    key: dk,
+                    issuer: iss.issuer.clone(),
+                    audience: iss.audience.clone(),
+                })),
+                Err(m) => src.at(jwks, format!("{key}.jwks_file"), m),
+            }
+        }
+        if out.len() == before && iss.keys.is_empty() && iss.jwks_file.is_none() {
+            src.at(&iss.issuer, key, "an issuer needs `keys` or `jwks_file`");
+        }
+    }
+    // A kid must pick exactly one key, and a token without kid must find at most one key of its alg.
+    for (i, a) in out.iter().enumerate() {
+        for b in &out[i + 1..] {
+            match (&a.kid, &b.kid) {
+                (Some(x), Some(y)) if x == y => {
+                    src.at(x, "auth.issuers", format!("kid `{x}` is used by two keys"))
+                }
+                (None, None) if a.alg == b.alg => src.at(
+                    "keys",
+                    "auth.issuers",
+                    format!(
+                        "two {:?} keys without a kid: a token without kid could not choose",
+                        a.alg
+                    ),
+                ),
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+fn load_key(k: &FileKey, dir: &Path) -> Result<(Algorithm, DecodingKey), String> {
+    let alg: Algorithm = k
+        .alg
+        .parse()
+        .map_err(|_| format!("unsupported alg `{}`", k.alg))?;
+    use jsonwebtoken::AlgorithmFamily as F;
+    match (alg.family(), &k.public_key_file, &k.secret_file) {
+        (F::Hmac, None, Some(secret)) => {
+            let bytes = std::fs::read(resolve(dir, secret))
+                .map_err(|e| format!("cannot read secret_file: {e}"))?;
+            // A trailing newline from `echo … > file` is not part of the secret.
+            let trimmed = bytes.trim_ascii_end();
+            if trimmed.len() < 32 {
+                return Err("HMAC secret must be at least 32 bytes (RFC 7518 §3.2)".into());
+            }
+            DecodingKey::from_secret(trimmed)
+                .map(|dk| (alg, dk))
+                .map_err(|e| format!("bad secret: {e}"))
+        }
+        (F::Hmac, _, _) => Err("HMAC keys need `secret_file` (and no public_key_file)".into()),
+        (family, Some(pem), None) => {
+            let bytes = std::fs::read(resolve(dir, pem))
+                .map_err(|e| format!("cannot read public_key_file: {e}"))?;
+            let dk = match family {
+                F::Rsa => DecodingKey::from_rsa_pem(&bytes),
+                F::Ec => DecodingKey::from_ec_pem(&bytes),
+                F::Ed => DecodingKey::from_ed_pem(&bytes),
+                _ => return Err("unsupported key family".into()),
+            }
+            .map_err(|e| format!("public_key_file is not a {family:?} public key in PEM: {e}"))?;
+            Ok((alg, dk))
+        }
+        (_, _, _) => Err("asymmetric keys need `public_key_file` (and no secret_file)".into()),
+    }
+}
+
+type JwksKey = (Option<String>, Algorithm, DecodingKey);
+
+fn load_jwks(path: &Path) -> Result<Vec<JwksKey>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))?;
+    let set: jsonwebtoken::jwk::JwkSet =
+        serde_json::from_str(&text).map_err(|e| format!("not a JWK Set: {e}"))?;
+    let mut out = Vec::new();
+    for (i, jwk) in set.keys.iter().enumerate() {
+        // The key must fix its algorithm; a JWK without `alg` would let the token header choose.
+        let alg = jwk
+            .common
+            .key_algorithm
+            .and_then(|ka| serde_json::to_value(ka).ok())
+            .and_then(|v| v.as_str().and_then(|s| s.parse::<Algorithm>().ok()))
+            .ok_or_else(|| format!("keys[{i}] has no signing `alg`"))?;
+        let dk = DecodingKey::from_jwk(jwk).map_err(|e| format!("keys[{i}]: {e}"))?;
+        if alg.family() == jsonwebtoken::AlgorithmFamily::Hmac
+            && dk.try_get_as_bytes().map_or(true, |b| b.len() < 32)
+        {
+            return Err(format!("keys[{i}]: HMAC secret must be at least 32 bytes"));
+        }
+        out.push((jwk.common.key_id.clone(), alg, dk));
+    }
+    if out.is_empty() {
+        return Err("contains no keys".into());
+    }
+    Ok(out)
+}

@@ -1,0 +1,48 @@
+//! # fhir-edge
+//!
+//! A multi-tenant edge proxy for FHIR, built on Cloudflare's [Pingora]. An interop partner exposes many
+//! hospitals' FHIR servers to one cloud client (the Microsoft Teams Patients app) through one public
+//! endpoint; fhir-edge is that endpoint.
+//!
+//! ## One request
+//! 1. [`proxy::FhirEdge::request_filter`](pingora::proxy::ProxyHttp::request_filter) checks size limits, then
+//!    classifies the raw path once ([`classify`]): `GET|HEAD {base}/metadata` (byte-exact) is forwarded
+//!    to the metadata upstream without credentials; everything else needs a bearer token.
+//! 2. The token is extracted and verified ([`auth`]): the key chosen by `kid` fixes the algorithm,
+//!    issuer and audience. The tenant GUID comes from the verified `scope` claim and from nothing else.
+//! 3. The tenant's [`routing::Route`] is taken from one snapshot of the hot-reloaded routing table and
+//!    kept in the request context for every later phase. Unknown tenant: 403, no default route.
+//! 4. Path grammar and method policy ([`classify`]); `POST {base}` on a read-only route must be a batch
+//!    of reads ([`batch`]).
+//! 5. `upstream_peer` clones the peer built when the table loaded; `upstream_request_filter` sets the
+//!    upstream target (route base path + path + raw query, byte-exact), `Host`, forwarding headers and
+//!    the route's upstream headers, and drops the client's credentials and forwarding claims.
+//! 6. Every error from any phase becomes a FHIR `OperationOutcome` in [`outcome`].
+//!
+//! ## Mounting it in another Pingora server
+//! ```no_run
+//! use std::path::Path;
+//! let settings = fhir_edge::config::Settings::load(Path::new("conf/fhir-edge.yaml")).unwrap();
+//! fhir_edge::logging::init(settings.log_level);
+//! let server = fhir_edge::server::build(settings, Default::default()).unwrap();
+//! server.run_forever();
+//! ```
+//! [`server::build`] shows how the pieces fit: [`proxy::FhirEdge`] is a plain `ProxyHttp` and
+//! [`routing::reload::Reloader`] a plain `BackgroundService`, so another server can add both to its own.
+//!
+//! [Pingora]: https://github.com/cloudflare/pingora
+
+pub mod auth;
+pub mod batch;
+pub mod classify;
+pub mod config;
+pub mod logging;
+pub mod outcome;
+pub mod pct;
+pub mod problems;
+pub mod proxy;
+pub mod request_id;
+pub mod routing;
+pub mod server;
+pub mod tenant;
+pub mod upstream;

@@ -1,0 +1,483 @@
+//! The `ProxyHttp` implementation: the only module that knows Pingora's phases.
+//!
+//! `request_filter` decides everything once (limits → public metadata? → bearer token → tenant →
+//! route → path and method policy) and stores the decision in the request context: the route
+//! (`Arc<Route>`, one routing-table snapshot for the whole request) and the upstream request
+//! target. Later phases only execute that decision: `upstream_peer` clones the prebuilt peer,
+//! `upstream_request_filter` rewrites the target and rebuilds the forwarding headers, and every
+//! failure, whatever the phase, becomes a response in [`crate::outcome`].
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::HttpPeer;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{Error, ErrorSource, ErrorType, Result};
+
+use crate::auth::{self, AuthFailure};
+use crate::batch;
+use crate::classify::{self, MethodPolicy, PathError};
+use crate::config::Settings;
+use crate::outcome::Outcome;
+use crate::request_id::RequestIds;
+use crate::routing::reload::LiveRoutes;
+use crate::routing::Route;
+use crate::tenant::TenantId;
+use crate::upstream::Upstream;
+
+/// The fhir-edge proxy: mount it with `pingora::proxy::http_proxy_service` (see [`crate::server`]).
+pub struct FhirEdge {
+    settings: Arc<Settings>,
+    routes: Arc<LiveRoutes>,
+    ids: RequestIds,
+}
+
+impl FhirEdge {
+    pub fn new(settings: Arc<Settings>, routes: Arc<LiveRoutes>) -> FhirEdge {
+        FhirEdge {
+            settings,
+            routes,
+            ids: RequestIds::new(),
+        }
+    }
+}
+
+/// Where a request goes, decided once in `request_filter`.
+pub enum Target {
+    /// `GET|HEAD {base}/metadata`: the configured metadata upstream, without credentials.
+    Metadata,
+    /// A tenant's FHIR server, from the routing-table snapshot taken for this request.
+    Tenant(Arc<Route>),
+}
+
+/// Per-request state.
+pub struct RequestCtx {
+    start: Instant,
+    request_id: String,
+    target: Option<Target>,
+    /// The request target sent upstream: base path + path below the public base + raw query.
+    upstream_target: Vec<u8>,
+    tenant: Option<TenantId>,
+    auth_failure: Option<AuthFailure>,
+    /// Set when fhir-edge answers itself (or decides to, from a later phase).
+    outcome: Option<Outcome>,
+    /// Buffer for `POST {base}` on a read-only route (see [`crate::batch`]).
+    batch: Option<Vec<u8>>,
+    body_bytes: usize,
+    upstream_status: Option<u16>,
+}
+
+impl FhirEdge {
+    fn upstream<'a>(&'a self, target: &'a Target) -> &'a Upstream {
+        match target {
+            Target::Metadata => &self.settings.metadata_upstream,
+            Target::Tenant(route) => &route.upstream,
+        }
+    }
+
+    async fn reject(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        o: Outcome,
+    ) -> Result<bool> {
+        ctx.outcome = Some(o);
+        o.respond(session, &self.settings.realm, &ctx.request_id)
+            .await?;
+        Ok(true)
+    }
+
+    /// Size limits checked before any parsing of the request's contents.
+    fn check_limits(&self, req: &RequestHeader) -> Option<Outcome> {
+        let l = &self.settings.limits;
+        if req.raw_path().len() > l.max_uri_bytes {
+            return Some(Outcome::UriTooLong);
+        }
+        if req.headers.len() > l.max_headers {
+            return Some(Outcome::HeadersTooLarge);
+        }
+        let header_bytes: usize = req
+            .headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum();
+        if header_bytes > l.max_header_bytes {
+            return Some(Outcome::HeadersTooLarge);
+        }
+        let declared = req
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|n| n > l.max_body_bytes as u64) {
+            return Some(Outcome::BodyTooLarge);
+        }
+        None
+    }
+
+    /// Authenticates and routes a protected request; `Err` is the response to send.
+    fn route(
+        &self,
+        req: &RequestHeader,
+        path: &[u8],
+        query: Option<&[u8]>,
+        ctx: &mut RequestCtx,
+    ) -> std::result::Result<(), Outcome> {
+        let grant = auth::authenticate(
+            &self.settings.verifier,
+            &req.headers,
+            query,
+            self.settings.max_token_bytes,
+        )
+        .map_err(|f| {
+            ctx.auth_failure = Some(f);
+            Outcome::Auth(f)
+        })?;
+        ctx.tenant = Some(grant.tenant);
+        // One snapshot of the table decides this request; later reloads do not affect it.
+        let route = self
+            .routes
+            .table
+            .load()
+            .get(&grant.tenant)
+            .cloned()
+            .ok_or_else(|| {
+                ctx.auth_failure = Some(AuthFailure::UnknownTenant);
+                // The same response as a token naming no tenant: nothing tells a caller which tenants exist.
+                Outcome::Auth(AuthFailure::UnknownTenant)
+            })?;
+        let remainder =
+            classify::fhir_remainder(path, &self.settings.public.path).map_err(|e| match e {
+                PathError::NotUnderBase => Outcome::NotFound,
+                PathError::Rejected => Outcome::BadRequest,
+            })?;
+        match classify::method_policy(&req.method, remainder, route.allow_writes) {
+            MethodPolicy::Allowed => {}
+            MethodPolicy::NotAllowed => return Err(Outcome::MethodNotAllowed),
+            MethodPolicy::BatchOfReads => {
+                let ct = req
+                    .headers
+                    .get(http::header::CONTENT_TYPE)
+                    .map(HeaderValue::as_bytes)
+                    .unwrap_or_default();
+                if !batch::is_json_media_type(ct) {
+                    return Err(Outcome::UnsupportedMediaType);
+                }
+                ctx.batch = Some(Vec::new());
+            }
+        }
+        ctx.upstream_target = join_target(&route.upstream.base_path, remainder, query);
+        ctx.target = Some(Target::Tenant(route));
+        Ok(())
+    }
+}
+
+/// `base_path` + `remainder` (or `/`), then `?query` byte-exact.
+fn join_target(base_path: &str, remainder: &[u8], query: Option<&[u8]>) -> Vec<u8> {
+    let mut t = Vec::with_capacity(
+        base_path.len() + remainder.len() + query.map_or(0, |q| q.len() + 1) + 1,
+    );
+    t.extend_from_slice(base_path.as_bytes());
+    t.extend_from_slice(remainder);
+    if t.is_empty() {
+        t.push(b'/');
+    }
+    if let Some(q) = query {
+        t.push(b'?');
+        t.extend_from_slice(q);
+    }
+    t
+}
+
+/// Request headers never forwarded: the client's credentials and anything that claims to say where
+/// the request came from or which tenant it is for (the proxy decides those).
+fn must_strip(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    matches!(
+        n,
+        "authorization"
+            | "proxy-authorization"
+            | "cookie"
+            | "forwarded"
+            | "x-real-ip"
+            | "x-request-id"
+            | "via"
+    ) || n.starts_with("x-forwarded-")
+        || n.contains("tenant")
+}
+
+fn status_outcome(code: u16) -> Outcome {
+    match code {
+        400 => Outcome::BadRequest,
+        404 => Outcome::NotFound,
+        405 => Outcome::MethodNotAllowed,
+        413 => Outcome::BodyTooLarge,
+        414 => Outcome::UriTooLong,
+        415 => Outcome::UnsupportedMediaType,
+        431 => Outcome::HeadersTooLarge,
+        502 => Outcome::UpstreamUnavailable,
+        504 => Outcome::UpstreamTimeout,
+        _ => Outcome::Internal,
+    }
+}
+
+/// The response for an error from any phase; `None` when the client connection is already dead.
+fn error_outcome(e: &Error) -> Option<Outcome> {
+    use ErrorType::*;
+    if let HTTPStatus(code) = e.etype() {
+        return Some(status_outcome(*code));
+    }
+    match e.esource() {
+        ErrorSource::Upstream => Some(match e.etype() {
+            ConnectTimedout | ReadTimedout | WriteTimedout => Outcome::UpstreamTimeout,
+            _ => Outcome::UpstreamUnavailable,
+        }),
+        ErrorSource::Downstream => match e.etype() {
+            ReadError | WriteError | ConnectionClosed | ReadTimedout | WriteTimedout => None,
+            _ => Some(Outcome::BadRequest),
+        },
+        ErrorSource::Internal | ErrorSource::Unset => Some(Outcome::Internal),
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for FhirEdge {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            start: Instant::now(),
+            request_id: String::new(),
+            target: None,
+            upstream_target: Vec::new(),
+            tenant: None,
+            auth_failure: None,
+            outcome: None,
+            batch: None,
+            body_bytes: 0,
+            upstream_status: None,
+        }
+    }
+
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // Pingora keeps HTTP/1.1 connections idle forever after the first request unless told otherwise.
+        session.set_keepalive(Some(self.settings.limits.keepalive_timeout_seconds));
+        Ok(())
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        ctx.request_id = self.ids.accept_or_generate(
+            session
+                .req_header()
+                .headers
+                .get("x-request-id")
+                .map(HeaderValue::as_bytes),
+        );
+        if let Some(o) = self.check_limits(session.req_header()) {
+            return self.reject(session, ctx, o).await;
+        }
+        let req = session.req_header();
+        let (path, query) = classify::split_target(req.raw_path());
+        if classify::is_public_metadata(&req.method, path, &self.settings.public.path) {
+            let mut target = self
+                .settings
+                .metadata_upstream
+                .base_path
+                .as_bytes()
+                .to_vec();
+            target.extend_from_slice(b"/metadata");
+            if let Some(q) = query {
+                target.push(b'?');
+                target.extend_from_slice(q);
+            }
+            ctx.upstream_target = target;
+            ctx.target = Some(Target::Metadata);
+            return Ok(false);
+        }
+        match self.route(req, path, query, ctx) {
+            Ok(()) => Ok(false),
+            Err(o) => self.reject(session, ctx, o).await,
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        match &ctx.target {
+            Some(t) => Ok(Box::new(self.upstream(t).peer.clone())),
+            None => Error::e_explain(ErrorType::InternalError, "no upstream decided"),
+        }
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        req: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some(target) = &ctx.target else {
+            return Error::e_explain(ErrorType::InternalError, "no upstream decided");
+        };
+        let upstream = self.upstream(target);
+        req.set_raw_path(&ctx.upstream_target)?;
+        let strip: Vec<HeaderName> = req
+            .headers
+            .keys()
+            .filter(|n| must_strip(n))
+            .cloned()
+            .collect();
+        for name in &strip {
+            req.remove_header(name);
+        }
+        req.insert_header(http::header::HOST, upstream.host.clone())?;
+        if let Some(ip) = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip())
+        {
+            req.insert_header("x-forwarded-for", ip.to_string())?;
+        }
+        let public = &self.settings.public;
+        req.insert_header("x-forwarded-proto", public.scheme.as_str())?;
+        req.insert_header("x-forwarded-host", public.authority.as_str())?;
+        req.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if let Target::Tenant(route) = target {
+            for (name, value) in &route.upstream_headers {
+                req.insert_header(name.clone(), value.clone())?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(b) = body {
+            ctx.body_bytes += b.len();
+            if ctx.body_bytes > self.settings.limits.max_body_bytes {
+                ctx.outcome = Some(Outcome::BodyTooLarge);
+                return Error::e_explain(ErrorType::HTTPStatus(413), "request body over the limit");
+            }
+        }
+        if let Some(buf) = ctx.batch.as_mut() {
+            // Hold the body back until the whole batch has been checked.
+            if let Some(b) = body.take() {
+                buf.extend_from_slice(&b);
+            }
+            if end_of_stream {
+                if !batch::is_batch_of_reads(buf) {
+                    ctx.outcome = Some(Outcome::MethodNotAllowed);
+                    return Error::e_explain(ErrorType::HTTPStatus(405), "batch is not reads only");
+                }
+                *body = Some(Bytes::from(std::mem::take(buf)));
+            }
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        ctx.upstream_status = Some(resp.status.as_u16());
+        resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+        Ok(())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let outcome = ctx.outcome.or_else(|| error_outcome(e));
+        let mut code = 0;
+        if let Some(o) = outcome {
+            ctx.outcome = Some(o);
+            code = o.status();
+            // Once a response has started, a second one cannot be sent: the connection is closed
+            // instead, so a truncated body can never look complete.
+            if session.response_written().is_none() {
+                if let Err(err) = o
+                    .respond(session, &self.settings.realm, &ctx.request_id)
+                    .await
+                {
+                    log::debug!("could not send the error response: {:?}", err.etype());
+                }
+            }
+        }
+        if let Some(Target::Tenant(route)) = &ctx.target {
+            log::warn!(
+                "request {} for tenant {} ({}) failed: {:?} from {:?}",
+                ctx.request_id,
+                route.tenant,
+                route.name,
+                e.etype(),
+                e.esource()
+            );
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, _error: &Error) -> bool {
+        // Pingora's own error line includes error context strings that can quote raw bytes of a
+        // malformed message; fail_to_proxy logs a PHI-free line instead.
+        true
+    }
+
+    fn request_summary(&self, session: &Session, _ctx: &RequestCtx) -> String {
+        // Never the query string or path ids (they are PHI): method and route template only.
+        let req = session.req_header();
+        let (path, _) = classify::split_target(req.raw_path());
+        format!(
+            "{} {}",
+            req.method,
+            classify::route_template(path, &self.settings.public.path)
+        )
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        if !log::log_enabled!(target: "fhir_edge::access", log::Level::Info) {
+            return;
+        }
+        let status = session.response_written().map_or(0, |h| h.status.as_u16());
+        let req = session.req_header();
+        let (path, _) = classify::split_target(req.raw_path());
+        let (tenant, name) = match &ctx.target {
+            Some(Target::Tenant(r)) => (r.tenant.to_string(), r.name.as_str()),
+            _ => (ctx.tenant.map(|t| t.to_string()).unwrap_or_default(), ""),
+        };
+        log::info!(
+            target: "fhir_edge::access",
+            "id={} method={} route={} status={} upstream_status={} tenant={} route_name={} auth={} ms={}",
+            ctx.request_id,
+            req.method,
+            classify::route_template(path, &self.settings.public.path),
+            status,
+            ctx.upstream_status.unwrap_or(0),
+            if tenant.is_empty() { "-" } else { &tenant },
+            if name.is_empty() { "-" } else { name },
+            ctx.auth_failure.map_or("-", AuthFailure::as_str),
+            ctx.start.elapsed().as_millis(),
+        );
+    }
+}

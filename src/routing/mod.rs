@@ -1,0 +1,444 @@
+//! The routing table: tenant GUID → that tenant's upstream FHIR server.
+//!
+//! A [`RoutingTable`] is immutable once built. It is loaded from `routes.yaml`, validated as a whole
+//! (one bad entry rejects the file: a partly applied table is how tenants go missing or end up on the
+//! wrong server), resolved (DNS happens here, never on the request path) and then published with one
+//! `ArcSwap::store` by [`reload`]. A request takes one snapshot of its [`Route`] and keeps it for every
+//! later phase, so authorisation and upstream choice can never see two different tables.
+
+pub mod reload;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{HeaderName, HeaderValue};
+use serde::de::{MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+
+use crate::config::RouteDefaults;
+use crate::problems::{whole_file, Problems, Source};
+use crate::tenant::TenantId;
+use crate::upstream::{read_ca_file, Upstream, UpstreamUrl};
+
+/// One tenant's route, shared by every request of that tenant while this table is current.
+#[derive(Debug)]
+pub struct Route {
+    pub tenant: TenantId,
+    /// Operator-chosen label for logs and metrics (never PHI).
+    pub name: String,
+    pub upstream: Upstream,
+    /// Extra headers sent upstream (credentials for the hospital's server, for instance).
+    pub upstream_headers: Vec<(HeaderName, HeaderValue)>,
+    pub allow_writes: bool,
+}
+
+/// An immutable, validated routing table.
+#[derive(Debug, Default)]
+pub struct RoutingTable {
+    routes: HashMap<TenantId, Arc<Route>>,
+    /// Hash of the file text this table was built from; reloads of identical text are skipped.
+    pub source_hash: u64,
+}
+
+impl RoutingTable {
+    pub fn get(&self, tenant: &TenantId) -> Option<&Arc<Route>> {
+        self.routes.get(tenant)
+    }
+
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
+    /// Reads, parses, validates and resolves a routing file. Blocking (file I/O and DNS).
+    pub fn load(path: &Path, defaults: &RouteDefaults) -> Result<RoutingTable, Problems> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| whole_file(path, format!("cannot read: {e}")))?;
+        Self::from_text(path, &text, defaults)
+    }
+
+    /// Builds a table from file text (`path` is used for messages and relative `ca_file`s).
+    pub fn from_text(
+        path: &Path,
+        text: &str,
+        defaults: &RouteDefaults,
+    ) -> Result<RoutingTable, Problems> {
+        if text.trim().is_empty() {
+            return Err(whole_file(
+                path,
+                "file is empty (refusing to drop every tenant)",
+            ));
+        }
+        let mut src = Source::new(path, text);
+        let file: RoutesFile = match serde_yaml_ng::from_str(text) {
+            Ok(f) => f,
+            Err(e) => {
+                src.yaml_error(&e);
+                return Err(Problems(src.problems));
+            }
+        };
+        if file.tenants.0.is_empty() {
+            src.at(
+                "tenants",
+                "tenants",
+                "no tenants (refusing to drop every tenant)",
+            );
+            return Err(Problems(src.problems));
+        }
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let mut routes: HashMap<TenantId, Arc<Route>> =
+            HashMap::with_capacity(file.tenants.0.len());
+        let mut names: HashMap<String, TenantId> = HashMap::new();
+        for (raw, spec) in file.tenants.0 {
+            let key = format!("tenants.{raw}");
+            let Some(tenant) = TenantId::parse(&raw) else {
+                src.at(&raw, &key, "is not a tenant GUID in 8-4-4-4-12 form");
+                continue;
+            };
+            if routes.contains_key(&tenant) {
+                src.at(
+                    &raw,
+                    &key,
+                    format!("tenant {tenant} appears twice (GUIDs are case-insensitive)"),
+                );
+                continue;
+            }
+            if let Some(first) = names.insert(spec.name.clone(), tenant) {
+                src.at(
+                    &spec.name,
+                    format!("{key}.name"),
+                    format!("name `{}` is already used by tenant {first}", spec.name),
+                );
+            }
+            match build_route(tenant, &spec, dir, defaults) {
+                Ok(route) => {
+                    routes.insert(tenant, Arc::new(route));
+                }
+                Err((field, needle, message)) => {
+                    let needle = if needle.is_empty() {
+                        raw.clone()
+                    } else {
+                        needle
+                    };
+                    src.at(&needle, format!("{key}.{field}"), message)
+                }
+            }
+        }
+        src.finish()?;
+        Ok(RoutingTable {
+            routes,
+            source_hash: hash_text(text),
+        })
+    }
+}
+
+/// FNV-1a over the file text: cheap change detection, not security.
+pub fn hash_text(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// File format.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoutesFile {
+    tenants: OrderedTenants,
+}
+
+/// Tenants in file order, duplicates kept, so validation can report a GUID given twice (also in
+/// two spellings) instead of a map silently keeping the last one.
+struct OrderedTenants(Vec<(String, TenantSpec)>);
+
+impl<'de> Deserialize<'de> for OrderedTenants {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = OrderedTenants;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map of tenant GUID to route")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+                let mut v = Vec::new();
+                while let Some((k, s)) = m.next_entry::<String, TenantSpec>()? {
+                    v.push((k, s));
+                }
+                Ok(OrderedTenants(v))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TenantSpec {
+    name: String,
+    upstream: String,
+    #[serde(default = "yes")]
+    tls_verify: bool,
+    #[serde(default)]
+    ca_file: Option<String>,
+    #[serde(default)]
+    sni: Option<String>,
+    #[serde(default)]
+    connect_timeout_ms: Option<u64>,
+    #[serde(default)]
+    read_timeout_ms: Option<u64>,
+    #[serde(default)]
+    upstream_headers: BTreeMap<String, String>,
+    #[serde(default)]
+    allow_writes: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Headers an operator may not set: they frame the message or carry routing decisions that belong to
+/// the proxy.
+const RESERVED_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "upgrade",
+    "te",
+    "trailer",
+    "keep-alive",
+    "proxy-connection",
+    "x-request-id",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "forwarded",
+];
+
+/// Builds one route; on failure returns (field, text to locate, message).
+fn build_route(
+    tenant: TenantId,
+    spec: &TenantSpec,
+    dir: &Path,
+    defaults: &RouteDefaults,
+) -> Result<Route, (&'static str, String, String)> {
+    let err = |field: &'static str, needle: &str, m: String| (field, needle.to_string(), m);
+    if spec.name.is_empty()
+        || spec.name.len() > 64
+        || !spec
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err(err(
+            "name",
+            &spec.name,
+            "must be 1-64 characters of A-Z a-z 0-9 - _ .".into(),
+        ));
+    }
+    let url = UpstreamUrl::parse(&spec.upstream).map_err(|m| err("upstream", &spec.upstream, m))?;
+    if !url.tls && !spec.tls_verify {
+        return Err(err(
+            "tls_verify",
+            "tls_verify",
+            "only applies to https upstreams".into(),
+        ));
+    }
+    let mut settings = defaults.peer_settings(group_key(tenant));
+    settings.tls_verify = spec.tls_verify;
+    settings.sni = spec.sni.clone();
+    if let Some(ms) = spec.connect_timeout_ms {
+        settings.connect_timeout =
+            timeout(ms).map_err(|m| err("connect_timeout_ms", "connect_timeout_ms", m))?;
+    }
+    if let Some(ms) = spec.read_timeout_ms {
+        settings.read_timeout =
+            timeout(ms).map_err(|m| err("read_timeout_ms", "read_timeout_ms", m))?;
+    }
+    if let Some(ca) = &spec.ca_file {
+        let p = dir.join(ca);
+        settings.ca_der = Some(read_ca_file(&p).map_err(|m| err("ca_file", ca, m))?);
+    }
+    let mut upstream_headers = Vec::with_capacity(spec.upstream_headers.len());
+    for (raw_name, raw_value) in &spec.upstream_headers {
+        let name = HeaderName::from_bytes(raw_name.as_bytes()).map_err(|_| {
+            err(
+                "upstream_headers",
+                raw_name,
+                format!("`{raw_name}` is not a header name"),
+            )
+        })?;
+        if RESERVED_HEADERS.contains(&name.as_str()) {
+            return Err(err(
+                "upstream_headers",
+                raw_name,
+                format!("`{raw_name}` is set by the proxy and may not be configured"),
+            ));
+        }
+        if upstream_headers.iter().any(|(n, _)| *n == name) {
+            return Err(err(
+                "upstream_headers",
+                raw_name,
+                format!("`{raw_name}` is given twice"),
+            ));
+        }
+        // The value may hold a credential: messages name the header, never the value.
+        let expanded = expand_env(raw_value)
+            .map_err(|m| err("upstream_headers", raw_name, format!("{raw_name}: {m}")))?;
+        let mut value = HeaderValue::from_str(&expanded).map_err(|_| {
+            err(
+                "upstream_headers",
+                raw_name,
+                format!("{raw_name}: value is not a valid header value"),
+            )
+        })?;
+        value.set_sensitive(true);
+        upstream_headers.push((name, value));
+    }
+    let addr = url
+        .resolve()
+        .map_err(|m| err("upstream", &spec.upstream, m))?;
+    let upstream =
+        Upstream::build(&url, addr, &settings).map_err(|m| err("upstream", &spec.upstream, m))?;
+    Ok(Route {
+        tenant,
+        name: spec.name.clone(),
+        upstream,
+        upstream_headers,
+        allow_writes: spec.allow_writes,
+    })
+}
+
+fn timeout(ms: u64) -> Result<Duration, String> {
+    if (1..=3_600_000).contains(&ms) {
+        Ok(Duration::from_millis(ms))
+    } else {
+        Err("must be between 1 and 3600000".into())
+    }
+}
+
+/// One connection-pool group per tenant: Pingora pools upstream connections by address and TLS
+/// settings, so without this two tenants on one server would share keep-alive connections.
+fn group_key(t: TenantId) -> u64 {
+    let s = t.to_string();
+    // Any stable, well-spread value works; the tenant's own hash is simplest.
+    hash_text(&s) | 1
+}
+
+/// Replaces `${NAME}` with the environment variable `NAME`. A missing variable is an error that names
+/// the variable (never its value). `$` not followed by `{` is kept as is.
+fn expand_env(value: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    while let Some(i) = rest.find("${") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| "unterminated ${…} reference".to_string())?;
+        let name = &after[..end];
+        if name.is_empty()
+            || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            || name.as_bytes()[0].is_ascii_digit()
+        {
+            return Err(format!("`${{{name}}}` is not a valid variable reference"));
+        }
+        let v =
+            std::env::var(name).map_err(|_| format!("environment variable {name} is not set"))?;
+        out.push_str(&v);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn defaults() -> RouteDefaults {
+        RouteDefaults {
+            connect_timeout: Duration::from_secs(1),
+            read_timeout: Duration::from_secs(1),
+            write_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(1),
+            ca_der: None,
+        }
+    }
+
+    fn load(text: &str) -> Result<RoutingTable, Problems> {
+        RoutingTable::from_text(&PathBuf::from("routes.yaml"), text, &defaults())
+    }
+
+    const A: &str = "145f4184-1b0b-41c7-ba24-b3c1291bfda1";
+
+    #[test]
+    fn loads_a_valid_table() {
+        let t = load(&format!(
+            "tenants:\n  {}:\n    name: contoso\n    upstream: http://127.0.0.1:9/r4/\n",
+            A.to_uppercase()
+        ))
+        .unwrap();
+        let r = t.get(&TenantId::parse(A).unwrap()).unwrap();
+        assert_eq!(r.name, "contoso");
+        assert_eq!(r.upstream.base_path, "/r4");
+        assert_eq!(r.upstream.host, "127.0.0.1:9");
+    }
+
+    #[test]
+    fn rejects_the_whole_file_and_names_every_problem() {
+        let text = format!(
+            "tenants:\n  {A}:\n    name: a\n    upstream: http://127.0.0.1:9/\n  {}:\n    name: b\n    upstream: http://127.0.0.1:9/\n  not-a-guid:\n    name: c\n    upstream: http://127.0.0.1:9/\n  00000000-0000-0000-0000-000000000002:\n    name: d\n    upstream: ftp://x/\n",
+            A.to_uppercase()
+        );
+        let p = load(&text).unwrap_err();
+        assert_eq!(p.0.len(), 3, "{p}");
+        assert!(p.0[0].message.contains("appears twice"));
+        assert_eq!(p.0[0].line, Some(5));
+        assert!(p.0[1].key.contains("not-a-guid"));
+        assert!(p.0[2].key.ends_with(".upstream"));
+    }
+
+    #[test]
+    fn rejects_unknown_keys_empty_files_and_missing_tenants() {
+        let e = load(&format!(
+            "tenants:\n  {A}:\n    name: a\n    upstream: http://127.0.0.1:9/\n    colour: red\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("unknown field `colour`"), "{e}");
+        assert_eq!(e.0[0].line, Some(5));
+        assert!(load("").is_err());
+        assert!(load("   \n").is_err());
+        assert!(load("other: 1\n").is_err());
+        assert!(load("tenants:\n").is_err());
+        assert!(load("tenants: {}\n").is_err());
+        assert!(load(&format!("tenants:\n  {A}:\n    name: a\n    upst")).is_err());
+    }
+
+    #[test]
+    fn expands_environment_references_without_echoing_values() {
+        std::env::set_var("FHIR_EDGE_TEST_TOKEN", "s3cret");
+        assert_eq!(
+            expand_env("Bearer ${FHIR_EDGE_TEST_TOKEN}").unwrap(),
+            "Bearer s3cret"
+        );
+        assert_eq!(expand_env("a$b").unwrap(), "a$b");
+        let e = expand_env("${FHIR_EDGE_TEST_MISSING_VAR}").unwrap_err();
+        assert!(e.contains("FHIR_EDGE_TEST_MISSING_VAR"));
+        assert!(expand_env("${unterminated").is_err());
+        assert!(expand_env("${1X}").is_err());
+    }
+
+    #[test]
+    fn reserved_headers_cannot_be_configured() {
+        let e = load(&format!("tenants:\n  {A}:\n    name: a\n    upstream: http://127.0.0.1:9/\n    upstream_headers:\n      Host: x\n")).unwrap_err();
+        assert!(e.to_string().contains("set by the proxy"), "{e}");
+    }
+}

@@ -1,0 +1,101 @@
+//! Assembles the Pingora server from validated [`Settings`]: the proxy service with its listeners and
+//! the routing-table reloader. Pingora's own command line and YAML are not used (its `Opt` would
+//! swallow our arguments); its `ServerConf` is built here from our config.
+
+use std::sync::Arc;
+
+use pingora::apps::HttpServerOptions;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::Server;
+use pingora::services::background::background_service;
+use pingora_proxy::ProxyServiceBuilder;
+
+use crate::config::Settings;
+use crate::problems::Problems;
+use crate::proxy::FhirEdge;
+use crate::routing::reload::{LiveRoutes, Reloader};
+
+/// How the process was asked to start.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RunOptions {
+    /// Take over the listening sockets of a running fhir-edge (Pingora graceful upgrade).
+    pub upgrade: bool,
+    /// Detach and run in the background.
+    pub daemon: bool,
+}
+
+/// Why the server could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("the routing table does not load:\n{0}")]
+    Routes(Problems),
+    #[error("JWT self-test failed: {0}")]
+    Crypto(String),
+    #[error("listener {addr}: {message}")]
+    Listener { addr: String, message: String },
+}
+
+/// Builds the server; `run_forever()` on the result starts it.
+pub fn build(settings: Settings, opts: RunOptions) -> Result<Server, StartError> {
+    crate::auth::jwt::self_test().map_err(StartError::Crypto)?;
+    let routes = Arc::new(
+        LiveRoutes::load(
+            settings.routes_file.clone(),
+            settings.route_defaults.clone(),
+        )
+        .map_err(StartError::Routes)?,
+    );
+    let settings = Arc::new(settings);
+
+    let s = &settings.server;
+    let mut conf = ServerConf {
+        threads: s.threads,
+        // Pingora's default grace period is an unconditional 300 s sleep on SIGTERM.
+        grace_period_seconds: Some(s.grace_period_seconds),
+        graceful_shutdown_timeout_seconds: Some(s.graceful_shutdown_timeout_seconds),
+        upstream_keepalive_pool_size: s.upstream_keepalive_pool_size,
+        max_retries: s.max_retries,
+        pid_file: s.pid_file.clone(),
+        upgrade_sock: s.upgrade_sock.clone(),
+        ..ServerConf::default()
+    };
+    conf.daemon = opts.daemon;
+    let opt = Opt {
+        upgrade: opts.upgrade,
+        daemon: opts.daemon,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+
+    let limits = &settings.limits;
+    let mut server_options = HttpServerOptions::default();
+    server_options.keepalive_request_limit = Some(limits.keepalive_requests);
+    let proxy = FhirEdge::new(settings.clone(), routes.clone());
+    let mut service = ProxyServiceBuilder::new(&server.configuration, proxy)
+        .name("fhir-edge")
+        .server_options(server_options)
+        .build();
+    for addr in &settings.listen {
+        service.add_tcp(&addr.to_string());
+    }
+    for l in &settings.tls_listeners {
+        let (cert, key) = (l.cert_file.to_string_lossy(), l.key_file.to_string_lossy());
+        service
+            .add_tls(&l.addr.to_string(), &cert, &key)
+            .map_err(|e| StartError::Listener {
+                addr: l.addr.to_string(),
+                message: format!("{:?}", e.etype()),
+            })?;
+    }
+    server.add_service(service);
+    server.add_service(background_service(
+        "routing reload",
+        Reloader {
+            routes,
+            debounce: s.reload_debounce,
+            poll: s.reload_poll,
+        },
+    ));
+    Ok(server)
+}

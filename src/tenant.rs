@@ -1,0 +1,137 @@
+//! `TenantId`: the one definition of a tenant in fhir-edge.
+//!
+//! A tenant is the customer's Azure AD tenant ID, a GUID (Teams EHR integration document). It is parsed
+//! exactly once, from the canonical 8-4-4-4-12 hexadecimal form (either case), and held as a `u128` so the
+//! routing lookup hashes sixteen bytes and allocates nothing. Its `Display` form is the canonical
+//! lowercase GUID used in tokens, logs and the routing table. Braces, `urn:uuid:` prefixes and the 32-digit
+//! form without hyphens are *not* tenants: accepting several spellings of one identifier is how two
+//! components come to disagree about which tenant a request belongs to.
+
+use std::fmt;
+
+/// A tenant GUID in canonical form.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TenantId(u128);
+
+/// Positions of the four hyphens in `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`.
+const HYPHENS: [usize; 4] = [8, 13, 18, 23];
+const GUID_LEN: usize = 36;
+
+impl TenantId {
+    /// Parses the canonical 8-4-4-4-12 form, hex digits in either case. Anything else is `None`.
+    pub fn parse(s: &str) -> Option<TenantId> {
+        let bytes = s.as_bytes();
+        if bytes.len() != GUID_LEN {
+            return None;
+        }
+        let mut value: u128 = 0;
+        for (i, &b) in bytes.iter().enumerate() {
+            if HYPHENS.contains(&i) {
+                if b != b'-' {
+                    return None;
+                }
+                continue;
+            }
+            let digit = match b {
+                b'0'..=b'9' => b - b'0',
+                b'a'..=b'f' => b - b'a' + 10,
+                b'A'..=b'F' => b - b'A' + 10,
+                _ => return None,
+            };
+            value = (value << 4) | u128::from(digit);
+        }
+        Some(TenantId(value))
+    }
+
+    /// True when `s` looks like an attempt to name a tenant in a form we do not accept: braces,
+    /// `urn:uuid:`, or 32 hex digits without hyphens. Used by the scope parser to refuse ambiguous
+    /// scopes rather than silently ignore a second, oddly spelled tenant.
+    pub fn is_non_canonical_spelling(s: &str) -> bool {
+        if TenantId::parse(s).is_some() {
+            return false;
+        }
+        let lower = s.to_ascii_lowercase();
+        let inner = lower
+            .strip_prefix("urn:uuid:")
+            .unwrap_or(&lower)
+            .trim_start_matches('{')
+            .trim_end_matches('}');
+        let hex: Vec<u8> = inner.bytes().filter(|&b| b != b'-').collect();
+        hex.len() == 32 && hex.iter().all(u8::is_ascii_hexdigit)
+    }
+}
+
+impl fmt::Display for TenantId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let v = self.0;
+        write!(
+            f,
+            "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+            (v >> 96) as u32,
+            ((v >> 80) & 0xffff) as u16,
+            ((v >> 64) & 0xffff) as u16,
+            ((v >> 48) & 0xffff) as u16,
+            v & 0xffff_ffff_ffff
+        )
+    }
+}
+
+impl fmt::Debug for TenantId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TenantId({self})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_guid_round_trips_lowercase() {
+        let t = TenantId::parse("145F4184-1B0B-41C7-BA24-B3C1291BFDA1");
+        assert_eq!(
+            t.map(|t| t.to_string()).as_deref(),
+            Some("145f4184-1b0b-41c7-ba24-b3c1291bfda1")
+        );
+        assert_eq!(t, TenantId::parse("145f4184-1b0b-41c7-ba24-b3c1291bfda1"));
+    }
+
+    #[test]
+    fn leading_zeroes_are_kept() {
+        let s = "00000000-0000-0000-0000-000000000001";
+        assert_eq!(
+            TenantId::parse(s).map(|t| t.to_string()).as_deref(),
+            Some(s)
+        );
+    }
+
+    #[test]
+    fn non_canonical_spellings_are_not_tenants() {
+        for s in [
+            "{145f4184-1b0b-41c7-ba24-b3c1291bfda1}",
+            "urn:uuid:145f4184-1b0b-41c7-ba24-b3c1291bfda1",
+            "145f41841b0b41c7ba24b3c1291bfda1",
+            "145f4184-1b0b-41c7-ba24-b3c1291bfda",
+            "145f4184-1b0b-41c7-ba24-b3c1291bfda1 ",
+            "145f4184_1b0b-41c7-ba24-b3c1291bfda1",
+            "g45f4184-1b0b-41c7-ba24-b3c1291bfda1",
+            "+45f4184-1b0b-41c7-ba24-b3c1291bfda1",
+            "",
+        ] {
+            assert_eq!(TenantId::parse(s), None, "{s:?}");
+        }
+        assert!(TenantId::is_non_canonical_spelling(
+            "{145f4184-1b0b-41c7-ba24-b3c1291bfda1}"
+        ));
+        assert!(TenantId::is_non_canonical_spelling(
+            "urn:uuid:145F4184-1b0b-41c7-ba24-b3c1291bfda1"
+        ));
+        assert!(TenantId::is_non_canonical_spelling(
+            "145f41841b0b41c7ba24b3c1291bfda1"
+        ));
+        assert!(!TenantId::is_non_canonical_spelling("system/*.read"));
+        assert!(!TenantId::is_non_canonical_spelling(
+            "145f4184-1b0b-41c7-ba24-b3c1291bfda1"
+        ));
+    }
+}
