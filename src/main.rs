@@ -71,9 +71,21 @@ fn run(config: PathBuf, opts: RunOptions) -> anyhow::Result<ExitCode> {
     let settings =
         Settings::load(&config).map_err(|p| anyhow::anyhow!("invalid configuration:\n{p}"))?;
     fhir_edge::logging::init(settings.log_level);
+    let listeners: Vec<String> = settings
+        .listen
+        .iter()
+        .map(|a| format!("http://{a}"))
+        .chain(
+            settings
+                .tls_listeners
+                .iter()
+                .map(|l| format!("https://{}", l.addr)),
+        )
+        .collect();
     log::info!(
-        "fhir-edge {} starting: public base {}, routing table {}",
+        "fhir-edge {} starting: listening on {}, public base {}, routing table {}",
         env!("CARGO_PKG_VERSION"),
+        listeners.join(", "),
         settings.public.url,
         settings.routes_file.display()
     );

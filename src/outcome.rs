@@ -106,11 +106,11 @@ impl Outcome {
             }
             Outcome::UpstreamUnavailable => operation_outcome!(
                 "transient",
-                "The FHIR server for this tenant could not be reached."
+                "The upstream FHIR server could not be reached."
             ),
             Outcome::UpstreamTimeout => operation_outcome!(
                 "timeout",
-                "The FHIR server for this tenant did not answer in time."
+                "The upstream FHIR server did not answer in time."
             ),
             Outcome::Internal => operation_outcome!("exception", "Internal error."),
         }

@@ -422,16 +422,25 @@ impl ProxyHttp for FhirEdge {
                 }
             }
         }
-        if let Some(Target::Tenant(route)) = &ctx.target {
-            log::warn!(
-                "request {} for tenant {} ({}) failed: {:?} from {:?}",
-                ctx.request_id,
-                route.tenant,
-                route.name,
-                e.etype(),
-                e.esource()
-            );
-        }
+        let (tenant, name) = match &ctx.target {
+            Some(Target::Tenant(r)) => (r.tenant.to_string(), r.name.as_str()),
+            Some(Target::Metadata) => ("-".to_string(), "metadata"),
+            None => ("-".to_string(), "-"),
+        };
+        // Only the error's type and source: its context strings can quote raw message bytes.
+        // A client that went away (code 0) is routine; an error response is worth a warning.
+        let level = if code == 0 {
+            log::Level::Debug
+        } else {
+            log::Level::Warn
+        };
+        log::log!(
+            level,
+            "request {} (tenant {tenant}, route {name}) failed with {code}: {:?} from {:?}",
+            ctx.request_id,
+            e.etype(),
+            e.esource()
+        );
         FailToProxy {
             error_code: code,
             can_reuse_downstream: false,

@@ -1,1 +1,13 @@
+//! fhir-edge integration tests: the real binary, stub upstreams and real clients over loopback.
+//! One file per behaviour.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod support;
+
+mod authentication;
+mod check;
+mod errors;
+mod forwarding;
+mod lifecycle;
+mod metadata;
+mod reload;

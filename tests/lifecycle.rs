@@ -1,0 +1,91 @@
+//! Start-up and shutdown.
+
+use std::time::{Duration, Instant};
+
+use crate::support::proxy::routes_yaml;
+use crate::support::{client, tokens::token, Proxy, ProxyConfig, StubUpstream, TENANT_A};
+
+#[test]
+fn sigterm_lets_in_flight_requests_finish_and_exits_within_the_bound() {
+    let slow = StubUpstream::start("slow");
+    slow.set_delay(Duration::from_millis(1500));
+    let routes = routes_yaml(&[(TENANT_A, "slow", &slow.url(""), "")]);
+    let mut proxy = Proxy::start(ProxyConfig::new(slow.url(""), routes));
+    let url = proxy.url("/Patient/1");
+    let auth = format!("Bearer {}", token(TENANT_A));
+    let inflight: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, auth) = (url.clone(), auth.clone());
+            std::thread::spawn(move || {
+                client()
+                    .get(url)
+                    .header("authorization", auth)
+                    .send()
+                    .map(|r| r.status().as_u16())
+            })
+        })
+        .collect();
+    // Let the requests reach the upstream, then ask the proxy to stop.
+    assert!(crate::support::eventually(Duration::from_secs(3), || slow
+        .count()
+        == 4));
+    let asked = Instant::now();
+    proxy.signal("TERM");
+    for h in inflight {
+        assert_eq!(
+            h.join().unwrap().unwrap(),
+            200,
+            "an in-flight request was dropped"
+        );
+    }
+    // grace 2 s + shutdown timeout 2 s in the test config, plus slack.
+    let status = proxy.wait_exit(Duration::from_secs(8));
+    assert!(
+        status.is_some(),
+        "still running {:?} after SIGTERM",
+        asked.elapsed()
+    );
+}
+
+#[test]
+fn an_invalid_routing_table_prevents_start_up() {
+    let a = StubUpstream::start("a");
+    let err = Proxy::try_start(ProxyConfig::new(
+        a.url(""),
+        "tenants:\n  not-a-guid:\n    name: x\n    upstream: http://127.0.0.1:1\n".into(),
+    ))
+    .err()
+    .expect("fhir-edge started with an invalid routing table");
+    assert!(err.contains("not-a-guid"), "{err}");
+    assert!(err.contains("routes.yaml:2"), "{err}");
+}
+
+#[test]
+fn a_tls_listener_serves_the_same_proxy() {
+    let a = StubUpstream::start("tenant-a");
+    let routes = routes_yaml(&[(TENANT_A, "tenant-a", &a.url(""), "")]);
+    let mut cfg = ProxyConfig::new(a.url(""), routes);
+    cfg.tls = true;
+    let proxy = Proxy::start(cfg);
+    let port = proxy.tls_port.unwrap();
+    let pem = std::fs::read(crate::support::proxy::fixture("tls/ca.pem")).unwrap();
+    let https = reqwest::blocking::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+        .build()
+        .unwrap();
+    let r = https
+        .get(format!("https://localhost:{port}/Patient/1"))
+        .header("authorization", format!("Bearer {}", token(TENANT_A)))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-upstream"], "tenant-a");
+    assert_eq!(
+        https
+            .get(format!("https://localhost:{port}/Patient/1"))
+            .send()
+            .unwrap()
+            .status(),
+        401
+    );
+}

@@ -1,0 +1,166 @@
+//! Hot reload of routes.yaml: edits apply within about a second; bad edits never do.
+
+use std::fs;
+use std::time::Duration;
+
+use crate::support::proxy::routes_yaml;
+use crate::support::{
+    eventually, status_with_token, tokens::token, Env, TENANT_A, TENANT_B, TENANT_C,
+};
+
+const WITHIN: Duration = Duration::from_secs(2);
+
+/// The status and the serving upstream's name for a request of `tenant`.
+fn probe(env: &Env, tenant: &str) -> (u16, String) {
+    let (status, body) = status_with_token(&env.proxy, "/Patient/1", &token(tenant));
+    let who = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["upstream"].as_str().map(str::to_string))
+        .unwrap_or_default();
+    (status, who)
+}
+
+fn routes_with_c(env: &Env) -> String {
+    routes_yaml(&[
+        (TENANT_A, "tenant-a", &env.a.url("/r4"), ""),
+        (TENANT_B, "tenant-b", &env.b.url(""), ""),
+        (TENANT_C, "tenant-c", &env.b.url("/c"), ""),
+    ])
+}
+
+#[test]
+fn adding_a_tenant_takes_effect_within_two_seconds() {
+    let env = Env::start();
+    assert_eq!(probe(&env, TENANT_C).0, 403);
+    fs::write(env.proxy.routes_path(), routes_with_c(&env)).unwrap();
+    assert!(
+        eventually(WITHIN, || probe(&env, TENANT_C).0 == 200),
+        "tenant C never became routable"
+    );
+    assert_eq!(env.b.last().target, "/c/Patient/1");
+    assert!(env
+        .proxy
+        .logs()
+        .contains("routing table reloaded: 3 tenants"));
+}
+
+#[test]
+fn invalid_edits_keep_the_last_good_table() {
+    let env = Env::start();
+    let good = fs::read_to_string(env.proxy.routes_path()).unwrap();
+    let dup = format!(
+        "{good}  {}:\n    name: dup\n    upstream: \"{}\"\n",
+        TENANT_A.to_uppercase(),
+        env.b.url("")
+    );
+    let bad_versions = [
+        ("broken YAML", format!("{good}\n  : : [unclosed")),
+        (
+            "unknown key",
+            good.replace("name: tenant-b", "name: tenant-b\n    colour: red"),
+        ),
+        ("duplicate GUID", dup),
+        ("empty file", String::new()),
+        ("no tenants", "tenants: {}\n".to_string()),
+        (
+            "bad upstream URL",
+            good.replace(&env.b.url(""), "ftp://nowhere"),
+        ),
+        ("truncated", good[..good.len() / 2].to_string()),
+    ];
+    for (i, (why, text)) in bad_versions.iter().enumerate() {
+        fs::write(env.proxy.routes_path(), text).unwrap();
+        let want = format!("routing table rejected");
+        assert!(
+            eventually(WITHIN, || env.proxy.logs().matches(&want).count() > i),
+            "{why}: no rejection logged"
+        );
+        assert_eq!(probe(&env, TENANT_A), (200, "tenant-a".into()), "{why}");
+        assert_eq!(probe(&env, TENANT_B), (200, "tenant-b".into()), "{why}");
+    }
+    assert!(
+        !env.proxy.logs().contains("routing table reloaded"),
+        "a bad version was applied"
+    );
+}
+
+#[test]
+fn an_atomic_rename_reloads() {
+    let env = Env::start();
+    let tmp = env.proxy.dir.path().join(".routes.yaml.tmp");
+    fs::write(&tmp, routes_with_c(&env)).unwrap();
+    fs::rename(&tmp, env.proxy.routes_path()).unwrap();
+    assert!(eventually(WITHIN, || probe(&env, TENANT_C).0 == 200));
+    // And a second rename after the first (the watch survives the inode change).
+    let only_a = routes_yaml(&[(TENANT_A, "tenant-a", &env.a.url("/r4"), "")]);
+    fs::write(&tmp, only_a).unwrap();
+    fs::rename(&tmp, env.proxy.routes_path()).unwrap();
+    assert!(eventually(WITHIN, || probe(&env, TENANT_B).0 == 403));
+    assert_eq!(probe(&env, TENANT_A), (200, "tenant-a".into()));
+}
+
+#[test]
+fn an_upstream_swap_moves_a_tenant_to_its_new_server() {
+    let env = Env::start();
+    assert_eq!(probe(&env, TENANT_A), (200, "tenant-a".into()));
+    let swapped = routes_yaml(&[
+        (TENANT_A, "tenant-a", &env.b.url("/moved"), ""),
+        (TENANT_B, "tenant-b", &env.b.url(""), ""),
+    ]);
+    fs::write(env.proxy.routes_path(), swapped).unwrap();
+    assert!(eventually(WITHIN, || probe(&env, TENANT_A).1 == "tenant-b"));
+    assert_eq!(env.b.last().target, "/moved/Patient/1");
+}
+
+/// Kubernetes mounts a ConfigMap as `routes.yaml -> ..data/routes.yaml`, `..data -> ..<timestamp>`,
+/// and updates it by renaming a new `..data` symlink over the old one.
+#[test]
+fn a_configmap_style_symlink_swap_reloads() {
+    use std::os::unix::fs::symlink;
+    let env = Env::start();
+    let dir = env.proxy.dir.path();
+    let v1 = dir.join("..2026_01_01_v1");
+    fs::create_dir(&v1).unwrap();
+    fs::copy(env.proxy.routes_path(), v1.join("routes.yaml")).unwrap();
+    symlink("..2026_01_01_v1", dir.join("..data")).unwrap();
+    fs::remove_file(env.proxy.routes_path()).unwrap();
+    symlink("..data/routes.yaml", env.proxy.routes_path()).unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(probe(&env, TENANT_A).0, 200);
+
+    let v2 = dir.join("..2026_01_01_v2");
+    fs::create_dir(&v2).unwrap();
+    fs::write(v2.join("routes.yaml"), routes_with_c(&env)).unwrap();
+    symlink("..2026_01_01_v2", dir.join("..data_tmp")).unwrap();
+    fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    fs::remove_dir_all(&v1).unwrap();
+    assert!(
+        eventually(WITHIN, || probe(&env, TENANT_C).0 == 200),
+        "the symlink swap was not noticed"
+    );
+}
+
+#[test]
+fn deleting_the_file_keeps_the_table_and_recreating_it_reloads() {
+    let env = Env::start();
+    fs::remove_file(env.proxy.routes_path()).unwrap();
+    assert!(eventually(WITHIN, || env
+        .proxy
+        .logs()
+        .contains("unreadable")));
+    assert_eq!(probe(&env, TENANT_A), (200, "tenant-a".into()));
+    fs::write(env.proxy.routes_path(), routes_with_c(&env)).unwrap();
+    assert!(eventually(WITHIN, || probe(&env, TENANT_C).0 == 200));
+}
+
+#[test]
+fn sighup_reloads_without_stopping_the_proxy() {
+    let mut env = Env::start();
+    env.proxy.signal("HUP");
+    assert!(eventually(WITHIN, || env
+        .proxy
+        .logs()
+        .contains("SIGHUP: reloading")));
+    assert!(env.proxy.is_running());
+    assert_eq!(probe(&env, TENANT_A), (200, "tenant-a".into()));
+}

@@ -1,0 +1,86 @@
+//! Test support: a real fhir-edge process, stub FHIR upstreams on 127.0.0.1:0, tokens, raw HTTP.
+
+pub mod proxy;
+pub mod raw;
+pub mod tokens;
+pub mod upstream;
+
+pub use proxy::{Proxy, ProxyConfig};
+pub use upstream::StubUpstream;
+
+use std::time::{Duration, Instant};
+
+/// Tenant GUIDs used across the tests.
+pub const TENANT_A: &str = "145f4184-1b0b-41c7-ba24-b3c1291bfda1";
+pub const TENANT_B: &str = "3c2f9d6e-8a41-4b7e-9f0d-2a6c5e1b7d34";
+pub const TENANT_C: &str = "0b1c2d3e-4f50-4a6b-8c7d-9e0f1a2b3c4d";
+/// A well-formed tenant that no routing table in the tests contains.
+pub const TENANT_UNKNOWN: &str = "99999999-9999-4999-8999-999999999999";
+
+/// Polls `f` every 25 ms until it returns true or `limit` passes; returns whether it did.
+pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if f() {
+            return true;
+        }
+        if start.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// A blocking reqwest-free GET through the proxy with a bearer token, for polling loops.
+pub fn status_with_token(proxy: &Proxy, path: &str, token: &str) -> (u16, String) {
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n",
+        proxy.authority()
+    );
+    let r = raw::send(proxy.port, req.as_bytes());
+    (r.status, r.body_text())
+}
+
+/// The usual fixture: a metadata upstream, tenants A and B on their own stub upstreams (A under the
+/// base path `/r4`), and a proxy in front.
+pub struct Env {
+    pub meta: StubUpstream,
+    pub a: StubUpstream,
+    pub b: StubUpstream,
+    pub proxy: Proxy,
+}
+
+impl Env {
+    pub fn start() -> Env {
+        Env::start_with(|_| {})
+    }
+
+    /// Starts with the default config after `adjust` has changed it.
+    pub fn start_with(adjust: impl FnOnce(&mut ProxyConfig)) -> Env {
+        let meta = StubUpstream::start("meta");
+        let a = StubUpstream::start("tenant-a");
+        let b = StubUpstream::start("tenant-b");
+        let routes = proxy::routes_yaml(&[
+            (TENANT_A, "tenant-a", &a.url("/r4"), ""),
+            (TENANT_B, "tenant-b", &b.url(""), ""),
+        ]);
+        let mut cfg = ProxyConfig::new(meta.url("/fhir"), routes);
+        adjust(&mut cfg);
+        let proxy = Proxy::start(cfg);
+        Env { meta, a, b, proxy }
+    }
+
+    /// Upstreams that received anything.
+    pub fn upstream_requests(&self) -> usize {
+        self.meta.count() + self.a.count() + self.b.count()
+    }
+}
+
+/// A blocking HTTP client that never follows redirects or pools across tests.
+pub fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}

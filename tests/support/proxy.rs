@@ -1,0 +1,233 @@
+//! Starts the real `fhir-edge` binary on a free loopback port with a config written into a temporary
+//! directory, and stops it when dropped. Its stderr goes to a file the test can read.
+
+use std::fs;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+/// The test issuer every test token claims.
+pub const ISSUER: &str = "https://issuer.test/";
+pub const AUDIENCE: &str = "fhir-edge-tests";
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// What to start the proxy with. Fields hold YAML text where that is simplest.
+pub struct ProxyConfig {
+    /// Public base path, e.g. "" or "/fhir".
+    pub base_path: String,
+    pub metadata_upstream: String,
+    /// Full text of routes.yaml.
+    pub routes: String,
+    /// Extra lines for the `limits:` section (indented by the caller with two spaces).
+    pub limits: String,
+    /// Extra lines for the `server:` section.
+    pub server: String,
+    pub log_level: String,
+    /// Also listen with TLS (the fixture certificate for localhost/127.0.0.1) on another port.
+    pub tls: bool,
+}
+
+impl ProxyConfig {
+    pub fn new(metadata_upstream: String, routes: String) -> ProxyConfig {
+        ProxyConfig {
+            base_path: String::new(),
+            metadata_upstream,
+            routes,
+            limits: String::new(),
+            server: String::new(),
+            log_level: "info".into(),
+            tls: false,
+        }
+    }
+}
+
+/// Builds a routes.yaml from (tenant, name, upstream URL, extra YAML lines for the tenant).
+pub fn routes_yaml(entries: &[(&str, &str, &str, &str)]) -> String {
+    let mut s = String::from("tenants:\n");
+    for (tenant, name, upstream, extra) in entries {
+        s.push_str(&format!(
+            "  {tenant}:\n    name: {name}\n    upstream: \"{upstream}\"\n"
+        ));
+        for line in extra.lines().filter(|l| !l.trim().is_empty()) {
+            s.push_str(&format!("    {line}\n"));
+        }
+    }
+    s
+}
+
+pub struct Proxy {
+    pub port: u16,
+    pub dir: TempDir,
+    pub base_path: String,
+    /// The TLS listener's port, when `tls` was asked for.
+    pub tls_port: Option<u16>,
+    child: Child,
+}
+
+/// A port that was free a moment ago (Pingora binds its own listeners, so it cannot take port 0).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+impl Proxy {
+    pub fn start(cfg: ProxyConfig) -> Proxy {
+        Self::try_start(cfg).unwrap_or_else(|logs| panic!("fhir-edge did not start:\n{logs}"))
+    }
+
+    /// Starts the proxy; `Err` carries its stderr when it exits or never listens.
+    pub fn try_start(cfg: ProxyConfig) -> Result<Proxy, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let keys = fixture("keys");
+        let tls_port = cfg.tls.then(free_port);
+        let tls = match tls_port {
+            Some(p) => format!(
+                "tls_listeners:\n  - {{ addr: \"127.0.0.1:{p}\", cert_file: {c}, key_file: {k} }}\n",
+                c = fixture("tls/cert.pem").display(),
+                k = fixture("tls/key.pem").display()
+            ),
+            None => String::new(),
+        };
+        let yaml = format!(
+            r#"listen: ["127.0.0.1:{port}"]
+{tls}public_base_url: "http://127.0.0.1:{port}{base}"
+routes_file: routes.yaml
+metadata_upstream: "{meta}"
+auth:
+  leeway_seconds: 5
+  issuers:
+    - issuer: "{ISSUER}"
+      audience: "{AUDIENCE}"
+      keys:
+        - {{ kid: rs1, alg: RS256, public_key_file: {keys}/rs256.pub.pem }}
+        - {{ kid: es1, alg: ES256, public_key_file: {keys}/es256.pub.pem }}
+        - {{ kid: hs1, alg: HS256, secret_file: {keys}/hs256.secret }}
+limits:
+{limits}
+server:
+  threads: 2
+  grace_period_seconds: 2
+  graceful_shutdown_timeout_seconds: 2
+  upstream_connect_timeout_ms: 1000
+  upstream_read_timeout_ms: 5000
+  reload_debounce_ms: 100
+  pid_file: {dir}/fhir-edge.pid
+  upgrade_sock: {dir}/upgrade.sock
+{server}
+log:
+  level: {level}
+"#,
+            base = cfg.base_path,
+            meta = cfg.metadata_upstream,
+            keys = keys.display(),
+            limits = if cfg.limits.is_empty() {
+                "  max_body_bytes: 1048576".to_string()
+            } else {
+                cfg.limits.clone()
+            },
+            server = cfg.server,
+            level = cfg.log_level,
+            dir = dir.path().display(),
+        );
+        fs::write(dir.path().join("fhir-edge.yaml"), yaml).unwrap();
+        fs::write(dir.path().join("routes.yaml"), &cfg.routes).unwrap();
+        let log = fs::File::create(dir.path().join("stderr.log")).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fhir-edge"))
+            .arg("run")
+            .arg("--config")
+            .arg(dir.path().join("fhir-edge.yaml"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn fhir-edge");
+        let mut proxy_ok = false;
+        for _ in 0..400 {
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                proxy_ok = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        let logs = fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default();
+        if !proxy_ok {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(logs);
+        }
+        Ok(Proxy {
+            port,
+            tls_port,
+            dir,
+            base_path: cfg.base_path,
+            child,
+        })
+    }
+
+    pub fn authority(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Absolute URL of `path` below the public base.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}{path}", self.port, self.base_path)
+    }
+
+    pub fn routes_path(&self) -> PathBuf {
+        self.dir.path().join("routes.yaml")
+    }
+
+    pub fn logs(&self) -> String {
+        fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Waits up to `limit` for the process to exit; returns its exit status if it did.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let start = std::time::Instant::now();
+        while start.elapsed() < limit {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
