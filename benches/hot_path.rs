@@ -1,1 +1,177 @@
-fn main() {}
+//! Micro-benchmarks of the per-request work: JWT verification (RS256, ES256, HS256), scope → tenant,
+//! routing-table lookup at 10, 1,000 and 100,000 tenants, and the whole authenticate-and-route
+//! decision. Run with `cargo bench --bench hot_path`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::hint::black_box;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use jsonwebtoken::{encode, Algorithm, DecodingKey, EncodingKey, Header};
+use serde_json::json;
+
+use fhir_edge::auth::{self, scope::tenant_from_scope, Verifier, VerifyKey};
+use fhir_edge::config::RouteDefaults;
+use fhir_edge::routing::RoutingTable;
+use fhir_edge::tenant::TenantId;
+
+const ISS: &str = "https://issuer.bench/";
+const AUD: &str = "bench";
+
+fn key(name: &str) -> Vec<u8> {
+    std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/keys")
+            .join(name),
+    )
+    .unwrap()
+}
+
+fn verifier() -> Verifier {
+    let secret = key("hs256.secret");
+    let keys = vec![
+        (
+            "rs1",
+            Algorithm::RS256,
+            DecodingKey::from_rsa_pem(&key("rs256.pub.pem")).unwrap(),
+        ),
+        (
+            "es1",
+            Algorithm::ES256,
+            DecodingKey::from_ec_pem(&key("es256.pub.pem")).unwrap(),
+        ),
+        (
+            "hs1",
+            Algorithm::HS256,
+            DecodingKey::from_secret(secret.trim_ascii_end()).unwrap(),
+        ),
+    ];
+    Verifier::new(
+        keys.into_iter()
+            .map(|(kid, alg, key)| VerifyKey {
+                kid: Some(kid.into()),
+                alg,
+                key,
+                issuer: ISS.into(),
+                audience: AUD.into(),
+            })
+            .collect(),
+        30,
+    )
+}
+
+fn tenant(i: usize) -> String {
+    format!("{:08x}-0000-4000-8000-{:012x}", i, i)
+}
+
+fn mint(kid: &str, alg: Algorithm, tenant: &str) -> String {
+    let enc = match kid {
+        "rs1" => EncodingKey::from_rsa_pem(&key("rs256.pem")).unwrap(),
+        "es1" => EncodingKey::from_ec_pem(&key("es256.pem")).unwrap(),
+        _ => EncodingKey::from_secret(key("hs256.secret").trim_ascii_end()).unwrap(),
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut h = Header::new(alg);
+    h.kid = Some(kid.into());
+    h.typ = Some("at+jwt".into());
+    let claims = json!({"iss": ISS, "aud": AUD, "exp": now + 3600, "iat": now, "sub": "c", "scope": format!("system/*.read {tenant}")});
+    encode(&h, &claims, &enc).unwrap()
+}
+
+fn table(n: usize) -> RoutingTable {
+    let mut text = String::from("tenants:\n");
+    for i in 0..n {
+        text.push_str(&format!(
+            "  {}:\n    name: t{i}\n    upstream: \"http://127.0.0.1:{}/r4\"\n",
+            tenant(i),
+            1024 + i % 60000
+        ));
+    }
+    let defaults = RouteDefaults {
+        connect_timeout: Duration::from_secs(1),
+        read_timeout: Duration::from_secs(1),
+        write_timeout: Duration::from_secs(1),
+        idle_timeout: Duration::from_secs(1),
+        ca_der: None,
+    };
+    RoutingTable::from_text(&PathBuf::from("bench-routes.yaml"), &text, &defaults).unwrap()
+}
+
+fn bench_verify(c: &mut Criterion) {
+    let v = verifier();
+    let mut g = c.benchmark_group("jwt_verify");
+    for (kid, alg) in [
+        ("rs1", Algorithm::RS256),
+        ("es1", Algorithm::ES256),
+        ("hs1", Algorithm::HS256),
+    ] {
+        let t = mint(kid, alg, &tenant(1));
+        g.bench_function(format!("{alg:?}"), |b| {
+            b.iter(|| v.verify(black_box(&t)).unwrap())
+        });
+    }
+    g.finish();
+}
+
+fn bench_scope(c: &mut Criterion) {
+    let scope = json!(format!("system/*.read launch {}", tenant(7)));
+    c.bench_function("scope_to_tenant", |b| {
+        b.iter(|| tenant_from_scope(Some(black_box(&scope))).unwrap())
+    });
+}
+
+fn bench_lookup(c: &mut Criterion) {
+    let mut g = c.benchmark_group("routing_lookup");
+    for n in [10usize, 1_000, 100_000] {
+        let t = table(n);
+        let ids: Vec<TenantId> = (0..n)
+            .step_by((n / 10).max(1))
+            .map(|i| TenantId::parse(&tenant(i)).unwrap())
+            .collect();
+        g.bench_with_input(BenchmarkId::from_parameter(n), &ids, |b, ids| {
+            let mut i = 0;
+            b.iter(|| {
+                i = (i + 1) % ids.len();
+                black_box(t.get(&ids[i]).unwrap());
+            })
+        });
+    }
+    g.finish();
+}
+
+fn bench_decision(c: &mut Criterion) {
+    let v = verifier();
+    let t = table(1_000);
+    let mut g = c.benchmark_group("authenticate_and_route");
+    for (kid, alg) in [
+        ("rs1", Algorithm::RS256),
+        ("es1", Algorithm::ES256),
+        ("hs1", Algorithm::HS256),
+    ] {
+        let mut headers = http::HeaderMap::new();
+        let token = mint(kid, alg, &tenant(500));
+        headers.insert("authorization", format!("Bearer {token}").parse().unwrap());
+        g.bench_function(format!("{alg:?}"), |b| {
+            b.iter(|| {
+                let grant =
+                    auth::authenticate(&v, black_box(&headers), Some(b"name=x&_count=10"), 8192)
+                        .unwrap();
+                black_box(t.get(&grant.tenant).unwrap());
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_verify,
+    bench_scope,
+    bench_lookup,
+    bench_decision
+);
+criterion_main!(benches);

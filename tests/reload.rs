@@ -66,7 +66,11 @@ fn invalid_edits_keep_the_last_good_table() {
             "bad upstream URL",
             good.replace(&env.b.url(""), "ftp://nowhere"),
         ),
-        ("truncated", good[..good.len() / 2].to_string()),
+        // Cut inside tenant B's entry, as an in-place write caught half-way would be.
+        (
+            "truncated",
+            good[..good.find("name: tenant-b").unwrap() + 8].to_string(),
+        ),
     ];
     for (i, (why, text)) in bad_versions.iter().enumerate() {
         fs::write(env.proxy.routes_path(), text).unwrap();
