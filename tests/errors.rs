@@ -34,6 +34,8 @@ fn a_refused_upstream_is_502_transient_and_a_slow_one_504_timeout() {
         .header("authorization", format!("Bearer {}", token(TENANT_A)))
         .send()
         .unwrap();
+    // After a failed exchange the connection is not reused, and the response says so.
+    assert_eq!(r.headers()["connection"], "close");
     assert_eq!(outcome(r), (502, "transient".into()));
     let r = client()
         .get(proxy.url("/Patient/1"))

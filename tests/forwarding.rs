@@ -136,11 +136,7 @@ fn paths_and_query_strings_arrive_byte_exact() {
         "/Patient?",
     ];
     for target in targets {
-        let r = raw::send(
-            env.proxy.port,
-            format!("GET {target} HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nConnection: close\r\n\r\n", bearer(TENANT_A))
-                .as_bytes(),
-        );
+        let r = raw::get(env.proxy.port, target, Some(&bearer(TENANT_A)));
         assert_eq!(r.status, 200, "{target}: {}", r.body_text());
         assert_eq!(env.a.last().target, format!("/r4{target}"), "{target}");
     }
@@ -291,17 +287,11 @@ fn path_tricks_are_400_and_paths_outside_the_base_404() {
         "/fhir//Patient",
         "/fhir/Patient\\1",
     ] {
-        let r = raw::send(
-            env.proxy.port,
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n").as_bytes(),
-        );
+        let r = raw::get(env.proxy.port, path, Some(&auth));
         assert_eq!(r.status, 400, "{path}");
     }
     for path in ["/Patient/1", "/fhirx/Patient", "/other"] {
-        let r = raw::send(
-            env.proxy.port,
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n").as_bytes(),
-        );
+        let r = raw::get(env.proxy.port, path, Some(&auth));
         assert_eq!(r.status, 404, "{path}");
     }
     assert_eq!(env.upstream_requests(), 0);

@@ -63,10 +63,7 @@ fn head_metadata_passes_too() {
 #[test]
 fn metadata_under_a_base_path_is_public_only_at_the_exact_path() {
     let env = Env::start_with(|c| c.base_path = "/fhir".into());
-    let ok = raw::send(
-        env.proxy.port,
-        b"GET /fhir/metadata HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    );
+    let ok = raw::get(env.proxy.port, "/fhir/metadata", None);
     assert_eq!(ok.status, 200);
     for path in [
         "/metadata",
@@ -74,10 +71,7 @@ fn metadata_under_a_base_path_is_public_only_at_the_exact_path() {
         "/fhirmetadata",
         "/fhir/fhir/metadata",
     ] {
-        let r = raw::send(
-            env.proxy.port,
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        );
+        let r = raw::get(env.proxy.port, path, None);
         assert_eq!(r.status, 401, "{path}");
     }
     assert_eq!(env.meta.count(), 1);
@@ -114,10 +108,7 @@ fn metadata_bypass_attempts_need_a_token_and_reach_no_upstream() {
         "*",
     ];
     for path in attempts {
-        let r = raw::send(
-            env.proxy.port,
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        );
+        let r = raw::get(env.proxy.port, path, None);
         assert!(
             r.status == 401 || r.status == 400,
             "{path}: got {} {}",
@@ -148,11 +139,7 @@ fn bypass_variants_with_a_valid_token_are_path_errors_not_metadata() {
         "//metadata",
         "/%6Detadata",
     ] {
-        let r = raw::send(
-            env.proxy.port,
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        );
+        let r = raw::get(env.proxy.port, path, Some(&format!("Bearer {token}")));
         assert_eq!(r.status, 400, "{path}");
         assert_eq!(r.json()["resourceType"], "OperationOutcome");
     }

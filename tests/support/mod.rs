@@ -31,13 +31,9 @@ pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// A blocking reqwest-free GET through the proxy with a bearer token, for polling loops.
+/// A GET through the proxy with a bearer token on a fresh connection, for polling loops.
 pub fn status_with_token(proxy: &Proxy, path: &str, token: &str) -> (u16, String) {
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n",
-        proxy.authority()
-    );
-    let r = raw::send(proxy.port, req.as_bytes());
+    let r = raw::get(proxy.port, path, Some(&format!("Bearer {token}")));
     (r.status, r.body_text())
 }
 

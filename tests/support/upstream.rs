@@ -21,10 +21,7 @@ pub struct Recorded {
 
 impl Recorded {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        super::raw::find_header(&self.headers, name)
     }
     pub fn header_count(&self, name: &str) -> usize {
         self.headers
