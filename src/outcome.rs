@@ -154,14 +154,20 @@ impl Outcome {
         Ok(h)
     }
 
-    /// Writes this outcome as the whole response (no body for `HEAD`).
+    /// Writes this outcome as the whole response (no body for `HEAD`). With `close`, the connection
+    /// is not kept alive afterwards (and the response says `Connection: close`).
     pub async fn respond(
         self,
         session: &mut Session,
         realm: &str,
         request_id: &str,
+        close: bool,
     ) -> pingora::Result<()> {
         let header = self.header(realm, request_id)?;
+        if close {
+            // Pingora writes the Connection header from the session's keep-alive state.
+            session.set_keepalive(None);
+        }
         let head = session.req_header().method == http::Method::HEAD;
         session
             .write_response_header(Box::new(header), head)

@@ -86,7 +86,7 @@ impl FhirEdge {
         o: Outcome,
     ) -> Result<bool> {
         ctx.outcome = Some(o);
-        o.respond(session, &self.settings.realm, &ctx.request_id)
+        o.respond(session, &self.settings.realm, &ctx.request_id, false)
             .await?;
         Ok(true)
     }
@@ -415,7 +415,7 @@ impl ProxyHttp for FhirEdge {
             // instead, so a truncated body can never look complete.
             if session.response_written().is_none() {
                 if let Err(err) = o
-                    .respond(session, &self.settings.realm, &ctx.request_id)
+                    .respond(session, &self.settings.realm, &ctx.request_id, true)
                     .await
                 {
                     log::debug!("could not send the error response: {:?}", err.etype());
