@@ -316,3 +316,34 @@ fn error_bodies_never_echo_the_request() {
         "the canary reached the log"
     );
 }
+
+#[test]
+fn an_issuer_can_be_configured_by_jwks_file_and_its_keys_pin_the_issuer() {
+    let jwks = crate::support::proxy::fixture("keys/jwks.json");
+    let env = Env::start_with(|c| {
+        c.extra_issuers = format!(
+            "    - issuer: \"https://jwks-issuer.test/\"\n      audience: \"{}\"\n      jwks_file: {}\n",
+            crate::support::proxy::AUDIENCE,
+            jwks.display()
+        );
+    });
+    let mut c = claims(TENANT_A);
+    c["iss"] = json!("https://jwks-issuer.test/");
+    let t = sign_with(Some("jwks-es"), "es1", Algorithm::ES256, Some("at+jwt"), &c);
+    let r = get(&env, Some(&format!("Bearer {t}")));
+    assert_eq!(r.status(), 200);
+    // The same key material under the JWKS kid does not vouch for the other issuer.
+    let t = sign_with(
+        Some("jwks-es"),
+        "es1",
+        Algorithm::ES256,
+        Some("at+jwt"),
+        &claims(TENANT_A),
+    );
+    assert_outcome(
+        get(&env, Some(&format!("Bearer {t}"))),
+        401,
+        Some(INVALID),
+        "issuer pinned by key",
+    );
+}

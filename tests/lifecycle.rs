@@ -89,3 +89,35 @@ fn a_tls_listener_serves_the_same_proxy() {
         401
     );
 }
+
+#[test]
+fn idle_keep_alive_connections_are_closed_after_the_configured_timeout() {
+    use std::io::{Read, Write};
+    let a = StubUpstream::start("tenant-a");
+    let routes = routes_yaml(&[(TENANT_A, "tenant-a", &a.url(""), "")]);
+    let mut cfg = ProxyConfig::new(a.url(""), routes);
+    cfg.limits = "  keepalive_timeout_seconds: 1".into();
+    let proxy = Proxy::start(cfg);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metadata HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Idle: the proxy closes the connection (read returns 0) well before our 10 s read timeout.
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let closed = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => rest.extend_from_slice(&buf[..n]),
+            Err(_) => break false,
+        }
+    };
+    assert!(
+        closed,
+        "the idle connection was not closed within {:?}",
+        started.elapsed()
+    );
+}

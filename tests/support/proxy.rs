@@ -33,6 +33,8 @@ pub struct ProxyConfig {
     pub log_level: String,
     /// Also listen with TLS (the fixture certificate for localhost/127.0.0.1) on another port.
     pub tls: bool,
+    /// Extra entries for `auth.issuers` (YAML list items indented by four spaces).
+    pub extra_issuers: String,
 }
 
 impl ProxyConfig {
@@ -45,6 +47,7 @@ impl ProxyConfig {
             server: String::new(),
             log_level: "info".into(),
             tls: false,
+            extra_issuers: String::new(),
         }
     }
 }
@@ -113,6 +116,7 @@ auth:
         - {{ kid: rs1, alg: RS256, public_key_file: {keys}/rs256.pub.pem }}
         - {{ kid: es1, alg: ES256, public_key_file: {keys}/es256.pub.pem }}
         - {{ kid: hs1, alg: HS256, secret_file: {keys}/hs256.secret }}
+{extra_issuers}
 limits:
 {limits}
 server:
@@ -137,6 +141,7 @@ log:
                 cfg.limits.clone()
             },
             server = cfg.server,
+            extra_issuers = cfg.extra_issuers,
             level = cfg.log_level,
             dir = dir.path().display(),
         );
