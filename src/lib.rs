@@ -28,7 +28,7 @@
 //! server.run_forever();
 //! ```
 //! [`server::build`] shows how the pieces fit: [`proxy::FhirEdge`] is a plain `ProxyHttp` and
-//! [`routing::reload::Reloader`] a plain `BackgroundService`, so another server can add both to its own.
+//! [`reload::Reloader`] a plain `BackgroundService`, so another server can add both to its own.
 //!
 //! [Pingora]: https://github.com/cloudflare/pingora
 
@@ -41,6 +41,7 @@ pub mod outcome;
 pub mod pct;
 pub mod problems;
 pub mod proxy;
+pub mod reload;
 pub mod request_id;
 pub mod routing;
 pub mod server;

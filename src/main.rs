@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use fhir_edge::config::Settings;
+use fhir_edge::reload::Live;
 use fhir_edge::routing::RoutingTable;
 use fhir_edge::server::{self, RunOptions};
 
@@ -102,14 +103,17 @@ fn check(config: PathBuf) -> anyhow::Result<ExitCode> {
         }
     };
     fhir_edge::auth::jwt::self_test().map_err(|e| anyhow::anyhow!("JWT self-test: {e}"))?;
-    match RoutingTable::load(&settings.routes_file, &settings.route_defaults) {
+    match Live::<RoutingTable>::load_file(
+        settings.routes_file.clone(),
+        settings.route_defaults.clone(),
+    ) {
         Ok(t) => {
             println!(
                 "{}: ok ({} keys; routing table {}: {} tenants)",
                 config.display(),
                 settings.verifier.key_count(),
                 settings.routes_file.display(),
-                t.len()
+                t.load().len()
             );
             Ok(ExitCode::SUCCESS)
         }

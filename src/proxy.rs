@@ -23,21 +23,21 @@ use crate::batch;
 use crate::classify::{self, MethodPolicy, PathError};
 use crate::config::Settings;
 use crate::outcome::Outcome;
+use crate::reload::Live;
 use crate::request_id::RequestIds;
-use crate::routing::reload::LiveRoutes;
-use crate::routing::Route;
+use crate::routing::{Route, RoutingTable};
 use crate::tenant::TenantId;
 use crate::upstream::Upstream;
 
 /// The fhir-edge proxy: mount it with `pingora::proxy::http_proxy_service` (see [`crate::server`]).
 pub struct FhirEdge {
     settings: Arc<Settings>,
-    routes: Arc<LiveRoutes>,
+    routes: Arc<Live<RoutingTable>>,
     ids: RequestIds,
 }
 
 impl FhirEdge {
-    pub fn new(settings: Arc<Settings>, routes: Arc<LiveRoutes>) -> FhirEdge {
+    pub fn new(settings: Arc<Settings>, routes: Arc<Live<RoutingTable>>) -> FhirEdge {
         FhirEdge {
             settings,
             routes,
@@ -141,7 +141,6 @@ impl FhirEdge {
         // One snapshot of the table decides this request; later reloads do not affect it.
         let route = self
             .routes
-            .table
             .load()
             .get(&grant.tenant)
             .cloned()

@@ -13,7 +13,8 @@ use pingora_proxy::ProxyServiceBuilder;
 use crate::config::Settings;
 use crate::problems::Problems;
 use crate::proxy::FhirEdge;
-use crate::routing::reload::{LiveRoutes, Reloader};
+use crate::reload::{Live, Reloader};
+use crate::routing::RoutingTable;
 
 /// How the process was asked to start.
 #[derive(Debug, Default, Clone, Copy)]
@@ -39,7 +40,7 @@ pub enum StartError {
 pub fn build(settings: Settings, opts: RunOptions) -> Result<Server, StartError> {
     crate::auth::jwt::self_test().map_err(StartError::Crypto)?;
     let routes = Arc::new(
-        LiveRoutes::load(
+        Live::<RoutingTable>::load_file(
             settings.routes_file.clone(),
             settings.route_defaults.clone(),
         )
@@ -90,9 +91,9 @@ pub fn build(settings: Settings, opts: RunOptions) -> Result<Server, StartError>
     }
     server.add_service(service);
     server.add_service(background_service(
-        "routing reload",
+        "file reload",
         Reloader {
-            routes,
+            files: vec![routes],
             debounce: s.reload_debounce,
             poll: s.reload_poll,
         },

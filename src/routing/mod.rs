@@ -3,10 +3,8 @@
 //! A [`RoutingTable`] is immutable once built. It is loaded from `routes.yaml`, validated as a whole
 //! (one bad entry rejects the file: a partly applied table is how tenants go missing or end up on the
 //! wrong server), resolved (DNS happens here, never on the request path) and then published with one
-//! `ArcSwap::store` by [`reload`]. A request takes one snapshot of its [`Route`] and keeps it for every
+//! `ArcSwap::store` by [`crate::reload`]. A request takes one snapshot of its [`Route`] and keeps it for every
 //! later phase, so authorisation and upstream choice can never see two different tables.
-
-pub mod reload;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -19,6 +17,7 @@ use serde::{Deserialize, Deserializer};
 
 use crate::config::RouteDefaults;
 use crate::problems::{whole_file, Problems, Source};
+use crate::reload::{hash_text, Loadable};
 use crate::tenant::TenantId;
 use crate::upstream::{read_ca_file, Upstream, UpstreamUrl};
 
@@ -38,8 +37,19 @@ pub struct Route {
 #[derive(Debug, Default)]
 pub struct RoutingTable {
     routes: HashMap<TenantId, Arc<Route>>,
-    /// Hash of the file text this table was built from; reloads of identical text are skipped.
-    pub source_hash: u64,
+}
+
+impl Loadable for RoutingTable {
+    type Context = RouteDefaults;
+    const WHAT: &'static str = "routing table";
+
+    fn from_text(path: &Path, text: &str, defaults: &RouteDefaults) -> Result<Self, Problems> {
+        RoutingTable::from_text(path, text, defaults)
+    }
+
+    fn summary(&self) -> String {
+        format!("{} tenants", self.len())
+    }
 }
 
 impl RoutingTable {
@@ -55,14 +65,8 @@ impl RoutingTable {
         self.routes.is_empty()
     }
 
-    /// Reads, parses, validates and resolves a routing file. Blocking (file I/O and DNS).
-    pub fn load(path: &Path, defaults: &RouteDefaults) -> Result<RoutingTable, Problems> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| whole_file(path, format!("cannot read: {e}")))?;
-        Self::from_text(path, &text, defaults)
-    }
-
     /// Builds a table from file text (`path` is used for messages and relative `ca_file`s).
+    /// Blocking: upstream host names are resolved here.
     pub fn from_text(
         path: &Path,
         text: &str,
@@ -130,18 +134,8 @@ impl RoutingTable {
             }
         }
         src.finish()?;
-        Ok(RoutingTable {
-            routes,
-            source_hash: hash_text(text),
-        })
+        Ok(RoutingTable { routes })
     }
-}
-
-/// FNV-1a over the file text: cheap change detection, not security.
-pub fn hash_text(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,0 +1,260 @@
+//! Hot-reloaded files (the routing table and the client registry): file events (and `SIGHUP`) →
+//! debounce → read → validate as a whole → one swap.
+//!
+//! A [`Live<T>`] holds the current value of one file behind an `ArcSwap`; readers take a snapshot with
+//! [`Live::load`] and keep it for as long as they need a consistent view. The [`Reloader`] background
+//! service watches the **directory** of every file, not the file: editors save by writing a new file and
+//! renaming it over the old one (a new inode), and Kubernetes ConfigMap volumes swap a `..data`
+//! symlink, so a watch on the file itself goes deaf after the first edit. Any event opens a short, fixed
+//! debounce window (a stream of writes cannot postpone the reload forever); then each file is read,
+//! and if its text changed it is built, validated as a whole and published with one `ArcSwap::store`.
+//! A file that is missing, unreadable, empty or invalid leaves the last good value in place and is
+//! logged (the loaders' messages never quote secret values). A slow poll catches events the kernel
+//! dropped. The watcher is created inside the background service, after Pingora may have forked.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::{ArcSwap, Guard};
+use async_trait::async_trait;
+use notify::{RecursiveMode, Watcher};
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::problems::{whole_file, Problems};
+
+/// A value built from one file.
+pub trait Loadable: Send + Sync + Sized + 'static {
+    /// What the loader needs beyond the text (defaults from the static config).
+    type Context: Send + Sync + 'static;
+    /// For log lines: "routing table", "client registry".
+    const WHAT: &'static str;
+    fn from_text(path: &Path, text: &str, ctx: &Self::Context) -> Result<Self, Problems>;
+    /// For log lines: "3 tenants".
+    fn summary(&self) -> String;
+}
+
+/// The current value of a hot-reloaded file, plus reload bookkeeping.
+pub struct Live<T: Loadable> {
+    current: ArcSwap<T>,
+    path: PathBuf,
+    ctx: T::Context,
+    /// Hash of the text the current value was built from; unchanged text is not rebuilt.
+    source_hash: AtomicU64,
+    /// Successful loads, starting at 1 for the load at start-up.
+    pub generation: AtomicU64,
+    pub failures: AtomicU64,
+    /// Unix time of the last successful load.
+    pub last_success: AtomicU64,
+}
+
+/// What one reload attempt did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    Unchanged,
+    Applied,
+    Rejected,
+}
+
+impl<T: Loadable> Live<T> {
+    /// Loads the file for the first time; failure means the proxy must not start.
+    pub fn load_file(path: PathBuf, ctx: T::Context) -> Result<Live<T>, Problems> {
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| whole_file(&path, format!("cannot read: {e}")))?;
+        let value = T::from_text(&path, &text, &ctx)?;
+        Ok(Live {
+            current: ArcSwap::from_pointee(value),
+            path,
+            ctx,
+            source_hash: AtomicU64::new(hash_text(&text)),
+            generation: AtomicU64::new(1),
+            failures: AtomicU64::new(0),
+            last_success: AtomicU64::new(unix_now()),
+        })
+    }
+
+    /// A snapshot of the current value.
+    pub fn load(&self) -> Guard<Arc<T>> {
+        self.current.load()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// One reload attempt (blocking: file I/O, and DNS for the routing table). With `force`, unchanged
+    /// text is rebuilt too (re-resolving upstream host names).
+    pub fn reload(&self, force: bool) -> ReloadOutcome {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                log::warn!(
+                    "{} {} unreadable ({e}); keeping the last good one",
+                    T::WHAT,
+                    self.path.display()
+                );
+                return ReloadOutcome::Rejected;
+            }
+        };
+        let hash = hash_text(&text);
+        if !force && hash == self.source_hash.load(Ordering::Relaxed) {
+            return ReloadOutcome::Unchanged;
+        }
+        match T::from_text(&self.path, &text, &self.ctx) {
+            Ok(value) => {
+                let summary = value.summary();
+                // One store: every reader sees either the old value or the new one, whole.
+                self.current.store(Arc::new(value));
+                self.source_hash.store(hash, Ordering::Relaxed);
+                let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+                self.last_success.store(unix_now(), Ordering::Relaxed);
+                log::info!("{} reloaded: {summary} (generation {generation})", T::WHAT);
+                ReloadOutcome::Applied
+            }
+            Err(problems) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                log::warn!(
+                    "{} rejected, keeping the last good one:\n{problems}",
+                    T::WHAT
+                );
+                ReloadOutcome::Rejected
+            }
+        }
+    }
+}
+
+/// FNV-1a over the file text: cheap change detection, not security.
+pub fn hash_text(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A file the [`Reloader`] keeps current (implemented by every [`Live<T>`]).
+pub trait Reload: Send + Sync {
+    fn path(&self) -> &Path;
+    fn reload(&self, force: bool) -> ReloadOutcome;
+}
+
+impl<T: Loadable> Reload for Live<T> {
+    fn path(&self) -> &Path {
+        Live::path(self)
+    }
+    fn reload(&self, force: bool) -> ReloadOutcome {
+        Live::reload(self, force)
+    }
+}
+
+/// The background service that keeps every [`Live`] file current.
+pub struct Reloader {
+    pub files: Vec<Arc<dyn Reload>>,
+    pub debounce: Duration,
+    /// Zero disables the poll.
+    pub poll: Duration,
+}
+
+impl Reloader {
+    async fn reload_all(&self, force: bool) {
+        for file in &self.files {
+            let file = file.clone();
+            if let Err(e) = tokio::task::spawn_blocking(move || file.reload(force)).await {
+                log::error!("reload task failed: {e}");
+            }
+        }
+    }
+
+    fn directories(&self) -> BTreeSet<PathBuf> {
+        self.files
+            .iter()
+            .map(|f| match f.path().parent() {
+                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                _ => PathBuf::from("."),
+            })
+            .collect()
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Reloader {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let (tx, mut events) = mpsc::channel::<()>(1);
+        // A full channel already holds a pending reload, so a failed try_send loses nothing.
+        let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if res.is_ok() {
+                let _ = tx.try_send(());
+            }
+        });
+        let _watcher = match watcher {
+            Ok(mut w) => {
+                for dir in self.directories() {
+                    if let Err(e) = w.watch(&dir, RecursiveMode::NonRecursive) {
+                        log::error!(
+                            "cannot watch {} ({e}); its files reload only on SIGHUP and every poll",
+                            dir.display()
+                        );
+                    }
+                }
+                Some(w)
+            }
+            Err(e) => {
+                log::error!(
+                    "cannot start the file watcher ({e}); reloads only on SIGHUP and every poll"
+                );
+                None
+            }
+        };
+        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            Ok(s) => Some(s),
+            Err(e) => {
+                log::error!("cannot install the SIGHUP handler: {e}");
+                None
+            }
+        };
+        // Far enough away to mean "never" when polling is off.
+        let poll = if self.poll.is_zero() {
+            Duration::from_secs(86_400 * 365)
+        } else {
+            self.poll
+        };
+        let mut next_poll = Instant::now() + poll;
+        let mut pending: Option<Instant> = None;
+        loop {
+            let wake = pending.unwrap_or(next_poll);
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                Some(()) = events.recv() => {
+                    // Fixed window from the first event: a stream of writes cannot starve the reload.
+                    pending.get_or_insert(Instant::now() + self.debounce);
+                }
+                Some(()) = async {
+                    match hangup.as_mut() {
+                        Some(h) => h.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    log::info!("SIGHUP: reloading");
+                    self.reload_all(true).await;
+                }
+                _ = tokio::time::sleep_until(wake) => {
+                    if pending.take().is_none() {
+                        next_poll = Instant::now() + poll;
+                    }
+                    self.reload_all(false).await;
+                }
+            }
+        }
+    }
+}
