@@ -13,6 +13,7 @@
 //! dropped. The watcher is created inside the background service, after Pingora may have forked.
 
 use std::collections::BTreeSet;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use async_trait::async_trait;
 use notify::{RecursiveMode, Watcher};
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
+use pingora::services::ServiceReadyNotifier;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -44,8 +46,9 @@ pub struct Live<T: Loadable> {
     current: ArcSwap<T>,
     path: PathBuf,
     ctx: T::Context,
-    /// Hash of the text the current value was built from; unchanged text is not rebuilt.
-    source_hash: AtomicU64,
+    /// Hash of the text last read, whether it was accepted or rejected: unchanged text is neither
+    /// rebuilt nor reported again.
+    seen_hash: AtomicU64,
     /// Successful loads, starting at 1 for the load at start-up.
     pub generation: AtomicU64,
     pub failures: AtomicU64,
@@ -71,7 +74,7 @@ impl<T: Loadable> Live<T> {
             current: ArcSwap::from_pointee(value),
             path,
             ctx,
-            source_hash: AtomicU64::new(hash_text(&text)),
+            seen_hash: AtomicU64::new(hash_text(&text)),
             generation: AtomicU64::new(1),
             failures: AtomicU64::new(0),
             last_success: AtomicU64::new(unix_now()),
@@ -103,7 +106,8 @@ impl<T: Loadable> Live<T> {
             }
         };
         let hash = hash_text(&text);
-        if !force && hash == self.source_hash.load(Ordering::Relaxed) {
+        if self.seen_hash.swap(hash, Ordering::Relaxed) == hash && !force {
+            log::debug!("{} {} unchanged", T::WHAT, self.path.display());
             return ReloadOutcome::Unchanged;
         }
         match T::from_text(&self.path, &text, &self.ctx) {
@@ -111,7 +115,6 @@ impl<T: Loadable> Live<T> {
                 let summary = value.summary();
                 // One store: every reader sees either the old value or the new one, whole.
                 self.current.store(Arc::new(value));
-                self.source_hash.store(hash, Ordering::Relaxed);
                 let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
                 self.last_success.store(unix_now(), Ordering::Relaxed);
                 log::info!("{} reloaded: {summary} (generation {generation})", T::WHAT);
@@ -157,6 +160,24 @@ impl<T: Loadable> Reload for Live<T> {
     }
 }
 
+/// Whether a file-system event can change one of the watched files: a change (not a read: our own
+/// reads raise access events, and reacting to them would reload forever) to a watched file name, or to
+/// a `..`-prefixed entry (the `..data` symlink and timestamped directories of a Kubernetes ConfigMap
+/// volume). Anything else in the directory, such as a log file, is ignored.
+fn is_relevant(e: &notify::Event, names: &BTreeSet<OsString>) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    let change = match e.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    };
+    change
+        && e.paths.iter().any(|p| {
+            p.file_name()
+                .is_some_and(|n| names.contains(n) || n.as_encoded_bytes().starts_with(b".."))
+        })
+}
+
 /// The background service that keeps every [`Live`] file current.
 pub struct Reloader {
     pub files: Vec<Arc<dyn Reload>>,
@@ -175,6 +196,14 @@ impl Reloader {
         }
     }
 
+    /// File names that matter in the watched directories.
+    fn file_names(&self) -> BTreeSet<OsString> {
+        self.files
+            .iter()
+            .filter_map(|f| f.path().file_name().map(ToOwned::to_owned))
+            .collect()
+    }
+
     fn directories(&self) -> BTreeSet<PathBuf> {
         self.files
             .iter()
@@ -188,11 +217,18 @@ impl Reloader {
 
 #[async_trait]
 impl BackgroundService for Reloader {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
+    /// Ready once the watcher is installed: the proxy service depends on this one, so no request
+    /// is served before an edit of a watched file would be noticed.
+    async fn start_with_ready_notifier(
+        &self,
+        mut shutdown: ShutdownWatch,
+        ready: ServiceReadyNotifier,
+    ) {
         let (tx, mut events) = mpsc::channel::<()>(1);
         // A full channel already holds a pending reload, so a failed try_send loses nothing.
+        let names = self.file_names();
         let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if res.is_ok() {
+            if res.is_ok_and(|e| is_relevant(&e, &names)) {
                 let _ = tx.try_send(());
             }
         });
@@ -231,6 +267,7 @@ impl BackgroundService for Reloader {
         };
         let mut next_poll = Instant::now() + poll;
         let mut pending: Option<Instant> = None;
+        ready.notify_ready();
         loop {
             let wake = pending.unwrap_or(next_poll);
             tokio::select! {

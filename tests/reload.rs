@@ -172,3 +172,29 @@ fn sighup_reloads_without_stopping_the_proxy() {
     assert!(env.proxy.is_running());
     assert_eq!(probe(&env, TENANT_A), (200, "tenant-a".into()));
 }
+
+/// The reloader's own reads raise inotify access events; they must not trigger further reloads (the
+/// file would otherwise be re-read every debounce window, forever, and an invalid one re-reported).
+#[test]
+fn a_rejected_file_is_reported_once_not_in_a_loop() {
+    let env = Env::start_with(|c| c.log_level = "debug".into());
+    fs::write(env.proxy.routes_path(), "tenants: [not, a, map]\n").unwrap();
+    assert!(eventually(WITHIN, || env
+        .proxy
+        .logs()
+        .contains("routing table rejected")));
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(
+        env.proxy.logs().matches("routing table rejected").count(),
+        1,
+        "{}",
+        env.proxy.logs()
+    );
+    // At most one more read (a trailing event of the write itself), not one per debounce window.
+    assert!(
+        env.proxy.logs().matches("unchanged").count() <= 2,
+        "{}",
+        env.proxy.logs()
+    );
+    assert_eq!(probe(&env, TENANT_A), (200, "tenant-a".into()));
+}
