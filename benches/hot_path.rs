@@ -55,6 +55,7 @@ fn verifier() -> Verifier {
                 key,
                 issuer: ISS.into(),
                 audience: AUD.into(),
+                own: false,
             })
             .collect(),
         30,

@@ -30,6 +30,38 @@ pub fn is_public_metadata(method: &Method, path: &[u8], base: &str) -> bool {
         && &path[base.len()..] == b"/metadata"
 }
 
+/// fhir-edge's own endpoints below the public base (when the token endpoint is configured).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwnEndpoint<'a> {
+    /// `{base}{token path}`, byte-exact.
+    Token,
+    /// `{base}/.well-known/jwks.json`, byte-exact.
+    Jwks,
+    /// `{base}{management path}` and below; the rest of the path (parsed by the endpoint).
+    Manage(&'a [u8]),
+}
+
+pub const JWKS_PATH: &str = "/.well-known/jwks.json";
+
+/// Which of fhir-edge's own endpoints `path` names, if any. Exact byte comparisons, like the metadata
+/// rule: these endpoints do not take a bearer token, so no normalisation may widen them.
+pub fn own_endpoint<'a>(
+    path: &'a [u8],
+    base: &str,
+    token_path: &str,
+    management_path: &str,
+) -> Option<OwnEndpoint<'a>> {
+    let rest = path.strip_prefix(base.as_bytes())?;
+    if rest == token_path.as_bytes() {
+        return Some(OwnEndpoint::Token);
+    }
+    if rest == JWKS_PATH.as_bytes() {
+        return Some(OwnEndpoint::Jwks);
+    }
+    let below = rest.strip_prefix(management_path.as_bytes())?;
+    (below.is_empty() || below.starts_with(b"/")).then_some(OwnEndpoint::Manage(below))
+}
+
 /// Why a path cannot be forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PathError {
@@ -188,6 +220,31 @@ mod tests {
         }
         assert!(!is_public_metadata(&Method::GET, b"/metadata", "/fhir"));
         assert!(!is_public_metadata(&Method::GET, b"/fhi/metadata", "/fhir"));
+    }
+
+    #[test]
+    fn own_endpoints_match_exactly() {
+        fn e(p: &str) -> Option<OwnEndpoint<'_>> {
+            own_endpoint(p.as_bytes(), "/fhir", "/token", "/register")
+        }
+        assert_eq!(e("/fhir/token"), Some(OwnEndpoint::Token));
+        assert_eq!(e("/fhir/.well-known/jwks.json"), Some(OwnEndpoint::Jwks));
+        assert_eq!(
+            e("/fhir/register/abc/secrets"),
+            Some(OwnEndpoint::Manage(b"/abc/secrets"))
+        );
+        assert_eq!(e("/fhir/register"), Some(OwnEndpoint::Manage(b"")));
+        for other in [
+            "/token",
+            "/fhir/token/",
+            "/fhir/TOKEN",
+            "/fhir//token",
+            "/fhir/registers",
+            "/fhir/%74oken",
+            "/fhir/token;x",
+        ] {
+            assert_eq!(e(other), None, "{other}");
+        }
     }
 
     #[test]

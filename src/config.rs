@@ -15,6 +15,8 @@ use serde::Deserialize;
 
 use crate::auth::{Verifier, VerifyKey};
 use crate::problems::{whole_file, Problems, Source};
+use crate::token::keys::{SigningKey, SigningKeys};
+use crate::token::{limiter, TokenSettings};
 use crate::upstream::{read_ca_file, PeerSettings, Upstream, UpstreamUrl};
 
 // ---------------------------------------------------------------------------------------------
@@ -37,6 +39,64 @@ struct FileConfig {
     server: FileServer,
     #[serde(default)]
     log: FileLog,
+    #[serde(default)]
+    token_endpoint: Option<FileToken>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileToken {
+    #[serde(default = "default_token_path")]
+    path: String,
+    #[serde(default)]
+    url: Option<String>,
+    #[serde(default = "default_management_path")]
+    management_path: String,
+    #[serde(default)]
+    issuer: Option<String>,
+    #[serde(default)]
+    audience: Option<String>,
+    #[serde(default = "default_lifetime")]
+    lifetime_seconds: u64,
+    signing_key: String,
+    #[serde(default)]
+    previous_signing_keys: Vec<String>,
+    clients_file: String,
+    #[serde(default = "default_true")]
+    grant_type_hyphen_alias: bool,
+    #[serde(default)]
+    failed_auth: FileFailedAuth,
+}
+
+fn default_token_path() -> String {
+    "/token".into()
+}
+fn default_management_path() -> String {
+    "/register".into()
+}
+fn default_lifetime() -> u64 {
+    3600
+}
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileFailedAuth {
+    per_client: u32,
+    per_source: u32,
+    window_seconds: u64,
+}
+
+impl Default for FileFailedAuth {
+    fn default() -> Self {
+        FileFailedAuth {
+            per_client: 10,
+            per_source: 50,
+            window_seconds: 60,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -258,6 +318,8 @@ pub struct Settings {
     pub server: ServerSettings,
     pub route_defaults: RouteDefaults,
     pub log_level: log::LevelFilter,
+    /// The OAuth token endpoint, when configured.
+    pub token: Option<TokenSettings>,
 }
 
 impl Settings {
@@ -364,7 +426,23 @@ fn validate(f: FileConfig, path: &Path, src: &mut Source) -> Option<Settings> {
             None
         });
 
-    let keys = load_issuers(&f.auth, dir, src);
+    let mut keys = load_issuers(&f.auth, dir, src);
+    let token = match (&f.token_endpoint, &public) {
+        (Some(t), Some(public)) => validate_token(t, public, dir, src),
+        _ => None,
+    };
+    if let Some(t) = &token {
+        // fhir-edge trusts its own issuer, with the same rules as any other.
+        keys.extend(t.keys.all().map(|k| VerifyKey {
+            kid: Some(k.kid.clone()),
+            alg: k.alg,
+            key: k.decoding.clone(),
+            issuer: t.issuer.clone(),
+            audience: t.audience.clone(),
+            own: true,
+        }));
+    }
+    check_key_ids(&keys, src);
     if f.auth.max_token_bytes < 256 || f.auth.max_token_bytes > 64 * 1024 {
         src.at(
             "max_token_bytes",
@@ -419,6 +497,7 @@ fn validate(f: FileConfig, path: &Path, src: &mut Source) -> Option<Settings> {
         server: server?,
         route_defaults: route_defaults?,
         log_level: log_level?,
+        token,
     })
 }
 
@@ -596,6 +675,7 @@ fn load_issuers(auth: &FileAuth, dir: &Path, src: &mut Source) -> Vec<VerifyKey>
                     key: dk,
                     issuer: iss.issuer.clone(),
                     audience: iss.audience.clone(),
+                    own: false,
                 }),
                 Err(m) => {
                     let needle = k
@@ -615,6 +695,7 @@ fn load_issuers(auth: &FileAuth, dir: &Path, src: &mut Source) -> Vec<VerifyKey>
                     key: dk,
                     issuer: iss.issuer.clone(),
                     audience: iss.audience.clone(),
+                    own: false,
                 })),
                 Err(m) => src.at(jwks, format!("{key}.jwks_file"), m),
             }
@@ -623,9 +704,14 @@ fn load_issuers(auth: &FileAuth, dir: &Path, src: &mut Source) -> Vec<VerifyKey>
             src.at(&iss.issuer, key, "an issuer needs `keys` or `jwks_file`");
         }
     }
-    // A kid must pick exactly one key, and a token without kid must find at most one key of its alg.
-    for (i, a) in out.iter().enumerate() {
-        for b in &out[i + 1..] {
+    out
+}
+
+/// A kid must pick exactly one key, and a token without kid must find at most one kid-less key of its
+/// alg.
+fn check_key_ids(keys: &[VerifyKey], src: &mut Source) {
+    for (i, a) in keys.iter().enumerate() {
+        for b in &keys[i + 1..] {
             match (&a.kid, &b.kid) {
                 (Some(x), Some(y)) if x == y => {
                     src.at(x, "auth.issuers", format!("kid `{x}` is used by two keys"))
@@ -642,7 +728,111 @@ fn load_issuers(auth: &FileAuth, dir: &Path, src: &mut Source) -> Vec<VerifyKey>
             }
         }
     }
-    out
+}
+
+/// A path below the public base: `/` then segments of unreserved characters.
+fn is_endpoint_path(p: &str) -> bool {
+    p.len() > 1
+        && p.starts_with('/')
+        && p[1..].split('/').all(|seg| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
+        })
+}
+
+fn validate_token(
+    t: &FileToken,
+    public: &PublicBase,
+    dir: &Path,
+    src: &mut Source,
+) -> Option<TokenSettings> {
+    let before = src.problems.len();
+    for (key, p) in [("path", &t.path), ("management_path", &t.management_path)] {
+        if !is_endpoint_path(p) {
+            src.at(
+                p,
+                format!("token_endpoint.{key}"),
+                "must be a path such as /token (segments of A-Z a-z 0-9 - . _ ~)",
+            );
+        } else if p == "/metadata" || p.starts_with("/.well-known") {
+            src.at(p, format!("token_endpoint.{key}"), "is taken by discovery");
+        }
+    }
+    let (tp, mp) = (&t.path, &t.management_path);
+    if tp == mp || tp.starts_with(&format!("{mp}/")) || mp.starts_with(&format!("{tp}/")) {
+        src.at(
+            mp,
+            "token_endpoint.management_path",
+            "must not overlap token_endpoint.path",
+        );
+    }
+    let url = match &t.url {
+        Some(u) => match UpstreamUrl::parse(u) {
+            Ok(_) => u.trim_end_matches('/').to_string(),
+            Err(m) => {
+                src.at(u, "token_endpoint.url", m);
+                String::new()
+            }
+        },
+        None => format!("{}{}", public.url, t.path),
+    };
+    if !(60..=604_800).contains(&t.lifetime_seconds) {
+        src.at(
+            "lifetime_seconds",
+            "token_endpoint.lifetime_seconds",
+            "must be between 60 and 604800",
+        );
+    }
+    let fa = &t.failed_auth;
+    if fa.per_client == 0 || fa.per_source == 0 || !(1..=86_400).contains(&fa.window_seconds) {
+        src.at(
+            "failed_auth",
+            "token_endpoint.failed_auth",
+            "per_client and per_source must be at least 1, window_seconds between 1 and 86400",
+        );
+    }
+    let active = SigningKey::from_file(&resolve(dir, &t.signing_key))
+        .map_err(|m| src.at(&t.signing_key, "token_endpoint.signing_key", m))
+        .ok();
+    let mut previous = Vec::new();
+    for (i, p) in t.previous_signing_keys.iter().enumerate() {
+        match SigningKey::from_file(&resolve(dir, p)) {
+            Ok(k) => previous.push(k),
+            Err(m) => src.at(p, format!("token_endpoint.previous_signing_keys[{i}]"), m),
+        }
+    }
+    let issuer = t.issuer.clone().unwrap_or_else(|| public.url.clone());
+    let audience = t.audience.clone().unwrap_or_else(|| public.url.clone());
+    if issuer.is_empty() || audience.is_empty() {
+        src.at(
+            "token_endpoint",
+            "token_endpoint",
+            "issuer and audience must not be empty",
+        );
+    }
+    if src.problems.len() != before {
+        return None;
+    }
+    Some(TokenSettings {
+        path: t.path.clone(),
+        url,
+        management_path: t.management_path.clone(),
+        issuer,
+        audience,
+        lifetime: Duration::from_secs(t.lifetime_seconds),
+        keys: SigningKeys::new(active?, previous),
+        clients_file: resolve(dir, &t.clients_file),
+        grant_type_hyphen_alias: t.grant_type_hyphen_alias,
+        failed_auth: limiter::Limits {
+            per_client: fa.per_client,
+            per_source: fa.per_source,
+            window_seconds: fa.window_seconds,
+        },
+    })
 }
 
 fn load_key(k: &FileKey, dir: &Path) -> Result<(Algorithm, DecodingKey), String> {

@@ -46,4 +46,6 @@ pub mod request_id;
 pub mod routing;
 pub mod server;
 pub mod tenant;
+pub mod time;
+pub mod token;
 pub mod upstream;

@@ -181,6 +181,147 @@ impl Outcome {
     }
 }
 
+/// RFC 6749 §5.2 errors of the token endpoint and the client self-service endpoint. Descriptions are
+/// fixed texts: they explain the rule that was broken and never quote the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OAuthError {
+    /// 400, with what was wrong.
+    InvalidRequest(&'static str),
+    /// 401; `basic` when the client tried HTTP Basic (RFC 6749 §5.2: answer with a Basic challenge).
+    InvalidClient {
+        basic: bool,
+    },
+    UnsupportedGrantType,
+    InvalidScope,
+    /// 429 with `Retry-After`.
+    TooManyRequests {
+        retry_after: u64,
+    },
+    /// 405 with `Allow`.
+    MethodNotAllowed {
+        allow: &'static str,
+    },
+    BodyTooLarge,
+    NotFound,
+    /// 409: the change would leave the client unable to authenticate.
+    Conflict(&'static str),
+    ServerError,
+}
+
+impl OAuthError {
+    pub fn status(self) -> u16 {
+        match self {
+            OAuthError::InvalidRequest(_)
+            | OAuthError::UnsupportedGrantType
+            | OAuthError::InvalidScope => 400,
+            OAuthError::InvalidClient { .. } => 401,
+            OAuthError::NotFound => 404,
+            OAuthError::MethodNotAllowed { .. } => 405,
+            OAuthError::Conflict(_) => 409,
+            OAuthError::BodyTooLarge => 413,
+            OAuthError::TooManyRequests { .. } => 429,
+            OAuthError::ServerError => 500,
+        }
+    }
+
+    /// The `error` code (RFC 6749 §5.2; `slow_down`-style codes are not standard, so 429 says
+    /// `invalid_request` with a description and a `Retry-After`).
+    pub fn code(self) -> &'static str {
+        match self {
+            OAuthError::InvalidRequest(_)
+            | OAuthError::MethodNotAllowed { .. }
+            | OAuthError::BodyTooLarge
+            | OAuthError::Conflict(_)
+            | OAuthError::TooManyRequests { .. } => "invalid_request",
+            OAuthError::InvalidClient { .. } => "invalid_client",
+            OAuthError::UnsupportedGrantType => "unsupported_grant_type",
+            OAuthError::InvalidScope => "invalid_scope",
+            OAuthError::NotFound => "not_found",
+            OAuthError::ServerError => "server_error",
+        }
+    }
+
+    fn description(self) -> &'static str {
+        match self {
+            OAuthError::InvalidRequest(d) | OAuthError::Conflict(d) => d,
+            OAuthError::InvalidClient { .. } => "Client authentication failed.",
+            OAuthError::UnsupportedGrantType => "Only the client_credentials grant is supported.",
+            OAuthError::InvalidScope => {
+                "The scope must name exactly one tenant GUID that this client may use and that is served here."
+            }
+            OAuthError::TooManyRequests { .. } => "Too many failed authentications; retry later.",
+            OAuthError::MethodNotAllowed { .. } => "Method not allowed.",
+            OAuthError::BodyTooLarge => "The request body is too large.",
+            OAuthError::NotFound => "No such endpoint.",
+            OAuthError::ServerError => "Internal error.",
+        }
+    }
+
+    /// Writes the error (always `Cache-Control: no-store`, `Pragma: no-cache`: RFC 6749 §5.1).
+    pub async fn respond(
+        self,
+        session: &mut Session,
+        realm: &str,
+        request_id: &str,
+    ) -> pingora::Result<()> {
+        let body = format!(
+            r#"{{"error":"{}","error_description":"{}"}}"#,
+            self.code(),
+            self.description()
+        );
+        let mut extra: Vec<(&str, String)> = Vec::new();
+        match self {
+            OAuthError::InvalidClient { basic: true } => extra.push((
+                "www-authenticate",
+                format!("Basic realm=\"{realm}\", charset=\"UTF-8\""),
+            )),
+            OAuthError::TooManyRequests { retry_after } => {
+                extra.push(("retry-after", retry_after.to_string()))
+            }
+            OAuthError::MethodNotAllowed { allow } => extra.push(("allow", allow.to_string())),
+            _ => {}
+        }
+        respond_json(
+            session,
+            self.status(),
+            Bytes::from(body),
+            request_id,
+            &extra,
+        )
+        .await
+    }
+}
+
+/// Writes a complete JSON response that must not be cached (token responses, JWKS, client
+/// management, OAuth errors). No body for `HEAD`.
+pub async fn respond_json(
+    session: &mut Session,
+    status: u16,
+    body: Bytes,
+    request_id: &str,
+    extra: &[(&str, String)],
+) -> pingora::Result<()> {
+    let mut h = ResponseHeader::build(status, Some(6 + extra.len()))?;
+    h.insert_header("content-type", "application/json")?;
+    h.insert_header("content-length", body.len().to_string())?;
+    h.insert_header("cache-control", "no-store")?;
+    h.insert_header("pragma", "no-cache")?;
+    if !request_id.is_empty() {
+        h.insert_header("x-request-id", request_id)?;
+    }
+    for (name, value) in extra {
+        h.insert_header(name.to_string(), value.as_str())?;
+    }
+    let head = session.req_header().method == http::Method::HEAD;
+    session
+        .write_response_header(Box::new(h), head || body.is_empty())
+        .await?;
+    if !head && !body.is_empty() {
+        session.write_response_body(Some(body), true).await?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,6 +23,28 @@ pub fn decode(raw: &[u8], plus_as_space: bool) -> Vec<u8> {
     out
 }
 
+/// Parses an `application/x-www-form-urlencoded` body (WHATWG URL §5.1) into name → value. `None`
+/// when a name repeats (RFC 6749 §3.1: parameters MUST NOT be included more than once) or a name or
+/// value is not UTF-8 after decoding. Parameters without a value count as omitted (RFC 6749 §3.1).
+pub fn parse_form(body: &[u8]) -> Option<std::collections::HashMap<String, String>> {
+    let mut out = std::collections::HashMap::new();
+    for pair in body.split(|&b| b == b'&').filter(|p| !p.is_empty()) {
+        let (name, value) = match pair.iter().position(|&b| b == b'=') {
+            Some(i) => (&pair[..i], &pair[i + 1..]),
+            None => (pair, &b""[..]),
+        };
+        let name = String::from_utf8(decode(name, true)).ok()?;
+        let value = String::from_utf8(decode(value, true)).ok()?;
+        if out.contains_key(&name) {
+            return None;
+        }
+        // Empty values are kept until the end so a later repeat of the name is still caught.
+        out.insert(name, value);
+    }
+    out.retain(|_, v: &mut String| !v.is_empty());
+    Some(out)
+}
+
 fn hex(c: u8) -> Option<u8> {
     match c {
         b'0'..=b'9' => Some(c - b'0'),
@@ -35,6 +57,21 @@ fn hex(c: u8) -> Option<u8> {
 #[cfg(test)]
 mod tests {
     use super::decode;
+
+    #[test]
+    fn forms_decode_and_refuse_repeats() {
+        let f = super::parse_form(b"grant_type=client_credentials&scope=a+b%20c&empty=&x").unwrap();
+        assert_eq!(
+            f.get("grant_type").map(String::as_str),
+            Some("client_credentials")
+        );
+        assert_eq!(f.get("scope").map(String::as_str), Some("a b c"));
+        assert!(!f.contains_key("empty") && !f.contains_key("x"));
+        assert!(super::parse_form(b"a=1&a=2").is_none());
+        assert!(super::parse_form(b"a=1&a=").is_none());
+        assert!(super::parse_form(b"a=%FF").is_none());
+        assert!(super::parse_form(b"").unwrap().is_empty());
+    }
 
     #[test]
     fn decodes_escapes_and_keeps_malformed_ones() {

@@ -20,27 +20,36 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 
 use crate::auth::{self, AuthFailure};
 use crate::batch;
-use crate::classify::{self, MethodPolicy, PathError};
+use crate::classify::{self, MethodPolicy, OwnEndpoint, PathError};
 use crate::config::Settings;
 use crate::outcome::Outcome;
 use crate::reload::Live;
 use crate::request_id::RequestIds;
 use crate::routing::{Route, RoutingTable};
 use crate::tenant::TenantId;
+use crate::token::endpoint::{Issued, RequestView, TokenService, MAX_FORM_BYTES};
+use crate::token::manage;
 use crate::upstream::Upstream;
 
 /// The fhir-edge proxy: mount it with `pingora::proxy::http_proxy_service` (see [`crate::server`]).
 pub struct FhirEdge {
     settings: Arc<Settings>,
     routes: Arc<Live<RoutingTable>>,
+    /// The token endpoint and client registry, when configured.
+    token: Option<Arc<TokenService>>,
     ids: RequestIds,
 }
 
 impl FhirEdge {
-    pub fn new(settings: Arc<Settings>, routes: Arc<Live<RoutingTable>>) -> FhirEdge {
+    pub fn new(
+        settings: Arc<Settings>,
+        routes: Arc<Live<RoutingTable>>,
+        token: Option<Arc<TokenService>>,
+    ) -> FhirEdge {
         FhirEdge {
             settings,
             routes,
+            token,
             ids: RequestIds::new(),
         }
     }
@@ -69,6 +78,11 @@ pub struct RequestCtx {
     batch: Option<Vec<u8>>,
     body_bytes: usize,
     upstream_status: Option<u16>,
+    /// The client a token was issued to, or whose token this request carries.
+    client_id: Option<String>,
+    /// Route template for fhir-edge's own endpoints (`/token`, …), which the FHIR template rules
+    /// would not name.
+    template: Option<&'static str>,
 }
 
 impl FhirEdge {
@@ -138,6 +152,15 @@ impl FhirEdge {
             Outcome::Auth(f)
         })?;
         ctx.tenant = Some(grant.tenant);
+        ctx.client_id = grant
+            .claims
+            .client_id
+            .clone()
+            .or_else(|| grant.claims.sub.clone());
+        if grant.own && !self.own_token_stands(&grant) {
+            ctx.auth_failure = Some(AuthFailure::Revoked);
+            return Err(Outcome::Auth(AuthFailure::Revoked));
+        }
         // One snapshot of the table decides this request; later reloads do not affect it.
         let route = self
             .routes
@@ -173,6 +196,146 @@ impl FhirEdge {
         ctx.target = Some(Target::Tenant(route));
         Ok(())
     }
+}
+
+/// One of fhir-edge's own endpoints, resolved.
+enum Own {
+    Token,
+    Jwks,
+    /// `None`: below the management path but not a management resource.
+    Manage(Option<manage::Resource>),
+}
+
+impl FhirEdge {
+    /// Tokens of fhir-edge's own issuer are checked against the live client registry (no I/O): a
+    /// revoked secret, a removed or disabled client, or a tenant taken from the client ends them.
+    fn own_token_stands(&self, grant: &auth::Grant) -> bool {
+        let (Some(svc), Some(client), Some(secret)) = (
+            &self.token,
+            &grant.claims.client_id,
+            &grant.claims.secret_id,
+        ) else {
+            return false;
+        };
+        svc.clients
+            .load()
+            .token_stands(client, secret, &grant.tenant)
+    }
+
+    /// Serves the token endpoint, the JWKS and client self-service; always answers itself.
+    async fn serve_own(
+        &self,
+        svc: Arc<TokenService>,
+        which: Own,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<bool> {
+        let now = crate::time::now_unix();
+        let source = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let rid = ctx.request_id.clone();
+        let realm = self.settings.realm.as_str();
+        let result = match which {
+            Own::Jwks => {
+                ctx.template = Some("/.well-known/jwks.json");
+                let m = &session.req_header().method;
+                if m == http::Method::GET || m == http::Method::HEAD {
+                    Ok((200, svc.settings.keys.jwks.clone()))
+                } else {
+                    Err(crate::outcome::OAuthError::MethodNotAllowed { allow: "GET, HEAD" })
+                }
+            }
+            Own::Token => {
+                ctx.template = Some("/token");
+                self.token_request(&svc, session, source, now)
+                    .await?
+                    .map(|issued| {
+                        ctx.client_id = Some(issued.client_id);
+                        ctx.tenant = Some(issued.tenant);
+                        (200, issued.body)
+                    })
+            }
+            Own::Manage(None) => {
+                ctx.template = Some("/register/{?}");
+                Err(crate::outcome::OAuthError::NotFound)
+            }
+            Own::Manage(Some(resource)) => {
+                ctx.template = Some(match resource {
+                    manage::Resource::Client(_) => "/register/{client_id}",
+                    manage::Resource::Secrets(_) => "/register/{client_id}/secrets",
+                    manage::Resource::Secret(..) => "/register/{client_id}/secrets/{secret_id}",
+                });
+                let req = session.req_header();
+                let (method, headers) = (req.method.clone(), req.headers.clone());
+                let svc2 = svc.clone();
+                // May rewrite clients.yaml: file I/O off the async workers.
+                let joined = tokio::task::spawn_blocking(move || {
+                    svc2.manage(&method, &resource, &headers, source, now)
+                })
+                .await;
+                match joined {
+                    Ok(r) => r.map(|reply| (reply.status, reply.body)),
+                    Err(_) => Err(crate::outcome::OAuthError::ServerError),
+                }
+            }
+        };
+        match result {
+            Ok((status, body)) => {
+                crate::outcome::respond_json(session, status, body, &rid, &[]).await?
+            }
+            Err(e) => e.respond(session, realm, &rid).await?,
+        }
+        Ok(true)
+    }
+
+    /// Reads and handles a token request.
+    async fn token_request(
+        &self,
+        svc: &TokenService,
+        session: &mut Session,
+        source: Option<std::net::IpAddr>,
+        now: u64,
+    ) -> Result<std::result::Result<Issued, crate::outcome::OAuthError>> {
+        {
+            let req = session.req_header();
+            let (_, query) = classify::split_target(req.raw_path());
+            let view = RequestView {
+                method: &req.method,
+                query,
+                headers: &req.headers,
+                source,
+            };
+            if let Err(e) = svc.precheck(&view) {
+                return Ok(Err(e));
+            }
+        }
+        let Some(body) = read_body(session, MAX_FORM_BYTES).await? else {
+            return Ok(Err(crate::outcome::OAuthError::BodyTooLarge));
+        };
+        let req = session.req_header();
+        let (_, query) = classify::split_target(req.raw_path());
+        let view = RequestView {
+            method: &req.method,
+            query,
+            headers: &req.headers,
+            source,
+        };
+        Ok(svc.token(&view, &body, now))
+    }
+}
+
+/// Reads the whole request body, or `None` when it is longer than `limit`.
+async fn read_body(session: &mut Session, limit: usize) -> Result<Option<Vec<u8>>> {
+    let mut body = Vec::new();
+    while let Some(chunk) = session.read_request_body().await? {
+        if body.len() + chunk.len() > limit {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
 }
 
 /// `base_path` + `remainder` (or `/`), then `?query` byte-exact.
@@ -259,6 +422,8 @@ impl ProxyHttp for FhirEdge {
             batch: None,
             body_bytes: 0,
             upstream_status: None,
+            client_id: None,
+            template: None,
         }
     }
 
@@ -300,6 +465,22 @@ impl ProxyHttp for FhirEdge {
             ctx.upstream_target = target;
             ctx.target = Some(Target::Metadata);
             return Ok(false);
+        }
+        if let Some(svc) = &self.token {
+            let s = &svc.settings;
+            if let Some(e) = classify::own_endpoint(
+                path,
+                &self.settings.public.path,
+                &s.path,
+                &s.management_path,
+            ) {
+                let which = match e {
+                    OwnEndpoint::Token => Own::Token,
+                    OwnEndpoint::Jwks => Own::Jwks,
+                    OwnEndpoint::Manage(rest) => Own::Manage(manage::parse(rest)),
+                };
+                return self.serve_own(svc.clone(), which, session, ctx).await;
+            }
         }
         match self.route(req, path, query, ctx) {
             Ok(()) => Ok(false),
@@ -474,16 +655,21 @@ impl ProxyHttp for FhirEdge {
             Some(Target::Tenant(r)) => (r.tenant.to_string(), r.name.as_str()),
             _ => (ctx.tenant.map(|t| t.to_string()).unwrap_or_default(), ""),
         };
+        let template = match ctx.template {
+            Some(t) => t.to_string(),
+            None => classify::route_template(path, &self.settings.public.path),
+        };
         log::info!(
             target: "fhir_edge::access",
-            "id={} method={} route={} status={} upstream_status={} tenant={} route_name={} auth={} ms={}",
+            "id={} method={} route={} status={} upstream_status={} tenant={} route_name={} client={} auth={} ms={}",
             ctx.request_id,
             req.method,
-            classify::route_template(path, &self.settings.public.path),
+            template,
             status,
             ctx.upstream_status.unwrap_or(0),
             if tenant.is_empty() { "-" } else { &tenant },
             if name.is_empty() { "-" } else { name },
+            ctx.client_id.as_deref().unwrap_or("-"),
             ctx.auth_failure.map_or("-", AuthFailure::as_str),
             ctx.start.elapsed().as_millis(),
         );

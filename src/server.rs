@@ -13,8 +13,10 @@ use pingora_proxy::ProxyServiceBuilder;
 use crate::config::Settings;
 use crate::problems::Problems;
 use crate::proxy::FhirEdge;
-use crate::reload::{Live, Reloader};
+use crate::reload::{Live, Reload, Reloader};
 use crate::routing::RoutingTable;
+use crate::token::clients::ClientRegistry;
+use crate::token::endpoint::TokenService;
 
 /// How the process was asked to start.
 #[derive(Debug, Default, Clone, Copy)]
@@ -30,6 +32,8 @@ pub struct RunOptions {
 pub enum StartError {
     #[error("the routing table does not load:\n{0}")]
     Routes(Problems),
+    #[error("the client registry does not load:\n{0}")]
+    Clients(Problems),
     #[error("JWT self-test failed: {0}")]
     Crypto(String),
     #[error("listener {addr}: {message}")]
@@ -37,7 +41,7 @@ pub enum StartError {
 }
 
 /// Builds the server; `run_forever()` on the result starts it.
-pub fn build(settings: Settings, opts: RunOptions) -> Result<Server, StartError> {
+pub fn build(mut settings: Settings, opts: RunOptions) -> Result<Server, StartError> {
     crate::auth::jwt::self_test().map_err(StartError::Crypto)?;
     let routes = Arc::new(
         Live::<RoutingTable>::load_file(
@@ -46,6 +50,18 @@ pub fn build(settings: Settings, opts: RunOptions) -> Result<Server, StartError>
         )
         .map_err(StartError::Routes)?,
     );
+    let token = match settings.token.take() {
+        None => None,
+        Some(t) => {
+            let clients = Live::<ClientRegistry>::load_file(t.clients_file.clone(), ())
+                .map_err(StartError::Clients)?;
+            Some(Arc::new(TokenService::new(
+                t,
+                Arc::new(clients),
+                routes.clone(),
+            )))
+        }
+    };
     let settings = Arc::new(settings);
 
     let s = &settings.server;
@@ -72,7 +88,7 @@ pub fn build(settings: Settings, opts: RunOptions) -> Result<Server, StartError>
     let limits = &settings.limits;
     let mut server_options = HttpServerOptions::default();
     server_options.keepalive_request_limit = Some(limits.keepalive_requests);
-    let proxy = FhirEdge::new(settings.clone(), routes.clone());
+    let proxy = FhirEdge::new(settings.clone(), routes.clone(), token.clone());
     let mut service = ProxyServiceBuilder::new(&server.configuration, proxy)
         .name("fhir-edge")
         .server_options(server_options)
@@ -89,14 +105,20 @@ pub fn build(settings: Settings, opts: RunOptions) -> Result<Server, StartError>
                 message: format!("{:?}", e.etype()),
             })?;
     }
-    server.add_service(service);
-    server.add_service(background_service(
+    let proxy_handle = server.add_service(service);
+    let mut files: Vec<Arc<dyn Reload>> = vec![routes];
+    if let Some(t) = &token {
+        files.push(t.clients.clone());
+    }
+    let reload_handle = server.add_service(background_service(
         "file reload",
         Reloader {
-            files: vec![routes],
+            files,
             debounce: s.reload_debounce,
             poll: s.reload_poll,
         },
     ));
+    // Listeners open only after the watcher is in place, so no edit after start-up goes unnoticed.
+    proxy_handle.add_dependency(&reload_handle);
     Ok(server)
 }

@@ -6,8 +6,10 @@ mod support;
 
 mod authentication;
 mod check;
+mod clients;
 mod errors;
 mod forwarding;
 mod lifecycle;
 mod metadata;
 mod reload;
+mod token;

@@ -22,6 +22,9 @@ pub struct VerifyKey {
     pub key: DecodingKey,
     pub issuer: String,
     pub audience: String,
+    /// One of fhir-edge's own token-endpoint keys: its tokens are also checked against the client
+    /// registry (revoked secrets, removed or disabled clients).
+    pub own: bool,
 }
 
 /// The claims fhir-edge reads. Unknown claims are ignored; registered claims are checked by
@@ -37,9 +40,14 @@ pub struct Claims {
     pub client_id: Option<String>,
     #[serde(default)]
     pub jti: Option<String>,
+    /// Which client secret authenticated the token request (tokens of fhir-edge's own issuer).
+    #[serde(default)]
+    pub secret_id: Option<String>,
 }
 
 struct Entry {
+    own: bool,
+    has_kid: bool,
     alg: Algorithm,
     key: DecodingKey,
     validation: Validation,
@@ -69,6 +77,8 @@ impl Verifier {
                 by_kid.insert(kid.clone(), entries.len());
             }
             entries.push(Entry {
+                own: k.own,
+                has_kid: k.kid.is_some(),
                 alg: k.alg,
                 key: k.key,
                 validation: v,
@@ -82,8 +92,9 @@ impl Verifier {
         self.entries.len()
     }
 
-    /// Verifies `token` (already bounded in size by the bearer extractor) and returns its claims.
-    pub fn verify(&self, token: &str) -> Result<Claims, AuthFailure> {
+    /// Verifies `token` (already bounded in size by the bearer extractor) and returns its claims and
+    /// whether fhir-edge's own token endpoint issued it.
+    pub fn verify(&self, token: &str) -> Result<(Claims, bool), AuthFailure> {
         // Compact JWS only: exactly three segments. Five are a JWE, four or six are garbage.
         if token.bytes().filter(|&b| b == b'.').count() != 2 {
             return Err(AuthFailure::Malformed401);
@@ -110,7 +121,7 @@ impl Verifier {
                 ErrorKind::MissingRequiredClaim(_) => AuthFailure::MissingClaim,
                 _ => AuthFailure::Malformed401,
             })?;
-        Ok(data.claims)
+        Ok((data.claims, entry.own))
     }
 
     fn select(&self, kid: Option<&str>, alg: Algorithm) -> Result<&Entry, AuthFailure> {
@@ -121,10 +132,15 @@ impl Verifier {
                 .and_then(|&i| self.entries.get(i))
                 .ok_or(AuthFailure::UnknownKey)?,
             None => {
-                let mut candidates = self.entries.iter().filter(|e| e.alg == alg);
-                match (candidates.next(), candidates.next()) {
-                    // Without a kid, only an unambiguous key may be used: trying several would turn one
-                    // request into several signature checks.
+                // Without a kid, only an unambiguous key may be used (trying several would turn one
+                // request into several signature checks): the one kid-less key of this alg, or, when
+                // every key of this alg has a kid, the only key of this alg.
+                let kidless_exist = self.entries.iter().any(|e| e.alg == alg && !e.has_kid);
+                let mut pool = self
+                    .entries
+                    .iter()
+                    .filter(|e| e.alg == alg && !(kidless_exist && e.has_kid));
+                match (pool.next(), pool.next()) {
                     (Some(e), None) => e,
                     _ => return Err(AuthFailure::UnknownKey),
                 }

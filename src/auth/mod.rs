@@ -42,6 +42,9 @@ pub enum AuthFailure {
     NoTenant,
     /// The tenant is not in the routing table.
     UnknownTenant,
+    /// A token of fhir-edge's own issuer whose client was removed or disabled, whose secret was
+    /// revoked, or whose tenant the client may no longer use.
+    Revoked,
 }
 
 /// The response class of a failure (RFC 6750 §3.1).
@@ -64,7 +67,7 @@ impl AuthFailure {
             Missing => FailureClass::NoCredentials,
             Malformed => FailureClass::InvalidRequest,
             TooLarge | Malformed401 | WrongType | UnknownKey | BadSignature | Expired
-            | NotYetValid | WrongIssuer | WrongAudience | MissingClaim => {
+            | NotYetValid | WrongIssuer | WrongAudience | MissingClaim | Revoked => {
                 FailureClass::InvalidToken
             }
             NoTenant | UnknownTenant => FailureClass::InsufficientScope,
@@ -89,6 +92,7 @@ impl AuthFailure {
             MissingClaim => "missing_claim",
             NoTenant => "no_tenant",
             UnknownTenant => "unknown_tenant",
+            Revoked => "revoked",
         }
     }
 }
@@ -98,6 +102,8 @@ impl AuthFailure {
 pub struct Grant {
     pub tenant: TenantId,
     pub claims: Claims,
+    /// Issued by fhir-edge's own token endpoint (then also checked against the client registry).
+    pub own: bool,
 }
 
 /// Authenticates one request from its headers and raw query string.
@@ -112,7 +118,11 @@ pub fn authenticate(
         return Err(AuthFailure::Malformed);
     }
     let token = bearer::extract(headers, max_token_bytes)?;
-    let claims = verifier.verify(token)?;
+    let (claims, own) = verifier.verify(token)?;
     let tenant = scope::tenant_from_scope(claims.scope.as_ref())?;
-    Ok(Grant { tenant, claims })
+    Ok(Grant {
+        tenant,
+        claims,
+        own,
+    })
 }

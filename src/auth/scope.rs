@@ -13,20 +13,26 @@ use crate::tenant::TenantId;
 
 /// The tenant granted by a `scope` claim value.
 pub fn tenant_from_scope(scope: Option<&Value>) -> Result<TenantId, AuthFailure> {
-    let Some(Value::String(scope)) = scope else {
-        return Err(AuthFailure::NoTenant);
-    };
+    match scope {
+        Some(Value::String(scope)) => tenant_in(scope).ok_or(AuthFailure::NoTenant),
+        _ => Err(AuthFailure::NoTenant),
+    }
+}
+
+/// The one tenant a space-delimited scope string names, if it names exactly one, canonically. Shared
+/// by token verification and the token endpoint, so both read a scope the same way.
+pub fn tenant_in(scope: &str) -> Option<TenantId> {
     let mut found = None;
     for element in scope.split(' ') {
         if let Some(t) = TenantId::parse(element) {
             if found.replace(t).is_some() {
-                return Err(AuthFailure::NoTenant);
+                return None;
             }
         } else if TenantId::is_non_canonical_spelling(element) {
-            return Err(AuthFailure::NoTenant);
+            return None;
         }
     }
-    found.ok_or(AuthFailure::NoTenant)
+    found
 }
 
 #[cfg(test)]

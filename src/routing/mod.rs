@@ -12,11 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{HeaderName, HeaderValue};
-use serde::de::{MapAccess, Visitor};
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
 use crate::config::RouteDefaults;
-use crate::problems::{whole_file, Problems, Source};
+use crate::problems::{whole_file, OrderedMap, Problems, Source};
 use crate::reload::{hash_text, Loadable};
 use crate::tenant::TenantId;
 use crate::upstream::{read_ca_file, Upstream, UpstreamUrl};
@@ -144,31 +143,7 @@ impl RoutingTable {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RoutesFile {
-    tenants: OrderedTenants,
-}
-
-/// Tenants in file order, duplicates kept, so validation can report a GUID given twice (also in
-/// two spellings) instead of a map silently keeping the last one.
-struct OrderedTenants(Vec<(String, TenantSpec)>);
-
-impl<'de> Deserialize<'de> for OrderedTenants {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = OrderedTenants;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a map of tenant GUID to route")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
-                let mut v = Vec::new();
-                while let Some((k, s)) = m.next_entry::<String, TenantSpec>()? {
-                    v.push((k, s));
-                }
-                Ok(OrderedTenants(v))
-            }
-        }
-        d.deserialize_map(V)
-    }
+    tenants: OrderedMap<TenantSpec>,
 }
 
 #[derive(Deserialize)]

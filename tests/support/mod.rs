@@ -80,3 +80,111 @@ pub fn client() -> reqwest::blocking::Client {
         .build()
         .unwrap()
 }
+
+/// A registered client: what `fhir-edge clients add` printed.
+#[derive(Clone, Debug)]
+pub struct Client {
+    pub id: String,
+    pub secret: String,
+    pub secret_id: String,
+}
+
+impl Client {
+    pub fn from_cli(v: &serde_json::Value) -> Client {
+        Client {
+            id: v["client_id"].as_str().unwrap().to_string(),
+            secret: v["client_secret"].as_str().unwrap().to_string(),
+            secret_id: v["secret_id"].as_str().unwrap().to_string(),
+        }
+    }
+}
+
+impl Env {
+    /// Registers a client through the CLI (`tenants` empty means `--all-tenants`) and waits until the
+    /// running proxy has loaded it.
+    pub fn add_client(&self, name: &str, tenants: &[&str]) -> Client {
+        let before = self.clients_reloads();
+        let mut args = vec!["add", "--name", name];
+        if tenants.is_empty() {
+            args.push("--all-tenants");
+        }
+        for t in tenants {
+            args.extend(["--tenant", t]);
+        }
+        let c = Client::from_cli(&self.proxy.clients_cli(&args));
+        self.await_clients_reload(before);
+        c
+    }
+
+    /// POSTs a token request with `form` (already-encoded `name=value` pairs joined by `&`) and
+    /// optional HTTP Basic credentials given as the raw `user:pass` string.
+    pub fn token_request(&self, form: &str, basic: Option<&str>) -> reqwest::blocking::Response {
+        use base64::Engine;
+        let mut req = client()
+            .post(self.proxy.url("/token"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form.to_string());
+        if let Some(b) = basic {
+            req = req.header(
+                "authorization",
+                format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(b)
+                ),
+            );
+        }
+        req.send().unwrap()
+    }
+
+    /// A token for `tenant` through client_secret_post; panics unless the endpoint says 200.
+    pub fn token_for(&self, c: &Client, tenant: &str) -> String {
+        let r = self.token_request(
+            &format!(
+                "grant_type=client_credentials&client_id={}&client_secret={}&scope={tenant}",
+                c.id, c.secret
+            ),
+            None,
+        );
+        assert_eq!(
+            r.status(),
+            200,
+            "token request failed: {}",
+            r.text().unwrap_or_default()
+        );
+        let v: serde_json::Value = r.json().unwrap();
+        v["access_token"].as_str().unwrap().to_string()
+    }
+
+    /// Waits until the running proxy has loaded a client-registry change made on disk.
+    pub fn await_clients_reload(&self, generation_before: usize) {
+        assert!(
+            eventually(Duration::from_secs(3), || {
+                self.proxy
+                    .logs()
+                    .matches("client registry reloaded")
+                    .count()
+                    > generation_before
+            }),
+            "the proxy did not reload clients.yaml:\n{}",
+            self.proxy.logs()
+        );
+    }
+
+    pub fn clients_reloads(&self) -> usize {
+        self.proxy
+            .logs()
+            .matches("client registry reloaded")
+            .count()
+    }
+
+    /// GET `path` with a bearer token; returns the status.
+    pub fn fhir_status(&self, path: &str, token: &str) -> u16 {
+        client()
+            .get(self.proxy.url(path))
+            .header("authorization", format!("Bearer {token}"))
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+}

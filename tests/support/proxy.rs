@@ -35,6 +35,18 @@ pub struct ProxyConfig {
     pub tls: bool,
     /// Extra entries for `auth.issuers` (YAML list items indented by four spaces).
     pub extra_issuers: String,
+    /// The `token_endpoint` section's body (keys indented by two spaces); `None`: no token endpoint.
+    /// The clients file is `clients.yaml` in the proxy's directory, initially empty.
+    pub token: Option<String>,
+}
+
+/// A token endpoint with the fixture ES256 signing key, 5-minute tokens, and a failed-auth limit of 5
+/// per client in 3-second windows (so tests can see it trip and recover).
+pub fn default_token_section() -> String {
+    format!(
+        "  signing_key: {}\n  clients_file: clients.yaml\n  lifetime_seconds: 300\n  failed_auth: {{ per_client: 5, per_source: 1000, window_seconds: 3 }}\n",
+        fixture("keys/signing-es256.pem").display()
+    )
 }
 
 impl ProxyConfig {
@@ -48,6 +60,7 @@ impl ProxyConfig {
             log_level: "info".into(),
             tls: false,
             extra_issuers: String::new(),
+            token: None,
         }
     }
 }
@@ -131,7 +144,7 @@ server:
 {server}
 log:
   level: {level}
-"#,
+{token}"#,
             base = cfg.base_path,
             meta = cfg.metadata_upstream,
             keys = keys.display(),
@@ -142,11 +155,19 @@ log:
             },
             server = cfg.server,
             extra_issuers = cfg.extra_issuers,
+            token = cfg
+                .token
+                .as_ref()
+                .map(|t| format!("token_endpoint:\n{t}"))
+                .unwrap_or_default(),
             level = cfg.log_level,
             dir = dir.path().display(),
         );
         fs::write(dir.path().join("fhir-edge.yaml"), yaml).unwrap();
         fs::write(dir.path().join("routes.yaml"), &cfg.routes).unwrap();
+        if cfg.token.is_some() {
+            fs::write(dir.path().join("clients.yaml"), "clients: {}\n").unwrap();
+        }
         let log = fs::File::create(dir.path().join("stderr.log")).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_fhir-edge"))
             .arg("run")
@@ -197,6 +218,29 @@ log:
 
     pub fn logs(&self) -> String {
         fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    pub fn clients_path(&self) -> PathBuf {
+        self.dir.path().join("clients.yaml")
+    }
+
+    /// Runs `fhir-edge clients --file <clients.yaml> --json ARGS…` and returns its parsed JSON output
+    /// (panics when the command fails).
+    pub fn clients_cli(&self, args: &[&str]) -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_fhir-edge"))
+            .arg("clients")
+            .arg("--file")
+            .arg(self.clients_path())
+            .arg("--json")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "fhir-edge clients {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
     }
 
     pub fn pid(&self) -> u32 {
