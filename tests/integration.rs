@@ -5,7 +5,7 @@
 mod support;
 
 mod authentication;
-mod check;
+mod cli;
 mod clients;
 mod errors;
 mod forwarding;

@@ -1,4 +1,5 @@
-//! `fhir-edge check`: every shipped config passes; broken files fail with file:line and key path.
+//! The command line: `check` (every shipped config passes; broken files fail with file:line and key
+//! path) and `keygen`.
 
 use std::path::Path;
 use std::process::Command;
@@ -73,4 +74,44 @@ fn check_reports_every_problem_with_file_line_and_key() {
         out.contains("routes.yaml:5:") && out.contains("colour"),
         "{out}"
     );
+}
+
+#[test]
+fn keygen_writes_a_private_key_file_that_the_token_endpoint_loads() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    for alg in ["ES256", "RS256"] {
+        let out = dir.path().join(format!("{alg}.pem"));
+        let run = || {
+            Command::new(env!("CARGO_BIN_EXE_fhir-edge"))
+                .args(["keygen", "--alg", alg, "--out"])
+                .arg(&out)
+                .output()
+                .unwrap()
+        };
+        let first = run();
+        assert!(
+            first.status.success(),
+            "{}",
+            String::from_utf8_lossy(&first.stderr)
+        );
+        let printed = String::from_utf8_lossy(&first.stdout).into_owned();
+        let meta = std::fs::metadata(&out).unwrap();
+        assert_eq!(
+            meta.permissions().mode() & 0o777,
+            0o600,
+            "{alg} key is not private"
+        );
+        let pem = std::fs::read_to_string(&out).unwrap();
+        assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"), "PKCS#8 PEM");
+        let key = fhir_edge::token::keys::SigningKey::from_pem(&pem).unwrap();
+        assert!(
+            printed.contains(&key.kid),
+            "the printed kid is the key's thumbprint: {printed}"
+        );
+        // Never overwrites.
+        let second = run();
+        assert!(!second.status.success());
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), pem);
+    }
 }
