@@ -12,8 +12,8 @@ use fhir_edge::reload::{Live, Loadable};
 use fhir_edge::routing::RoutingTable;
 use fhir_edge::server::{self, RunOptions};
 use fhir_edge::tenant::TenantId;
-use fhir_edge::time::{format_rfc3339, now_unix, parse_duration};
-use fhir_edge::token::clients::{self, Allowed, ClientRegistry, Issued};
+use fhir_edge::time::{now_unix, parse_duration};
+use fhir_edge::token::clients::{self, ClientRegistry, Issued};
 use fhir_edge::token::keys::{keygen, KeyAlg};
 
 #[derive(Parser)]
@@ -333,30 +333,7 @@ fn list(path: &Path, as_json: bool) -> anyhow::Result<()> {
         Live::<ClientRegistry>::load_file(path.to_path_buf(), ()).map_err(|p| anyhow!("{p}"))?;
     let registry = registry.load();
     let now = now_unix();
-    let mut out = Vec::new();
-    for c in registry.sorted() {
-        let tenants: Vec<String> = match &c.allowed {
-            Allowed::All => vec!["*".into()],
-            Allowed::Only(set) => {
-                let mut v: Vec<String> = set.iter().map(ToString::to_string).collect();
-                v.sort();
-                v
-            }
-        };
-        let secrets: Vec<_> = c
-            .secrets
-            .iter()
-            .map(|s| {
-                json!({
-                    "id": s.id,
-                    "created": format_rfc3339(s.created),
-                    "expires": s.expires.map(format_rfc3339),
-                    "live": s.is_live(now),
-                })
-            })
-            .collect();
-        out.push(json!({"client_id": c.id, "name": c.name, "disabled": c.disabled, "allowed_tenants": tenants, "secrets": secrets}));
-    }
+    let out: Vec<serde_json::Value> = registry.sorted().iter().map(|c| c.describe(now)).collect();
     if as_json {
         println!("{}", serde_json::Value::Array(out));
         return Ok(());

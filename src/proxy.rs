@@ -298,31 +298,21 @@ impl FhirEdge {
         source: Option<std::net::IpAddr>,
         now: u64,
     ) -> Result<std::result::Result<Issued, crate::outcome::OAuthError>> {
-        {
-            let req = session.req_header();
-            let (_, query) = classify::split_target(req.raw_path());
-            let view = RequestView {
+        fn view(req: &RequestHeader, source: Option<std::net::IpAddr>) -> RequestView<'_> {
+            RequestView {
                 method: &req.method,
-                query,
+                query: classify::split_target(req.raw_path()).1,
                 headers: &req.headers,
                 source,
-            };
-            if let Err(e) = svc.precheck(&view) {
-                return Ok(Err(e));
             }
+        }
+        if let Err(e) = svc.precheck(&view(session.req_header(), source)) {
+            return Ok(Err(e));
         }
         let Some(body) = read_body(session, MAX_FORM_BYTES).await? else {
             return Ok(Err(crate::outcome::OAuthError::BodyTooLarge));
         };
-        let req = session.req_header();
-        let (_, query) = classify::split_target(req.raw_path());
-        let view = RequestView {
-            method: &req.method,
-            query,
-            headers: &req.headers,
-            source,
-        };
-        Ok(svc.token(&view, &body, now))
+        Ok(svc.token(&view(session.req_header(), source), &body, now))
     }
 }
 

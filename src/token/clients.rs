@@ -108,6 +108,39 @@ pub struct Client {
     pub secrets: Vec<Secret>,
 }
 
+impl Client {
+    /// The client as JSON for operators and for the client itself: never a secret value.
+    pub fn describe(&self, now: u64) -> serde_json::Value {
+        let tenants: Vec<String> = match &self.allowed {
+            Allowed::All => vec!["*".into()],
+            Allowed::Only(set) => {
+                let mut v: Vec<String> = set.iter().map(ToString::to_string).collect();
+                v.sort();
+                v
+            }
+        };
+        let secrets: Vec<serde_json::Value> = self
+            .secrets
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "id": s.id,
+                    "created": format_rfc3339(s.created),
+                    "expires": s.expires.map(format_rfc3339),
+                    "live": s.is_live(now),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "client_id": self.id,
+            "name": self.name,
+            "disabled": self.disabled,
+            "allowed_tenants": tenants,
+            "secrets": secrets,
+        })
+    }
+}
+
 /// The validated, immutable registry.
 #[derive(Debug, Default)]
 pub struct ClientRegistry {

@@ -18,10 +18,9 @@ use bytes::Bytes;
 use http::{HeaderMap, Method};
 use serde_json::json;
 
-use super::clients::{new_secret, update_file, Allowed};
+use super::clients::{new_secret, update_file};
 use super::endpoint::{basic_candidates, Credentials, TokenService};
 use crate::outcome::OAuthError;
-use crate::time::format_rfc3339;
 
 /// Which management resource a path names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,32 +95,18 @@ impl TokenService {
                 let client = registry
                     .get(id)
                     .ok_or(OAuthError::InvalidClient { basic: true })?;
-                let tenants: Vec<String> = match &client.allowed {
-                    Allowed::All => vec!["*".into()],
-                    Allowed::Only(set) => {
-                        let mut v: Vec<String> = set.iter().map(ToString::to_string).collect();
-                        v.sort();
-                        v
-                    }
-                };
-                let secrets: Vec<_> = client
-                    .secrets
-                    .iter()
-                    .map(|s| json!({"id": s.id, "created": format_rfc3339(s.created), "expires": s.expires.map(format_rfc3339)}))
-                    .collect();
+                let mut config = client.describe(now);
+                // RFC 7591 names for what a client reads about itself.
+                config["client_name"] = config["name"].take();
+                config["grant_types"] = json!(["client_credentials"]);
+                config["token_endpoint_auth_methods"] =
+                    json!(["client_secret_basic", "client_secret_post"]);
+                if let Some(o) = config.as_object_mut() {
+                    o.remove("name");
+                }
                 Reply {
                     status: 200,
-                    body: Bytes::from(
-                        json!({
-                            "client_id": client.id,
-                            "client_name": client.name,
-                            "grant_types": ["client_credentials"],
-                            "token_endpoint_auth_methods": ["client_secret_basic", "client_secret_post"],
-                            "allowed_tenants": tenants,
-                            "secrets": secrets,
-                        })
-                        .to_string(),
-                    ),
+                    body: Bytes::from(config.to_string()),
                 }
             }
             Resource::Secrets(_) => {
