@@ -98,6 +98,7 @@ fn table(n: usize) -> RoutingTable {
         write_timeout: Duration::from_secs(1),
         idle_timeout: Duration::from_secs(1),
         ca_der: None,
+        public_base: "https://edge.bench/fhir".into(),
     };
     RoutingTable::from_text(&PathBuf::from("bench-routes.yaml"), &text, &defaults).unwrap()
 }

@@ -286,6 +286,8 @@ pub struct RouteDefaults {
     pub write_timeout: Duration,
     pub idle_timeout: Duration,
     pub ca_der: Option<Vec<Vec<u8>>>,
+    /// The public base URL upstream links are rewritten to.
+    pub public_base: String,
 }
 
 impl RouteDefaults {
@@ -299,6 +301,8 @@ impl RouteDefaults {
             sni: None,
             ca_der: self.ca_der.clone(),
             group_key,
+            public_base: self.public_base.clone(),
+            link_bases: Vec::new(),
         }
     }
 }
@@ -411,7 +415,10 @@ fn validate(f: FileConfig, path: &Path, src: &mut Source) -> Option<Settings> {
     let routes_file = resolve(dir, &f.routes_file);
 
     let limits = validate_limits(&f.limits, src);
-    let (server, route_defaults) = validate_server(&f.server, dir, src);
+    let (server, mut route_defaults) = validate_server(&f.server, dir, src);
+    if let (Some(d), Some(p)) = (&mut route_defaults, &public) {
+        d.public_base = p.url.clone();
+    }
 
     let metadata_upstream = UpstreamUrl::parse(&f.metadata_upstream)
         .and_then(|url| {
@@ -643,6 +650,7 @@ fn validate_server(
             write_timeout: Duration::from_millis(s.upstream_write_timeout_ms),
             idle_timeout: Duration::from_millis(s.upstream_idle_timeout_ms),
             ca_der,
+            public_base: String::new(),
         }),
     )
 }

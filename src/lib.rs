@@ -43,6 +43,7 @@ pub mod problems;
 pub mod proxy;
 pub mod reload;
 pub mod request_id;
+pub mod rewrite;
 pub mod routing;
 pub mod server;
 pub mod tenant;

@@ -16,7 +16,7 @@ use http::header::{HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
-use pingora::{Error, ErrorSource, ErrorType, Result};
+use pingora::{Error, ErrorSource, ErrorType, OrErr, Result};
 
 use crate::auth::{self, AuthFailure};
 use crate::batch;
@@ -25,6 +25,7 @@ use crate::config::Settings;
 use crate::outcome::Outcome;
 use crate::reload::Live;
 use crate::request_id::RequestIds;
+use crate::rewrite::{BodyRewriter, Decoder};
 use crate::routing::{Route, RoutingTable};
 use crate::tenant::TenantId;
 use crate::token::endpoint::{Issued, RequestView, TokenService, MAX_FORM_BYTES};
@@ -83,6 +84,10 @@ pub struct RequestCtx {
     /// Route template for fhir-edge's own endpoints (`/token`, …), which the FHIR template rules
     /// would not name.
     template: Option<&'static str>,
+    /// Rewrites upstream links in a JSON response body (see [`crate::rewrite`]).
+    rewriter: Option<BodyRewriter>,
+    /// Decodes a compressed upstream body before rewriting.
+    decoder: Option<Decoder>,
 }
 
 impl FhirEdge {
@@ -414,6 +419,8 @@ impl ProxyHttp for FhirEdge {
             upstream_status: None,
             client_id: None,
             template: None,
+            rewriter: None,
+            decoder: None,
         }
     }
 
@@ -521,6 +528,8 @@ impl ProxyHttp for FhirEdge {
         req.insert_header("x-forwarded-proto", public.scheme.as_str())?;
         req.insert_header("x-forwarded-host", public.authority.as_str())?;
         req.insert_header("x-request-id", ctx.request_id.as_str())?;
+        // Bodies must be readable to rewrite upstream links in them.
+        req.insert_header(http::header::ACCEPT_ENCODING, "identity")?;
         if let Target::Tenant(route) = target {
             for (name, value) in &route.upstream_headers {
                 req.insert_header(name.clone(), value.clone())?;
@@ -557,6 +566,91 @@ impl ProxyHttp for FhirEdge {
             }
         }
         Ok(())
+    }
+
+    /// Runs before Pingora frames the downstream response, so dropping Content-Length here makes it
+    /// send the rewritten body chunked.
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some(Target::Tenant(route)) = &ctx.target else {
+            return Ok(());
+        };
+        let rw = &route.upstream.rewrites;
+        if rw.is_empty() {
+            return Ok(());
+        }
+        for name in [http::header::LOCATION, http::header::CONTENT_LOCATION] {
+            let new = resp
+                .headers
+                .get(&name)
+                .and_then(|v| rw.header(v.as_bytes()));
+            if let Some(new) = new {
+                let value = HeaderValue::from_bytes(&new)
+                    .or_err(ErrorType::InvalidHTTPHeader, "rewritten header")?;
+                resp.insert_header(name, value)?;
+            }
+        }
+        let no_body = session.req_header().method == http::Method::HEAD
+            || matches!(resp.status.as_u16(), 204 | 304)
+            || resp.status.is_informational();
+        let json = resp
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| batch::is_json_media_type(v.as_bytes()));
+        if no_body || !json {
+            return Ok(());
+        }
+        let encoding = resp
+            .headers
+            .get(http::header::CONTENT_ENCODING)
+            .map(|v| v.as_bytes().to_vec())
+            .unwrap_or_default();
+        match Decoder::for_encoding(&encoding) {
+            Ok(None) => {}
+            Ok(Some(d)) => {
+                ctx.decoder = Some(d);
+                resp.remove_header(&http::header::CONTENT_ENCODING);
+            }
+            // A compressed body fhir-edge cannot read would pass its upstream links unrewritten.
+            Err(_) => {
+                return Error::e_explain(
+                    ErrorType::HTTPStatus(502),
+                    "undecodable upstream encoding",
+                )
+            }
+        }
+        resp.remove_header(&http::header::CONTENT_LENGTH);
+        ctx.rewriter = Some(rw.body());
+        Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<std::time::Duration>> {
+        if ctx.rewriter.is_none() {
+            return Ok(None);
+        }
+        let chunk = body.take().unwrap_or_default();
+        let decoded = match ctx.decoder.as_mut() {
+            Some(d) => d.feed(&chunk, end_of_stream).or_err(
+                ErrorType::InvalidHTTPHeader,
+                "upstream body does not decode",
+            )?,
+            None => chunk.to_vec(),
+        };
+        if let Some(r) = ctx.rewriter.as_mut() {
+            let out = r.feed(&decoded, end_of_stream);
+            *body = (!out.is_empty()).then(|| Bytes::from(out));
+        }
+        Ok(None)
     }
 
     async fn response_filter(

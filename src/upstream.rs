@@ -13,6 +13,8 @@ use std::time::Duration;
 use http::HeaderValue;
 use pingora::upstreams::peer::{HttpPeer, HttpUpstreamRequestPolicy};
 
+use crate::rewrite::Rewrites;
+
 /// A parsed and checked upstream base URL (not yet resolved).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamUrl {
@@ -114,6 +116,11 @@ pub struct PeerSettings {
     /// Connections are pooled per group: one group per tenant keeps tenants that share an upstream
     /// address from ever sharing a connection.
     pub group_key: u64,
+    /// What upstream links are rewritten to.
+    pub public_base: String,
+    /// Base URLs the upstream uses in its links besides its own URL (a server that advertises an
+    /// external name, say).
+    pub link_bases: Vec<String>,
 }
 
 /// A resolved upstream, ready for the request path.
@@ -124,8 +131,10 @@ pub struct Upstream {
     pub host: HeaderValue,
     /// Base path without a trailing slash.
     pub base_path: String,
-    /// Normalised base URL, for logs and (later) link rewriting.
+    /// Normalised base URL, for logs.
     pub base_url: String,
+    /// Upstream base URLs → the public base, for response headers and JSON bodies.
+    pub rewrites: Rewrites,
 }
 
 impl Upstream {
@@ -168,11 +177,14 @@ impl Upstream {
         }
         let host = HeaderValue::from_str(&url.authority)
             .map_err(|_| "host is not a valid Host header value".to_string())?;
+        let mut bases = vec![url.base_url()];
+        bases.extend(s.link_bases.iter().cloned());
         Ok(Upstream {
             peer,
             host,
             base_path: url.base_path.clone(),
             base_url: url.base_url(),
+            rewrites: Rewrites::new(&bases, &s.public_base),
         })
     }
 }

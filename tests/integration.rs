@@ -12,4 +12,5 @@ mod forwarding;
 mod lifecycle;
 mod metadata;
 mod reload;
+mod rewriting;
 mod token;

@@ -165,6 +165,9 @@ struct TenantSpec {
     upstream_headers: BTreeMap<String, String>,
     #[serde(default)]
     allow_writes: bool,
+    /// Other base URLs this upstream puts in its links (rewritten to the public base too).
+    #[serde(default)]
+    link_bases: Vec<String>,
 }
 
 fn yes() -> bool {
@@ -229,6 +232,10 @@ fn build_route(
     if let Some(ms) = spec.read_timeout_ms {
         settings.read_timeout =
             timeout(ms).map_err(|m| err("read_timeout_ms", "read_timeout_ms", m))?;
+    }
+    for b in &spec.link_bases {
+        let parsed = UpstreamUrl::parse(b).map_err(|m| err("link_bases", b, m))?;
+        settings.link_bases.push(parsed.base_url());
     }
     if let Some(ca) = &spec.ca_file {
         let p = dir.join(ca);
@@ -339,6 +346,7 @@ mod tests {
             write_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(1),
             ca_der: None,
+            public_base: "https://edge.example/fhir".into(),
         }
     }
 

@@ -100,8 +100,33 @@ fn parse_head(buf: &[u8]) -> Option<(RawResponse, usize)> {
     }
 }
 
+/// Decodes a complete chunked body, or `None` while it is incomplete.
+fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = data.windows(2).position(|w| w == b"\r\n")?;
+        let size_str = std::str::from_utf8(&data[..line_end]).ok()?;
+        let size = usize::from_str_radix(size_str.split(';').next()?.trim(), 16).ok()?;
+        data = &data[line_end + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        if data.len() < size + 2 {
+            return None;
+        }
+        out.extend_from_slice(&data[..size]);
+        data = &data[size + 2..];
+    }
+}
+
 fn parse_complete(buf: &[u8]) -> Option<RawResponse> {
     let (mut r, head_len) = parse_head(buf)?;
+    if r.header("transfer-encoding")
+        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+    {
+        r.body = dechunk(&buf[head_len..])?;
+        return Some(r);
+    }
     let len: usize = r.header("content-length")?.trim().parse().ok()?;
     if buf.len() >= head_len + len {
         r.body = buf[head_len..head_len + len].to_vec();

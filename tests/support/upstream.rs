@@ -34,7 +34,12 @@ impl Recorded {
 #[derive(Clone)]
 struct Behaviour {
     delay: Duration,
+    /// A fixed response (extra headers, body) instead of the default Bundle; `{base}` in either is
+    /// replaced by this upstream's own base URL as the request reached it.
+    custom: Option<CustomResponse>,
 }
+
+type CustomResponse = (Vec<(String, String)>, Vec<u8>);
 
 pub struct StubUpstream {
     pub addr: SocketAddr,
@@ -50,6 +55,7 @@ impl StubUpstream {
         let recorded = Arc::new(Mutex::new(Vec::new()));
         let behaviour = Arc::new(Mutex::new(Behaviour {
             delay: Duration::ZERO,
+            custom: None,
         }));
         let (rec, beh, nm) = (recorded.clone(), behaviour.clone(), name.to_string());
         std::thread::spawn(move || {
@@ -74,6 +80,17 @@ impl StubUpstream {
     /// Delays every response by `d` (for timeouts and draining).
     pub fn set_delay(&self, d: Duration) {
         self.behaviour.lock().unwrap().delay = d;
+    }
+
+    /// Answers every request with `headers` (which must include Content-Type) and `body`.
+    pub fn set_response(&self, headers: &[(&str, &str)], body: impl Into<Vec<u8>>) {
+        self.behaviour.lock().unwrap().custom = Some((
+            headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect(),
+            body.into(),
+        ));
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
@@ -107,9 +124,27 @@ fn serve(stream: TcpStream, name: &str, rec: &Mutex<Vec<Recorded>>, beh: &Mutex<
         if !complete {
             return;
         }
-        let delay = beh.lock().unwrap().delay;
+        let Behaviour { delay, custom } = beh.lock().unwrap().clone();
         if !delay.is_zero() {
             std::thread::sleep(delay);
+        }
+        if let Some((headers, body)) = custom {
+            let mut out = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Upstream: {name}\r\n",
+                body.len()
+            );
+            for (n, v) in headers {
+                out.push_str(&format!("{n}: {v}\r\n"));
+            }
+            out.push_str("\r\n");
+            let mut out = out.into_bytes();
+            if r.method != "HEAD" {
+                out.extend_from_slice(&body);
+            }
+            if writer.write_all(&out).is_err() {
+                return;
+            }
+            continue;
         }
         let body = format!(
             r#"{{"resourceType":"Bundle","type":"searchset","total":0,"meta":{{"tag":[{{"code":"{name}"}}]}},"upstream":"{name}","method":"{}"}}"#,
