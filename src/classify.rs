@@ -37,11 +37,17 @@ pub enum OwnEndpoint<'a> {
     Token,
     /// `{base}/.well-known/jwks.json`, byte-exact.
     Jwks,
+    /// `{base}/.well-known/smart-configuration`, byte-exact.
+    SmartConfiguration,
+    /// `{base}/authorize`, byte-exact.
+    Authorize,
     /// `{base}{management path}` and below; the rest of the path (parsed by the endpoint).
     Manage(&'a [u8]),
 }
 
 pub const JWKS_PATH: &str = "/.well-known/jwks.json";
+pub const SMART_CONFIGURATION_PATH: &str = "/.well-known/smart-configuration";
+pub const AUTHORIZE_PATH: &str = "/authorize";
 
 /// Which of fhir-edge's own endpoints `path` names, if any. Exact byte comparisons, like the metadata
 /// rule: these endpoints do not take a bearer token, so no normalisation may widen them.
@@ -57,6 +63,12 @@ pub fn own_endpoint<'a>(
     }
     if rest == JWKS_PATH.as_bytes() {
         return Some(OwnEndpoint::Jwks);
+    }
+    if rest == SMART_CONFIGURATION_PATH.as_bytes() {
+        return Some(OwnEndpoint::SmartConfiguration);
+    }
+    if rest == AUTHORIZE_PATH.as_bytes() {
+        return Some(OwnEndpoint::Authorize);
     }
     let below = rest.strip_prefix(management_path.as_bytes())?;
     (below.is_empty() || below.starts_with(b"/")).then_some(OwnEndpoint::Manage(below))

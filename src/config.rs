@@ -14,6 +14,7 @@ use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::Deserialize;
 
 use crate::auth::{Verifier, VerifyKey};
+use crate::discovery;
 use crate::problems::{whole_file, Problems, Source};
 use crate::token::keys::{SigningKey, SigningKeys};
 use crate::token::{limiter, TokenSettings};
@@ -31,7 +32,12 @@ struct FileConfig {
     tls_listeners: Vec<FileTlsListener>,
     public_base_url: String,
     routes_file: String,
-    metadata_upstream: String,
+    #[serde(default)]
+    metadata_upstream: Option<String>,
+    #[serde(default)]
+    metadata_file: Option<String>,
+    #[serde(default = "default_metadata_ttl")]
+    metadata_ttl_seconds: u64,
     auth: FileAuth,
     #[serde(default)]
     limits: FileLimits,
@@ -50,6 +56,8 @@ struct FileToken {
     path: String,
     #[serde(default)]
     url: Option<String>,
+    #[serde(default)]
+    authorize_url: Option<String>,
     #[serde(default = "default_management_path")]
     management_path: String,
     #[serde(default)]
@@ -119,6 +127,9 @@ struct FileAuth {
     issuers: Vec<FileIssuer>,
 }
 
+fn default_metadata_ttl() -> u64 {
+    300
+}
 fn default_leeway() -> u64 {
     30
 }
@@ -314,7 +325,9 @@ pub struct Settings {
     pub tls_listeners: Vec<TlsListener>,
     pub public: PublicBase,
     pub routes_file: PathBuf,
-    pub metadata_upstream: Upstream,
+    /// Where `/metadata` comes from (taken by the server when it starts).
+    pub metadata: Option<discovery::Source>,
+    pub metadata_ttl: Duration,
     pub verifier: Verifier,
     pub realm: String,
     pub max_token_bytes: usize,
@@ -420,18 +433,51 @@ fn validate(f: FileConfig, path: &Path, src: &mut Source) -> Option<Settings> {
         d.public_base = p.url.clone();
     }
 
-    let metadata_upstream = UpstreamUrl::parse(&f.metadata_upstream)
-        .and_then(|url| {
-            let addr = url.resolve()?;
-            match &route_defaults {
-                Some(d) => Upstream::build(&url, addr, &d.peer_settings(0)).map(Some),
-                None => Ok(None),
-            }
-        })
-        .unwrap_or_else(|m| {
-            src.at(&f.metadata_upstream, "metadata_upstream", m);
+    let metadata = match (&f.metadata_upstream, &f.metadata_file) {
+        (Some(u), None) => UpstreamUrl::parse(u)
+            .and_then(|url| {
+                let addr = url.resolve()?;
+                match &route_defaults {
+                    Some(d) => Upstream::build(&url, addr, &d.peer_settings(0))
+                        .map(|u| Some(discovery::Source::Upstream(Box::new(u)))),
+                    None => Ok(None),
+                }
+            })
+            .unwrap_or_else(|m| {
+                src.at(u, "metadata_upstream", m);
+                None
+            }),
+        (None, Some(file)) => std::fs::read_to_string(resolve(dir, file))
+            .map_err(|e| format!("cannot read: {e}"))
+            .and_then(|t| {
+                serde_json::from_str::<serde_json::Value>(&t).map_err(|e| format!("not JSON: {e}"))
+            })
+            .and_then(|v| {
+                // Check now what the proxy would otherwise only find out when serving it.
+                discovery::transform(v.clone(), "", None)
+                    .map(|_| Some(discovery::Source::File(v)))
+                    .map_err(|p| format!("not a usable CapabilityStatement: {}", p.join("; ")))
+            })
+            .unwrap_or_else(|m| {
+                src.at(file, "metadata_file", m);
+                None
+            }),
+        _ => {
+            src.at(
+                "metadata",
+                "metadata_upstream",
+                "give exactly one of metadata_upstream and metadata_file",
+            );
             None
-        });
+        }
+    };
+    if !(1..=86_400).contains(&f.metadata_ttl_seconds) {
+        src.at(
+            "metadata_ttl_seconds",
+            "metadata_ttl_seconds",
+            "must be between 1 and 86400",
+        );
+    }
 
     let mut keys = load_issuers(&f.auth, dir, src);
     let token = match (&f.token_endpoint, &public) {
@@ -496,7 +542,8 @@ fn validate(f: FileConfig, path: &Path, src: &mut Source) -> Option<Settings> {
         tls_listeners,
         public: public?,
         routes_file,
-        metadata_upstream: metadata_upstream?,
+        metadata: Some(metadata?),
+        metadata_ttl: Duration::from_secs(f.metadata_ttl_seconds),
         verifier: Verifier::new(keys, f.auth.leeway_seconds),
         realm: f.auth.realm,
         max_token_bytes: f.auth.max_token_bytes,
@@ -778,6 +825,15 @@ fn validate_token(
             "must not overlap token_endpoint.path",
         );
     }
+    let authorize_url = match &t.authorize_url {
+        Some(u) => {
+            if let Err(m) = UpstreamUrl::parse(u) {
+                src.at(u, "token_endpoint.authorize_url", m);
+            }
+            u.clone()
+        }
+        None => format!("{}/authorize", public.url),
+    };
     let url = match &t.url {
         Some(u) => match UpstreamUrl::parse(u) {
             Ok(_) => u.trim_end_matches('/').to_string(),
@@ -828,6 +884,7 @@ fn validate_token(
     Some(TokenSettings {
         path: t.path.clone(),
         url,
+        authorize_url,
         management_path: t.management_path.clone(),
         issuer,
         audience,

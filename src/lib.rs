@@ -36,6 +36,7 @@ pub mod auth;
 pub mod batch;
 pub mod classify;
 pub mod config;
+pub mod discovery;
 pub mod logging;
 pub mod outcome;
 pub mod pct;

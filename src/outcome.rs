@@ -23,6 +23,8 @@ pub enum Outcome {
     MethodNotAllowed,
     /// `POST {base}` whose body is not a JSON Bundle we can check.
     UnsupportedMediaType,
+    /// `/metadata` asked for in a format other than JSON.
+    NotAcceptable,
     UriTooLong,
     HeadersTooLarge,
     BodyTooLarge,
@@ -59,6 +61,7 @@ impl Outcome {
             Outcome::BadRequest => 400,
             Outcome::MethodNotAllowed => 405,
             Outcome::UnsupportedMediaType => 415,
+            Outcome::NotAcceptable => 406,
             Outcome::UriTooLong => 414,
             Outcome::HeadersTooLarge => 431,
             Outcome::BodyTooLarge => 413,
@@ -96,6 +99,10 @@ impl Outcome {
             Outcome::UnsupportedMediaType => operation_outcome!(
                 "not-supported",
                 "A batch must be a FHIR JSON Bundle."
+            ),
+            Outcome::NotAcceptable => operation_outcome!(
+                "not-supported",
+                "The CapabilityStatement is available as JSON (application/fhir+json) only."
             ),
             Outcome::UriTooLong => operation_outcome!("too-long", "The request URI is too long."),
             Outcome::HeadersTooLarge => {
@@ -192,6 +199,8 @@ pub enum OAuthError {
         basic: bool,
     },
     UnsupportedGrantType,
+    /// The authorization endpoint: client credentials never uses it.
+    UnsupportedResponseType,
     InvalidScope,
     /// 429 with `Retry-After`.
     TooManyRequests {
@@ -213,6 +222,7 @@ impl OAuthError {
         match self {
             OAuthError::InvalidRequest(_)
             | OAuthError::UnsupportedGrantType
+            | OAuthError::UnsupportedResponseType
             | OAuthError::InvalidScope => 400,
             OAuthError::InvalidClient { .. } => 401,
             OAuthError::NotFound => 404,
@@ -235,6 +245,7 @@ impl OAuthError {
             | OAuthError::TooManyRequests { .. } => "invalid_request",
             OAuthError::InvalidClient { .. } => "invalid_client",
             OAuthError::UnsupportedGrantType => "unsupported_grant_type",
+            OAuthError::UnsupportedResponseType => "unsupported_response_type",
             OAuthError::InvalidScope => "invalid_scope",
             OAuthError::NotFound => "not_found",
             OAuthError::ServerError => "server_error",
@@ -246,6 +257,9 @@ impl OAuthError {
             OAuthError::InvalidRequest(d) | OAuthError::Conflict(d) => d,
             OAuthError::InvalidClient { .. } => "Client authentication failed.",
             OAuthError::UnsupportedGrantType => "Only the client_credentials grant is supported.",
+            OAuthError::UnsupportedResponseType => {
+                "This server issues tokens only by the client_credentials grant at its token endpoint."
+            }
             OAuthError::InvalidScope => {
                 "The scope must name exactly one tenant GUID that this client may use and that is served here."
             }
@@ -337,6 +351,7 @@ mod tests {
             Outcome::BadRequest,
             Outcome::MethodNotAllowed,
             Outcome::UnsupportedMediaType,
+            Outcome::NotAcceptable,
             Outcome::UriTooLong,
             Outcome::HeadersTooLarge,
             Outcome::BodyTooLarge,

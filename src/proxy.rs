@@ -22,6 +22,7 @@ use crate::auth::{self, AuthFailure};
 use crate::batch;
 use crate::classify::{self, MethodPolicy, OwnEndpoint, PathError};
 use crate::config::Settings;
+use crate::discovery::{self, Discovery};
 use crate::outcome::Outcome;
 use crate::reload::Live;
 use crate::request_id::RequestIds;
@@ -30,7 +31,6 @@ use crate::routing::{Route, RoutingTable};
 use crate::tenant::TenantId;
 use crate::token::endpoint::{Issued, RequestView, TokenService, MAX_FORM_BYTES};
 use crate::token::manage;
-use crate::upstream::Upstream;
 
 /// The fhir-edge proxy: mount it with `pingora::proxy::http_proxy_service` (see [`crate::server`]).
 pub struct FhirEdge {
@@ -38,6 +38,7 @@ pub struct FhirEdge {
     routes: Arc<Live<RoutingTable>>,
     /// The token endpoint and client registry, when configured.
     token: Option<Arc<TokenService>>,
+    discovery: Arc<Discovery>,
     ids: RequestIds,
 }
 
@@ -46,29 +47,24 @@ impl FhirEdge {
         settings: Arc<Settings>,
         routes: Arc<Live<RoutingTable>>,
         token: Option<Arc<TokenService>>,
+        discovery: Arc<Discovery>,
     ) -> FhirEdge {
         FhirEdge {
             settings,
             routes,
             token,
+            discovery,
             ids: RequestIds::new(),
         }
     }
-}
-
-/// Where a request goes, decided once in `request_filter`.
-pub enum Target {
-    /// `GET|HEAD {base}/metadata`: the configured metadata upstream, without credentials.
-    Metadata,
-    /// A tenant's FHIR server, from the routing-table snapshot taken for this request.
-    Tenant(Arc<Route>),
 }
 
 /// Per-request state.
 pub struct RequestCtx {
     start: Instant,
     request_id: String,
-    target: Option<Target>,
+    /// The tenant's route, from the routing-table snapshot taken for this request.
+    route: Option<Arc<Route>>,
     /// The request target sent upstream: base path + path below the public base + raw query.
     upstream_target: Vec<u8>,
     tenant: Option<TenantId>,
@@ -91,13 +87,6 @@ pub struct RequestCtx {
 }
 
 impl FhirEdge {
-    fn upstream<'a>(&'a self, target: &'a Target) -> &'a Upstream {
-        match target {
-            Target::Metadata => &self.settings.metadata_upstream,
-            Target::Tenant(route) => &route.upstream,
-        }
-    }
-
     async fn reject(
         &self,
         session: &mut Session,
@@ -198,7 +187,7 @@ impl FhirEdge {
             }
         }
         ctx.upstream_target = join_target(&route.upstream.base_path, remainder, query);
-        ctx.target = Some(Target::Tenant(route));
+        ctx.route = Some(route);
         Ok(())
     }
 }
@@ -207,11 +196,55 @@ impl FhirEdge {
 enum Own {
     Token,
     Jwks,
+    SmartConfiguration,
+    Authorize,
     /// `None`: below the management path but not a management resource.
     Manage(Option<manage::Resource>),
 }
 
 impl FhirEdge {
+    /// `GET|HEAD {base}/metadata`: the CapabilityStatement from [`Discovery`], without a token.
+    async fn serve_metadata(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        ctx.template = Some("/metadata");
+        let req = session.req_header();
+        let (_, query) = classify::split_target(req.raw_path());
+        let format = query.and_then(|q| {
+            q.split(|&b| b == b'&').find_map(|pair| {
+                let mut it = pair.splitn(2, |&b| b == b'=');
+                let name = crate::pct::decode(it.next().unwrap_or_default(), true);
+                (name == b"_format").then(|| {
+                    String::from_utf8_lossy(&crate::pct::decode(
+                        it.next().unwrap_or_default(),
+                        true,
+                    ))
+                    .into_owned()
+                })
+            })
+        });
+        let accept = req
+            .headers
+            .get(http::header::ACCEPT)
+            .and_then(|v| v.to_str().ok());
+        let Some(content_type) = discovery::negotiate(format.as_deref(), accept) else {
+            return self.reject(session, ctx, Outcome::NotAcceptable).await;
+        };
+        let Ok(body) = self.discovery.metadata().await else {
+            return self
+                .reject(session, ctx, Outcome::UpstreamUnavailable)
+                .await;
+        };
+        let mut h = ResponseHeader::build(200, Some(4))?;
+        h.insert_header("content-type", content_type)?;
+        h.insert_header("content-length", body.len().to_string())?;
+        h.insert_header("x-request-id", ctx.request_id.as_str())?;
+        let head = session.req_header().method == http::Method::HEAD;
+        session.write_response_header(Box::new(h), head).await?;
+        if !head {
+            session.write_response_body(Some(body), true).await?;
+        }
+        Ok(true)
+    }
+
     /// Tokens of fhir-edge's own issuer are checked against the live client registry (no I/O): a
     /// revoked secret, a removed or disabled client, or a tenant taken from the client ends them.
     fn own_token_stands(&self, grant: &auth::Grant) -> bool {
@@ -242,7 +275,24 @@ impl FhirEdge {
             .map(|a| a.ip());
         let rid = ctx.request_id.clone();
         let realm = self.settings.realm.as_str();
+        let get_or_head = |m: &http::Method| m == http::Method::GET || m == http::Method::HEAD;
         let result = match which {
+            Own::SmartConfiguration => {
+                ctx.template = Some("/.well-known/smart-configuration");
+                match self.discovery.smart_configuration() {
+                    Some(doc) if get_or_head(&session.req_header().method) => Ok((200, doc)),
+                    Some(_) => {
+                        Err(crate::outcome::OAuthError::MethodNotAllowed { allow: "GET, HEAD" })
+                    }
+                    None => Err(crate::outcome::OAuthError::NotFound),
+                }
+            }
+            Own::Authorize => {
+                // Client credentials never uses the authorization endpoint; answer directly, never by
+                // redirecting to an unvalidated redirect_uri.
+                ctx.template = Some("/authorize");
+                Err(crate::outcome::OAuthError::UnsupportedResponseType)
+            }
             Own::Jwks => {
                 ctx.template = Some("/.well-known/jwks.json");
                 let m = &session.req_header().method;
@@ -409,7 +459,7 @@ impl ProxyHttp for FhirEdge {
         RequestCtx {
             start: Instant::now(),
             request_id: String::new(),
-            target: None,
+            route: None,
             upstream_target: Vec::new(),
             tenant: None,
             auth_failure: None,
@@ -448,20 +498,7 @@ impl ProxyHttp for FhirEdge {
         let req = session.req_header();
         let (path, query) = classify::split_target(req.raw_path());
         if classify::is_public_metadata(&req.method, path, &self.settings.public.path) {
-            let mut target = self
-                .settings
-                .metadata_upstream
-                .base_path
-                .as_bytes()
-                .to_vec();
-            target.extend_from_slice(b"/metadata");
-            if let Some(q) = query {
-                target.push(b'?');
-                target.extend_from_slice(q);
-            }
-            ctx.upstream_target = target;
-            ctx.target = Some(Target::Metadata);
-            return Ok(false);
+            return self.serve_metadata(session, ctx).await;
         }
         if let Some(svc) = &self.token {
             let s = &svc.settings;
@@ -474,6 +511,8 @@ impl ProxyHttp for FhirEdge {
                 let which = match e {
                     OwnEndpoint::Token => Own::Token,
                     OwnEndpoint::Jwks => Own::Jwks,
+                    OwnEndpoint::SmartConfiguration => Own::SmartConfiguration,
+                    OwnEndpoint::Authorize => Own::Authorize,
                     OwnEndpoint::Manage(rest) => Own::Manage(manage::parse(rest)),
                 };
                 return self.serve_own(svc.clone(), which, session, ctx).await;
@@ -490,8 +529,8 @@ impl ProxyHttp for FhirEdge {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        match &ctx.target {
-            Some(t) => Ok(Box::new(self.upstream(t).peer.clone())),
+        match &ctx.route {
+            Some(r) => Ok(Box::new(r.upstream.peer.clone())),
             None => Error::e_explain(ErrorType::InternalError, "no upstream decided"),
         }
     }
@@ -502,10 +541,10 @@ impl ProxyHttp for FhirEdge {
         req: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let Some(target) = &ctx.target else {
+        let Some(route) = &ctx.route else {
             return Error::e_explain(ErrorType::InternalError, "no upstream decided");
         };
-        let upstream = self.upstream(target);
+        let upstream = &route.upstream;
         req.set_raw_path(&ctx.upstream_target)?;
         let strip: Vec<HeaderName> = req
             .headers
@@ -530,10 +569,8 @@ impl ProxyHttp for FhirEdge {
         req.insert_header("x-request-id", ctx.request_id.as_str())?;
         // Bodies must be readable to rewrite upstream links in them.
         req.insert_header(http::header::ACCEPT_ENCODING, "identity")?;
-        if let Target::Tenant(route) = target {
-            for (name, value) in &route.upstream_headers {
-                req.insert_header(name.clone(), value.clone())?;
-            }
+        for (name, value) in &route.upstream_headers {
+            req.insert_header(name.clone(), value.clone())?;
         }
         Ok(())
     }
@@ -576,7 +613,7 @@ impl ProxyHttp for FhirEdge {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let Some(Target::Tenant(route)) = &ctx.target else {
+        let Some(route) = &ctx.route else {
             return Ok(());
         };
         let rw = &route.upstream.rewrites;
@@ -686,9 +723,8 @@ impl ProxyHttp for FhirEdge {
                 }
             }
         }
-        let (tenant, name) = match &ctx.target {
-            Some(Target::Tenant(r)) => (r.tenant.to_string(), r.name.as_str()),
-            Some(Target::Metadata) => ("-".to_string(), "metadata"),
+        let (tenant, name) = match &ctx.route {
+            Some(r) => (r.tenant.to_string(), r.name.as_str()),
             None => ("-".to_string(), "-"),
         };
         // Only the error's type and source: its context strings can quote raw message bytes.
@@ -735,8 +771,8 @@ impl ProxyHttp for FhirEdge {
         let status = session.response_written().map_or(0, |h| h.status.as_u16());
         let req = session.req_header();
         let (path, _) = classify::split_target(req.raw_path());
-        let (tenant, name) = match &ctx.target {
-            Some(Target::Tenant(r)) => (r.tenant.to_string(), r.name.as_str()),
+        let (tenant, name) = match &ctx.route {
+            Some(r) => (r.tenant.to_string(), r.name.as_str()),
             _ => (ctx.tenant.map(|t| t.to_string()).unwrap_or_default(), ""),
         };
         let template = match ctx.template {

@@ -11,6 +11,7 @@ use pingora::services::background::background_service;
 use pingora_proxy::ProxyServiceBuilder;
 
 use crate::config::Settings;
+use crate::discovery::{Discovery, SecurityUris};
 use crate::problems::Problems;
 use crate::proxy::FhirEdge;
 use crate::reload::{Live, Reload, Reloader};
@@ -34,6 +35,8 @@ pub enum StartError {
     Routes(Problems),
     #[error("the client registry does not load:\n{0}")]
     Clients(Problems),
+    #[error("no metadata source (metadata_upstream or metadata_file) was configured")]
+    NoMetadata,
     #[error("JWT self-test failed: {0}")]
     Crypto(String),
     #[error("listener {addr}: {message}")]
@@ -62,6 +65,24 @@ pub fn build(mut settings: Settings, opts: RunOptions) -> Result<Server, StartEr
             )))
         }
     };
+    let security = token.as_ref().map(|t| {
+        let s = &t.settings;
+        let base = &settings.public.url;
+        SecurityUris {
+            token: s.url.clone(),
+            authorize: s.authorize_url.clone(),
+            register: format!("{base}{}", s.management_path),
+            jwks: format!("{base}{}", crate::classify::JWKS_PATH),
+            issuer: s.issuer.clone(),
+        }
+    });
+    let source = settings.metadata.take().ok_or(StartError::NoMetadata)?;
+    let discovery = Arc::new(Discovery::new(
+        source,
+        settings.metadata_ttl,
+        settings.public.url.clone(),
+        security,
+    ));
     let settings = Arc::new(settings);
 
     let s = &settings.server;
@@ -88,7 +109,7 @@ pub fn build(mut settings: Settings, opts: RunOptions) -> Result<Server, StartEr
     let limits = &settings.limits;
     let mut server_options = HttpServerOptions::default();
     server_options.keepalive_request_limit = Some(limits.keepalive_requests);
-    let proxy = FhirEdge::new(settings.clone(), routes.clone(), token.clone());
+    let proxy = FhirEdge::new(settings.clone(), routes.clone(), token.clone(), discovery);
     let mut service = ProxyServiceBuilder::new(&server.configuration, proxy)
         .name("fhir-edge")
         .server_options(server_options)

@@ -7,6 +7,7 @@ mod support;
 mod authentication;
 mod cli;
 mod clients;
+mod discovery;
 mod errors;
 mod forwarding;
 mod lifecycle;

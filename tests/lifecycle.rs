@@ -94,6 +94,10 @@ fn a_tls_listener_serves_the_same_proxy() {
 fn idle_keep_alive_connections_are_closed_after_the_configured_timeout() {
     use std::io::{Read, Write};
     let a = StubUpstream::start("tenant-a");
+    a.set_response(
+        &[("Content-Type", "application/fhir+json")],
+        crate::support::capability_statement(&a.url("")),
+    );
     let routes = routes_yaml(&[(TENANT_A, "tenant-a", &a.url(""), "")]);
     let mut cfg = ProxyConfig::new(a.url(""), routes);
     cfg.limits = "  keepalive_timeout_seconds: 1".into();

@@ -3,17 +3,23 @@
 use crate::support::{client, raw, tokens, Env, TENANT_A};
 
 #[test]
-fn metadata_is_forwarded_without_a_token_with_its_query_byte_exact() {
+fn metadata_is_served_without_a_token_from_the_metadata_upstream() {
     let env = Env::start();
     let r = client()
         .get(env.proxy.url("/metadata?_format=json&_summary=true"))
         .send()
         .unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(r.headers()["x-upstream"], "meta");
+    assert_eq!(r.headers()["content-type"], "application/fhir+json");
+    let st: serde_json::Value = r.json().unwrap();
+    assert_eq!(st["resourceType"], "CapabilityStatement");
+    assert_eq!(st["implementation"]["url"], env.proxy.url("").as_str());
+    // The statement is fetched canonically; the client's query is not forwarded.
     let got = env.meta.last();
-    assert_eq!(got.method, "GET");
-    assert_eq!(got.target, "/fhir/metadata?_format=json&_summary=true");
+    assert_eq!(
+        (got.method.as_str(), got.target.as_str()),
+        ("GET", "/fhir/metadata")
+    );
     assert_eq!(env.a.count() + env.b.count(), 0);
 }
 
@@ -50,6 +56,7 @@ fn a_fragment_is_dropped_and_never_forwarded() {
     );
     assert_eq!(r.status, 200);
     assert_eq!(env.meta.last().target, "/fhir/metadata");
+    assert!(env.meta.requests().iter().all(|r| !r.target.contains('#')));
 }
 
 #[test]
@@ -57,7 +64,15 @@ fn head_metadata_passes_too() {
     let env = Env::start();
     let r = client().head(env.proxy.url("/metadata")).send().unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(env.meta.last().method, "HEAD");
+    assert_eq!(r.headers()["content-type"], "application/fhir+json");
+    assert!(
+        r.headers()["content-length"]
+            .to_str()
+            .unwrap()
+            .parse::<usize>()
+            .unwrap()
+            > 100
+    );
 }
 
 #[test]

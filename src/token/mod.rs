@@ -23,6 +23,9 @@ pub struct TokenSettings {
     pub path: String,
     /// Absolute URL advertised to clients.
     pub url: String,
+    /// The `authorize` URI advertised in discovery (client credentials never uses it; by default an
+    /// endpoint of fhir-edge that answers `unsupported_response_type`).
+    pub authorize_url: String,
     /// Path of the self-service registration management endpoint below the public base (`/register`).
     pub management_path: String,
     pub issuer: String,

@@ -54,6 +54,10 @@ impl Env {
     /// Starts with the default config after `adjust` has changed it.
     pub fn start_with(adjust: impl FnOnce(&mut ProxyConfig)) -> Env {
         let meta = StubUpstream::start("meta");
+        meta.set_response(
+            &[("Content-Type", "application/fhir+json")],
+            capability_statement(&meta.url("/fhir")),
+        );
         let a = StubUpstream::start("tenant-a");
         let b = StubUpstream::start("tenant-b");
         let routes = proxy::routes_yaml(&[
@@ -79,6 +83,34 @@ pub fn client() -> reqwest::blocking::Client {
         .timeout(Duration::from_secs(20))
         .build()
         .unwrap()
+}
+
+/// A minimal valid R4 CapabilityStatement, as an upstream at `base` would serve it (with its own,
+/// soon replaced, security section).
+pub fn capability_statement(base: &str) -> String {
+    serde_json::json!({
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": "2026-01-01",
+        "kind": "instance",
+        "fhirVersion": "4.0.1",
+        "format": ["application/fhir+json"],
+        "software": {"name": "stub"},
+        "implementation": {"description": "stub upstream", "url": base},
+        "rest": [{
+            "mode": "server",
+            "security": {"cors": true, "extension": [{
+                "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                "extension": [{"url": "token", "valueUri": format!("{base}/auth/token")}]
+            }]},
+            "resource": [
+                {"type": "Patient", "profile": {"reference": "http://hl7.org/fhir/StructureDefinition/Patient"},
+                 "interaction": [{"code": "read"}, {"code": "search-type"}]},
+                {"type": "Observation", "interaction": [{"code": "search-type"}]}
+            ]
+        }]
+    })
+    .to_string()
 }
 
 /// A registered client: what `fhir-edge clients add` printed.

@@ -35,6 +35,8 @@ pub struct ProxyConfig {
     pub tls: bool,
     /// Extra entries for `auth.issuers` (YAML list items indented by four spaces).
     pub extra_issuers: String,
+    /// Extra top-level config lines (`metadata_ttl_seconds: 1`, …).
+    pub top: String,
     /// The `token_endpoint` section's body (keys indented by two spaces); `None`: no token endpoint.
     /// The clients file is `clients.yaml` in the proxy's directory, initially empty.
     pub token: Option<String>,
@@ -61,6 +63,7 @@ impl ProxyConfig {
             tls: false,
             extra_issuers: String::new(),
             token: None,
+            top: String::new(),
         }
     }
 }
@@ -119,7 +122,7 @@ impl Proxy {
             r#"listen: ["127.0.0.1:{port}"]
 {tls}public_base_url: "http://127.0.0.1:{port}{base}"
 routes_file: routes.yaml
-metadata_upstream: "{meta}"
+{meta}{top}
 auth:
   leeway_seconds: 5
   issuers:
@@ -146,7 +149,12 @@ log:
   level: {level}
 {token}"#,
             base = cfg.base_path,
-            meta = cfg.metadata_upstream,
+            meta = if cfg.metadata_upstream.is_empty() {
+                String::new()
+            } else {
+                format!("metadata_upstream: \"{}\"\n", cfg.metadata_upstream)
+            },
+            top = cfg.top,
             keys = keys.display(),
             limits = if cfg.limits.is_empty() {
                 "  max_body_bytes: 1048576".to_string()

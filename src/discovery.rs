@@ -1,0 +1,558 @@
+//! Discovery: `GET {base}/metadata` and `GET {base}/.well-known/smart-configuration`.
+//!
+//! The Teams client reads the token URL from the CapabilityStatement's SMART `oauth-uris` security
+//! extension (Teams EHR integration document; SMART App Launch). fhir-edge takes the statement from the
+//! metadata upstream (or a file), and **adds or replaces** `rest[*].security` — the `oauth-uris`
+//! extension with absolute `token`, `authorize` and `register` URIs, and `service` with the coding the
+//! Teams document shows plus the canonical one — points `implementation.url` at the public base,
+//! rewrites upstream base URLs, and keeps everything else. A statement that strict clients would
+//! reject must not leave the proxy silently: the known R4 slip of `profile` given as a Reference is
+//! repaired, and whatever still breaks the required R4 shape makes the fetch fail (logged), so the last
+//! good copy keeps being served.
+//!
+//! The built statement is cached for `metadata_ttl_seconds`. When it expires, one request refreshes
+//! it while the others keep getting the cached copy; when the upstream fails, the last good copy is
+//! served (stale-if-error); only when there has never been one does `/metadata` answer 502.
+//!
+//! `.well-known/smart-configuration` says the same as the statement's `oauth-uris` (some clients race
+//! it against `/metadata` and take whichever answers first, so the two must agree).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use pingora::connectors::http::Connector;
+use pingora::http::RequestHeader;
+use serde_json::{json, Value};
+
+use crate::upstream::Upstream;
+
+pub const OAUTH_URIS: &str =
+    "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris";
+/// The system the Teams document shows for the security service coding.
+pub const TEAMS_SERVICE_SYSTEM: &str = "http://hl7.org/fhir/ValueSet/restful-security-service";
+/// The canonical code system of the same code.
+pub const CANONICAL_SERVICE_SYSTEM: &str =
+    "http://terminology.hl7.org/CodeSystem/restful-security-service";
+
+/// Largest upstream CapabilityStatement accepted (real ones are a few hundred KB).
+const MAX_STATEMENT_BYTES: usize = 16 * 1024 * 1024;
+
+/// The absolute URLs advertised to clients.
+#[derive(Debug, Clone)]
+pub struct SecurityUris {
+    pub token: String,
+    pub authorize: String,
+    pub register: String,
+    pub jwks: String,
+    pub issuer: String,
+}
+
+/// Where the CapabilityStatement comes from.
+pub enum Source {
+    Upstream(Box<Upstream>),
+    /// A statement read from a file at start-up (already parsed).
+    File(Value),
+}
+
+struct Cached {
+    body: Bytes,
+    fetched: Instant,
+}
+
+/// Builds, caches and serves the discovery documents.
+pub struct Discovery {
+    source: Source,
+    ttl: Duration,
+    public_base: String,
+    security: Option<SecurityUris>,
+    cache: ArcSwapOption<Cached>,
+    refresh: tokio::sync::Mutex<()>,
+    connector: Connector,
+    smart_configuration: Option<Bytes>,
+}
+
+/// Why no statement can be served.
+#[derive(Debug)]
+pub struct Unavailable;
+
+impl Discovery {
+    pub fn new(
+        source: Source,
+        ttl: Duration,
+        public_base: String,
+        security: Option<SecurityUris>,
+    ) -> Discovery {
+        let smart_configuration = security.as_ref().map(smart_configuration);
+        Discovery {
+            source,
+            ttl,
+            public_base,
+            security,
+            cache: ArcSwapOption::empty(),
+            refresh: tokio::sync::Mutex::new(()),
+            connector: Connector::new(None),
+            smart_configuration,
+        }
+    }
+
+    /// The `.well-known/smart-configuration` document, when fhir-edge runs the token endpoint.
+    pub fn smart_configuration(&self) -> Option<Bytes> {
+        self.smart_configuration.clone()
+    }
+
+    /// The CapabilityStatement to serve, from the cache when fresh. `Err` only when no statement
+    /// has ever been built.
+    pub async fn metadata(&self) -> Result<Bytes, Unavailable> {
+        let cached = self.cache.load_full();
+        if let Some(c) = &cached {
+            if c.fetched.elapsed() < self.ttl {
+                return Ok(c.body.clone());
+            }
+        }
+        // One refresh at a time; while it runs, the others keep serving the cached copy.
+        let _guard = match (self.refresh.try_lock(), &cached) {
+            (Ok(g), _) => g,
+            (Err(_), Some(c)) => return Ok(c.body.clone()),
+            (Err(_), None) => self.refresh.lock().await,
+        };
+        if let Some(c) = self.cache.load_full() {
+            if c.fetched.elapsed() < self.ttl {
+                return Ok(c.body.clone());
+            }
+        }
+        match self.build().await {
+            Ok(body) => {
+                self.cache.store(Some(Arc::new(Cached {
+                    body: body.clone(),
+                    fetched: Instant::now(),
+                })));
+                Ok(body)
+            }
+            Err(reason) => {
+                log::warn!("cannot refresh the CapabilityStatement: {reason}");
+                cached.map(|c| c.body.clone()).ok_or(Unavailable)
+            }
+        }
+    }
+
+    async fn build(&self) -> Result<Bytes, String> {
+        let (statement, upstream) = match &self.source {
+            Source::File(v) => (v.clone(), None),
+            Source::Upstream(u) => (self.fetch(u).await?, Some(u)),
+        };
+        let statement = transform(statement, &self.public_base, self.security.as_ref())
+            .map_err(|problems| format!("the statement is not valid: {}", problems.join("; ")))?;
+        let bytes = serde_json::to_vec(&statement).map_err(|e| e.to_string())?;
+        // Absolute upstream URLs elsewhere in the statement must not escape either.
+        Ok(Bytes::from(match upstream {
+            Some(u) => u.rewrites.all(&bytes),
+            None => bytes,
+        }))
+    }
+
+    async fn fetch(&self, u: &Upstream) -> Result<Value, String> {
+        let err = |what: &str, e: Box<pingora::Error>| format!("{what}: {:?}", e.etype());
+        let (mut session, _) = self
+            .connector
+            .get_http_session(&u.peer)
+            .await
+            .map_err(|e| err("connect", e))?;
+        let mut req =
+            RequestHeader::build("GET", format!("{}/metadata", u.base_path).as_bytes(), None)
+                .map_err(|e| err("request", e))?;
+        for (name, value) in [
+            ("host", u.host.to_str().unwrap_or_default()),
+            ("accept", "application/fhir+json, application/json;q=0.9"),
+            ("accept-encoding", "identity"),
+            (
+                "user-agent",
+                concat!("fhir-edge/", env!("CARGO_PKG_VERSION")),
+            ),
+        ] {
+            req.insert_header(name, value)
+                .map_err(|e| err("request", e))?;
+        }
+        session
+            .write_request_header(Box::new(req))
+            .await
+            .map_err(|e| err("send", e))?;
+        session
+            .finish_request_body()
+            .await
+            .map_err(|e| err("send", e))?;
+        session
+            .read_response_header()
+            .await
+            .map_err(|e| err("response", e))?;
+        let (status, json) = match session.response_header() {
+            Some(h) => (
+                h.status.as_u16(),
+                h.headers
+                    .get(http::header::CONTENT_TYPE)
+                    .is_some_and(|v| crate::batch::is_json_media_type(v.as_bytes())),
+            ),
+            None => return Err("no response header".into()),
+        };
+        if status != 200 {
+            return Err(format!("the upstream answered {status}"));
+        }
+        if !json {
+            return Err("the upstream did not answer with JSON".into());
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = session
+            .read_response_body()
+            .await
+            .map_err(|e| err("body", e))?
+        {
+            if body.len() + chunk.len() > MAX_STATEMENT_BYTES {
+                return Err("the statement is too large".into());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        session.shutdown().await;
+        serde_json::from_slice(&body).map_err(|e| format!("not JSON: {e}"))
+    }
+}
+
+fn smart_configuration(s: &SecurityUris) -> Bytes {
+    Bytes::from(
+        json!({
+            "issuer": s.issuer,
+            "jwks_uri": s.jwks,
+            "token_endpoint": s.token,
+            "authorization_endpoint": s.authorize,
+            "registration_endpoint": s.register,
+            "grant_types_supported": ["client_credentials"],
+            "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+            // The scope that matters is the customer's tenant GUID; SMART system scopes are accepted
+            // beside it.
+            "scopes_supported": ["system/*.read"],
+            "response_types_supported": [],
+            "capabilities": ["client-confidential-symmetric"],
+            "code_challenge_methods_supported": [],
+        })
+        .to_string(),
+    )
+}
+
+/// The oauth-uris extension and the security service codings, as the Teams document shows them.
+fn security_elements(s: &SecurityUris) -> (Value, Value) {
+    let extension = json!({
+        "url": OAUTH_URIS,
+        "extension": [
+            {"url": "token", "valueUri": s.token},
+            {"url": "authorize", "valueUri": s.authorize},
+            {"url": "register", "valueUri": s.register},
+        ]
+    });
+    let service = json!([{
+        "coding": [
+            {"system": TEAMS_SERVICE_SYSTEM, "code": "OAuth"},
+            {"system": CANONICAL_SERVICE_SYSTEM, "code": "OAuth", "display": "OAuth"},
+        ],
+        "text": "OAuth2 using the client-credentials grant",
+    }]);
+    (extension, service)
+}
+
+/// Adds or replaces the security elements, points `implementation.url` at the public base, repairs
+/// what R4 clients choke on, and validates the result. `Err` lists what is wrong.
+pub fn transform(
+    mut st: Value,
+    public_base: &str,
+    security: Option<&SecurityUris>,
+) -> Result<Value, Vec<String>> {
+    let Some(obj) = st.as_object_mut() else {
+        return Err(vec!["not a JSON object".into()]);
+    };
+    let r4 = obj
+        .get("fhirVersion")
+        .and_then(Value::as_str)
+        .is_some_and(|v| v.starts_with("4."));
+    if let Some(rest) = obj.get_mut("rest").and_then(Value::as_array_mut) {
+        for entry in rest.iter_mut().filter_map(Value::as_object_mut) {
+            if let Some(s) = security {
+                let (extension, service) = security_elements(s);
+                let sec = entry.entry("security").or_insert_with(|| json!({}));
+                if !sec.is_object() {
+                    *sec = json!({});
+                }
+                if let Some(sec) = sec.as_object_mut() {
+                    let mut exts: Vec<Value> = sec
+                        .get("extension")
+                        .and_then(Value::as_array)
+                        .map(|a| {
+                            a.iter()
+                                .filter(|e| {
+                                    e.get("url").and_then(Value::as_str) != Some(OAUTH_URIS)
+                                })
+                                .cloned()
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    exts.insert(0, extension);
+                    sec.insert("extension".into(), Value::Array(exts));
+                    sec.insert("service".into(), service);
+                }
+            }
+            if r4 {
+                repair_canonicals(entry);
+            }
+        }
+    }
+    let implementation = obj.entry("implementation").or_insert_with(|| json!({}));
+    if let Some(imp) = implementation.as_object_mut() {
+        imp.entry("description")
+            .or_insert_with(|| json!("fhir-edge"));
+        imp.insert("url".into(), json!(public_base));
+    }
+    let problems = validate(&st, r4);
+    if problems.is_empty() {
+        Ok(st)
+    } else {
+        Err(problems)
+    }
+}
+
+/// R4 `CapabilityStatement.rest.resource.profile` is a canonical (a string); some servers emit the
+/// STU3 Reference shape `{"reference": "…"}`, which strict R4 parsers reject. Take the reference.
+fn repair_canonicals(rest: &mut serde_json::Map<String, Value>) {
+    let Some(resources) = rest.get_mut("resource").and_then(Value::as_array_mut) else {
+        return;
+    };
+    let fix = |v: &mut Value| {
+        if let Some(r) = v
+            .get("reference")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+        {
+            *v = Value::String(r);
+        }
+    };
+    for r in resources.iter_mut().filter_map(Value::as_object_mut) {
+        if let Some(p) = r.get_mut("profile") {
+            fix(p);
+        }
+        if let Some(list) = r.get_mut("supportedProfile").and_then(Value::as_array_mut) {
+            list.iter_mut().for_each(fix);
+        }
+    }
+}
+
+/// The shape strict clients (Python fhirclient's R4 models) require, plus what the Teams flow needs.
+fn validate(st: &Value, r4: bool) -> Vec<String> {
+    let mut p = Vec::new();
+    let rt = st.get("resourceType").and_then(Value::as_str);
+    if !matches!(rt, Some("CapabilityStatement") | Some("Conformance")) {
+        p.push("resourceType is not CapabilityStatement".into());
+    }
+    for field in ["status", "date", "kind", "fhirVersion"] {
+        if !st.get(field).is_some_and(Value::is_string) {
+            p.push(format!("{field} is missing or not a string"));
+        }
+    }
+    let formats_ok = st
+        .get("format")
+        .and_then(Value::as_array)
+        .is_some_and(|f| !f.is_empty() && f.iter().all(Value::is_string));
+    if !formats_ok {
+        p.push("format is missing or not a list of strings".into());
+    }
+    let rest0 = st
+        .get("rest")
+        .and_then(Value::as_array)
+        .and_then(|r| r.first());
+    match rest0 {
+        None => p.push("rest is missing".into()),
+        Some(r) => {
+            if r.get("mode").and_then(Value::as_str) != Some("server") {
+                p.push("rest[0].mode is not server".into());
+            }
+            let has_patient = r
+                .get("resource")
+                .and_then(Value::as_array)
+                .is_some_and(|rs| {
+                    rs.iter()
+                        .any(|x| x.get("type").and_then(Value::as_str) == Some("Patient"))
+                });
+            if !has_patient {
+                p.push("rest[0].resource does not list Patient".into());
+            }
+        }
+    }
+    if r4 {
+        for (i, r) in st
+            .get("rest")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r.get("resource").and_then(Value::as_array))
+            .flatten()
+            .enumerate()
+        {
+            if r.get("profile").is_some_and(|v| !v.is_string()) {
+                p.push(format!(
+                    "rest.resource[{i}].profile is not a canonical string"
+                ));
+            }
+            let bad_supported = r
+                .get("supportedProfile")
+                .is_some_and(|v| !v.as_array().is_some_and(|a| a.iter().all(Value::is_string)));
+            if bad_supported {
+                p.push(format!(
+                    "rest.resource[{i}].supportedProfile is not a list of canonical strings"
+                ));
+            }
+        }
+    }
+    p
+}
+
+/// The response media type for `_format` / `Accept`, or `None` when the client only accepts
+/// something other than JSON (fhir-edge serves the statement as JSON only).
+pub fn negotiate(format: Option<&str>, accept: Option<&str>) -> Option<&'static str> {
+    const FHIR_JSON: &str = "application/fhir+json";
+    if let Some(f) = format {
+        return match f.trim() {
+            "json" | "application/fhir+json" | "application/json+fhir" => Some(FHIR_JSON),
+            "application/json" => Some("application/json"),
+            _ => None,
+        };
+    }
+    let Some(accept) = accept.filter(|a| !a.trim().is_empty()) else {
+        return Some(FHIR_JSON);
+    };
+    let types: Vec<String> = accept
+        .split(',')
+        .map(|t| {
+            t.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .collect();
+    if types.iter().any(|t| {
+        matches!(
+            t.as_str(),
+            "application/fhir+json" | "application/json+fhir" | "*/*" | "application/*"
+        )
+    }) {
+        Some(FHIR_JSON)
+    } else if types.iter().any(|t| t == "application/json") {
+        Some("application/json")
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn uris() -> SecurityUris {
+        SecurityUris {
+            token: "https://edge.example/fhir/token".into(),
+            authorize: "https://edge.example/fhir/authorize".into(),
+            register: "https://edge.example/fhir/register".into(),
+            jwks: "https://edge.example/fhir/.well-known/jwks.json".into(),
+            issuer: "https://edge.example/fhir".into(),
+        }
+    }
+
+    fn upstream_statement() -> Value {
+        json!({
+            "resourceType": "CapabilityStatement",
+            "status": "active", "date": "2026-01-01", "kind": "instance", "fhirVersion": "4.0.1",
+            "format": ["application/fhir+json"],
+            "implementation": {"description": "Hospital FHIR", "url": "http://10.0.0.5:8090/fhir"},
+            "rest": [{
+                "mode": "server",
+                "security": {"cors": true, "extension": [
+                    {"url": OAUTH_URIS, "extension": [{"url": "token", "valueUri": "http://10.0.0.5:8090/auth/token"}]},
+                    {"url": "http://example.org/other", "valueString": "kept"}
+                ], "service": [{"coding": [{"code": "SMART-on-FHIR"}]}]},
+                "resource": [{"type": "Patient", "profile": {"reference": "http://hl7.org/fhir/StructureDefinition/Patient"}}]
+            }]
+        })
+    }
+
+    #[test]
+    fn security_is_replaced_and_everything_else_kept() {
+        let out = transform(
+            upstream_statement(),
+            "https://edge.example/fhir",
+            Some(&uris()),
+        )
+        .unwrap();
+        let sec = &out["rest"][0]["security"];
+        assert_eq!(sec["cors"], true);
+        assert_eq!(
+            sec["service"][0]["coding"][0],
+            json!({"system": TEAMS_SERVICE_SYSTEM, "code": "OAuth"})
+        );
+        assert_eq!(
+            sec["service"][0]["coding"][1]["system"],
+            CANONICAL_SERVICE_SYSTEM
+        );
+        let exts = sec["extension"].as_array().unwrap();
+        assert_eq!(
+            exts.len(),
+            2,
+            "the upstream's oauth-uris is replaced, other extensions kept"
+        );
+        assert_eq!(exts[0]["url"], OAUTH_URIS);
+        assert_eq!(
+            exts[0]["extension"][0],
+            json!({"url": "token", "valueUri": "https://edge.example/fhir/token"})
+        );
+        assert_eq!(exts[0]["extension"][1]["url"], "authorize");
+        assert_eq!(exts[0]["extension"][2]["url"], "register");
+        assert_eq!(exts[1]["valueString"], "kept");
+        assert_eq!(out["implementation"]["url"], "https://edge.example/fhir");
+        assert_eq!(out["implementation"]["description"], "Hospital FHIR");
+        assert_eq!(
+            out["rest"][0]["resource"][0]["profile"],
+            "http://hl7.org/fhir/StructureDefinition/Patient",
+            "the STU3 Reference shape is repaired to an R4 canonical"
+        );
+    }
+
+    #[test]
+    fn a_statement_missing_required_elements_is_refused() {
+        let mut st = upstream_statement();
+        st.as_object_mut().unwrap().remove("kind");
+        st["rest"][0]["resource"] = json!([{"type": "Observation"}]);
+        let problems = transform(st, "https://edge.example/fhir", Some(&uris())).unwrap_err();
+        assert!(problems.iter().any(|p| p.contains("kind")));
+        assert!(problems.iter().any(|p| p.contains("Patient")));
+        assert!(transform(json!({"resourceType": "Bundle"}), "x", None).is_err());
+        assert!(transform(json!([1]), "x", None).is_err());
+    }
+
+    #[test]
+    fn format_negotiation() {
+        assert_eq!(negotiate(None, None), Some("application/fhir+json"));
+        assert_eq!(
+            negotiate(Some("json"), Some("application/fhir+xml")),
+            Some("application/fhir+json")
+        );
+        assert_eq!(
+            negotiate(Some("application/json"), None),
+            Some("application/json")
+        );
+        assert_eq!(negotiate(Some("xml"), None), None);
+        assert_eq!(negotiate(None, Some("application/fhir+xml")), None);
+        assert_eq!(
+            negotiate(None, Some("application/json")),
+            Some("application/json")
+        );
+        assert_eq!(
+            negotiate(None, Some("text/html, */*;q=0.1")),
+            Some("application/fhir+json")
+        );
+    }
+}
