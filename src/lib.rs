@@ -6,8 +6,10 @@
 //!
 //! ## One request
 //! 1. [`proxy::FhirEdge::request_filter`](pingora::proxy::ProxyHttp::request_filter) checks size limits, then
-//!    classifies the raw path once ([`classify`]): `GET|HEAD {base}/metadata` (byte-exact) is forwarded
-//!    to the metadata upstream without credentials; everything else needs a bearer token.
+//!    classifies the raw path once ([`classify`]): `GET|HEAD {base}/metadata` (byte-exact) is answered by
+//!    [`discovery`] (the upstream CapabilityStatement with SMART `oauth-uris` for fhir-edge's token
+//!    endpoint); the token endpoint, JWKS, smart-configuration and client self-service are answered by
+//!    [`token`]; everything else needs a bearer token.
 //! 2. The token is extracted and verified ([`auth`]): the key chosen by `kid` fixes the algorithm,
 //!    issuer and audience. The tenant GUID comes from the verified `scope` claim and from nothing else.
 //! 3. The tenant's [`routing::Route`] is taken from one snapshot of the hot-reloaded routing table and
@@ -17,7 +19,10 @@
 //! 5. `upstream_peer` clones the peer built when the table loaded; `upstream_request_filter` sets the
 //!    upstream target (route base path + path + raw query, byte-exact), `Host`, forwarding headers and
 //!    the route's upstream headers, and drops the client's credentials and forwarding claims.
-//! 6. Every error from any phase becomes a FHIR `OperationOutcome` in [`outcome`].
+//! 6. Responses: upstream base URLs in `Location` headers and JSON bodies are rewritten to the public
+//!    base as they stream ([`rewrite`]).
+//! 7. Every error from any phase becomes a FHIR `OperationOutcome` (or, at the OAuth endpoints, an RFC
+//!    6749 error) in [`outcome`].
 //!
 //! ## Mounting it in another Pingora server
 //! ```no_run
