@@ -13,8 +13,10 @@ use std::time::Duration;
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::Deserialize;
 
+use crate::audit;
 use crate::auth::{Verifier, VerifyKey};
 use crate::discovery;
+use crate::metrics::TenantLabel;
 use crate::problems::{whole_file, Problems, Source};
 use crate::token::keys::{SigningKey, SigningKeys};
 use crate::token::{limiter, TokenSettings};
@@ -38,6 +40,7 @@ struct FileConfig {
     metadata_file: Option<String>,
     #[serde(default = "default_metadata_ttl")]
     metadata_ttl_seconds: u64,
+    #[serde(default)]
     auth: FileAuth,
     #[serde(default)]
     limits: FileLimits,
@@ -47,6 +50,24 @@ struct FileConfig {
     log: FileLog,
     #[serde(default)]
     token_endpoint: Option<FileToken>,
+    #[serde(default)]
+    admin: FileAdmin,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileAdmin {
+    listen: String,
+    tenant_label: String,
+}
+
+impl Default for FileAdmin {
+    fn default() -> Self {
+        FileAdmin {
+            listen: "127.0.0.1:9100".into(),
+            tenant_label: "name".into(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -124,12 +145,24 @@ struct FileAuth {
     max_token_bytes: usize,
     #[serde(default = "default_realm")]
     realm: String,
+    #[serde(default)]
     issuers: Vec<FileIssuer>,
 }
 
 fn default_metadata_ttl() -> u64 {
     300
 }
+impl Default for FileAuth {
+    fn default() -> Self {
+        FileAuth {
+            leeway_seconds: default_leeway(),
+            max_token_bytes: default_max_token_bytes(),
+            realm: default_realm(),
+            issuers: Vec::new(),
+        }
+    }
+}
+
 fn default_leeway() -> u64 {
     30
 }
@@ -231,12 +264,14 @@ impl Default for FileServer {
 #[serde(deny_unknown_fields, default)]
 struct FileLog {
     level: String,
+    access: String,
 }
 
 impl Default for FileLog {
     fn default() -> Self {
         FileLog {
             level: "info".into(),
+            access: "stdout".into(),
         }
     }
 }
@@ -299,6 +334,8 @@ pub struct RouteDefaults {
     pub ca_der: Option<Vec<Vec<u8>>>,
     /// The public base URL upstream links are rewritten to.
     pub public_base: String,
+    /// How routes are named in metric labels.
+    pub tenant_label: TenantLabel,
 }
 
 impl RouteDefaults {
@@ -337,6 +374,10 @@ pub struct Settings {
     pub log_level: log::LevelFilter,
     /// The OAuth token endpoint, when configured.
     pub token: Option<TokenSettings>,
+    /// The admin listener (`/metrics`, `/healthz`, `/readyz`).
+    pub admin_listen: SocketAddr,
+    /// Where audit lines go.
+    pub access_log: audit::Target,
 }
 
 impl Settings {
@@ -432,6 +473,36 @@ fn validate(f: FileConfig, path: &Path, src: &mut Source) -> Option<Settings> {
     if let (Some(d), Some(p)) = (&mut route_defaults, &public) {
         d.public_base = p.url.clone();
     }
+    let tenant_label = match f.admin.tenant_label.as_str() {
+        "name" => Some(TenantLabel::Name),
+        "guid" => Some(TenantLabel::Guid),
+        "off" => Some(TenantLabel::Off),
+        other => {
+            src.at(other, "admin.tenant_label", "must be name, guid or off");
+            None
+        }
+    };
+    if let (Some(d), Some(l)) = (&mut route_defaults, tenant_label) {
+        d.tenant_label = l;
+    }
+    let admin_listen = f
+        .admin
+        .listen
+        .parse::<SocketAddr>()
+        .map_err(|_| {
+            src.at(
+                &f.admin.listen,
+                "admin.listen",
+                "must be an IP:port address",
+            )
+        })
+        .ok();
+    let access_log = match f.log.access.as_str() {
+        "stdout" => audit::Target::Stdout,
+        "stderr" => audit::Target::Stderr,
+        "off" => audit::Target::Off,
+        path => audit::Target::File(resolve(dir, path)),
+    };
 
     let metadata = match (&f.metadata_upstream, &f.metadata_file) {
         (Some(u), None) => UpstreamUrl::parse(u)
@@ -495,6 +566,13 @@ fn validate(f: FileConfig, path: &Path, src: &mut Source) -> Option<Settings> {
             own: true,
         }));
     }
+    if keys.is_empty() {
+        src.at(
+            "auth",
+            "auth.issuers",
+            "nothing to trust: configure an issuer under auth.issuers, or a token_endpoint",
+        );
+    }
     check_key_ids(&keys, src);
     if f.auth.max_token_bytes < 256 || f.auth.max_token_bytes > 64 * 1024 {
         src.at(
@@ -552,6 +630,8 @@ fn validate(f: FileConfig, path: &Path, src: &mut Source) -> Option<Settings> {
         route_defaults: route_defaults?,
         log_level: log_level?,
         token,
+        admin_listen: admin_listen?,
+        access_log,
     })
 }
 
@@ -698,6 +778,7 @@ fn validate_server(
             idle_timeout: Duration::from_millis(s.upstream_idle_timeout_ms),
             ca_der,
             public_base: String::new(),
+            tenant_label: TenantLabel::Name,
         }),
     )
 }
@@ -705,13 +786,6 @@ fn validate_server(
 /// Loads every issuer's keys; records a problem for each bad one.
 fn load_issuers(auth: &FileAuth, dir: &Path, src: &mut Source) -> Vec<VerifyKey> {
     let mut out: Vec<VerifyKey> = Vec::new();
-    if auth.issuers.is_empty() {
-        src.at(
-            "issuers",
-            "auth.issuers",
-            "at least one trusted issuer is needed",
-        );
-    }
     for (i, iss) in auth.issuers.iter().enumerate() {
         let key = format!("auth.issuers[{i}]");
         if iss.issuer.is_empty() {

@@ -26,6 +26,7 @@ use pingora::connectors::http::Connector;
 use pingora::http::RequestHeader;
 use serde_json::{json, Value};
 
+use crate::metrics::Metrics;
 use crate::upstream::Upstream;
 
 pub const OAUTH_URIS: &str =
@@ -71,6 +72,7 @@ pub struct Discovery {
     refresh: tokio::sync::Mutex<()>,
     connector: Connector,
     smart_configuration: Option<Bytes>,
+    metrics: Arc<Metrics>,
 }
 
 /// Why no statement can be served.
@@ -83,6 +85,7 @@ impl Discovery {
         ttl: Duration,
         public_base: String,
         security: Option<SecurityUris>,
+        metrics: Arc<Metrics>,
     ) -> Discovery {
         let smart_configuration = security.as_ref().map(smart_configuration);
         Discovery {
@@ -94,6 +97,7 @@ impl Discovery {
             refresh: tokio::sync::Mutex::new(()),
             connector: Connector::new(None),
             smart_configuration,
+            metrics,
         }
     }
 
@@ -131,6 +135,7 @@ impl Discovery {
                 Ok(body)
             }
             Err(reason) => {
+                self.metrics.metadata_refresh_failures.inc();
                 log::warn!("cannot refresh the CapabilityStatement: {reason}");
                 cached.map(|c| c.body.clone()).ok_or(Unavailable)
             }

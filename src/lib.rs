@@ -37,12 +37,15 @@
 //!
 //! [Pingora]: https://github.com/cloudflare/pingora
 
+pub mod admin;
+pub mod audit;
 pub mod auth;
 pub mod batch;
 pub mod classify;
 pub mod config;
 pub mod discovery;
 pub mod logging;
+pub mod metrics;
 pub mod outcome;
 pub mod pct;
 pub mod problems;

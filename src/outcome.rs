@@ -71,6 +71,24 @@ impl Outcome {
         }
     }
 
+    /// Stable snake_case name, for the audit log.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Auth(f) => f.as_str(),
+            Outcome::NotFound => "not_found",
+            Outcome::BadRequest => "bad_request",
+            Outcome::MethodNotAllowed => "method_not_allowed",
+            Outcome::UnsupportedMediaType => "unsupported_media_type",
+            Outcome::NotAcceptable => "not_acceptable",
+            Outcome::UriTooLong => "uri_too_long",
+            Outcome::HeadersTooLarge => "headers_too_large",
+            Outcome::BodyTooLarge => "body_too_large",
+            Outcome::UpstreamUnavailable => "upstream_unavailable",
+            Outcome::UpstreamTimeout => "upstream_timeout",
+            Outcome::Internal => "internal",
+        }
+    }
+
     fn body(self) -> &'static str {
         match self {
             Outcome::Auth(f) => match f.class() {
@@ -231,6 +249,23 @@ impl OAuthError {
             OAuthError::BodyTooLarge => 413,
             OAuthError::TooManyRequests { .. } => 429,
             OAuthError::ServerError => 500,
+        }
+    }
+
+    /// Stable snake_case name, for metrics and the audit log (finer than the `error` code).
+    pub fn label(self) -> &'static str {
+        match self {
+            OAuthError::InvalidRequest(_) => "invalid_request",
+            OAuthError::InvalidClient { .. } => "invalid_client",
+            OAuthError::UnsupportedGrantType => "unsupported_grant_type",
+            OAuthError::UnsupportedResponseType => "unsupported_response_type",
+            OAuthError::InvalidScope => "invalid_scope",
+            OAuthError::TooManyRequests { .. } => "throttled",
+            OAuthError::MethodNotAllowed { .. } => "method_not_allowed",
+            OAuthError::BodyTooLarge => "body_too_large",
+            OAuthError::NotFound => "not_found",
+            OAuthError::Conflict(_) => "conflict",
+            OAuthError::ServerError => "server_error",
         }
     }
 

@@ -18,11 +18,13 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, OrErr, Result};
 
+use crate::audit::{self, AuditLog};
 use crate::auth::{self, AuthFailure};
 use crate::batch;
 use crate::classify::{self, MethodPolicy, OwnEndpoint, PathError};
 use crate::config::Settings;
 use crate::discovery::{self, Discovery};
+use crate::metrics::{Metrics, NO_TENANT};
 use crate::outcome::Outcome;
 use crate::reload::Live;
 use crate::request_id::RequestIds;
@@ -39,6 +41,8 @@ pub struct FhirEdge {
     /// The token endpoint and client registry, when configured.
     token: Option<Arc<TokenService>>,
     discovery: Arc<Discovery>,
+    metrics: Arc<Metrics>,
+    audit: AuditLog,
     ids: RequestIds,
 }
 
@@ -48,12 +52,16 @@ impl FhirEdge {
         routes: Arc<Live<RoutingTable>>,
         token: Option<Arc<TokenService>>,
         discovery: Arc<Discovery>,
+        metrics: Arc<Metrics>,
+        audit: AuditLog,
     ) -> FhirEdge {
         FhirEdge {
             settings,
             routes,
             token,
             discovery,
+            metrics,
+            audit,
             ids: RequestIds::new(),
         }
     }
@@ -84,6 +92,14 @@ pub struct RequestCtx {
     rewriter: Option<BodyRewriter>,
     /// Decodes a compressed upstream body before rewriting.
     decoder: Option<Decoder>,
+    /// Method class for metrics (read, search, batch, write, other).
+    method_class: &'static str,
+    /// When the upstream was chosen (start of the upstream latency).
+    upstream_start: Option<Instant>,
+    /// Short hash of the token's `jti`, for the audit log.
+    jti_hash: Option<String>,
+    /// What went wrong at the OAuth endpoints, for the audit log.
+    oauth_error: Option<&'static str>,
 }
 
 impl FhirEdge {
@@ -127,6 +143,16 @@ impl FhirEdge {
         None
     }
 
+    /// Records an authentication failure (reason in the context and the metrics) and its response.
+    fn auth_failed(&self, ctx: &mut RequestCtx, f: AuthFailure) -> Outcome {
+        ctx.auth_failure = Some(f);
+        self.metrics
+            .auth_failures
+            .with_label_values(&[f.as_str()])
+            .inc();
+        Outcome::Auth(f)
+    }
+
     /// Authenticates and routes a protected request; `Err` is the response to send.
     fn route(
         &self,
@@ -141,19 +167,13 @@ impl FhirEdge {
             query,
             self.settings.max_token_bytes,
         )
-        .map_err(|f| {
-            ctx.auth_failure = Some(f);
-            Outcome::Auth(f)
-        })?;
+        .map_err(|f| self.auth_failed(ctx, f))?;
         ctx.tenant = Some(grant.tenant);
-        ctx.client_id = grant
-            .claims
-            .client_id
-            .clone()
-            .or_else(|| grant.claims.sub.clone());
+        // The client, never `sub`: an external issuer's `sub` may name a person.
+        ctx.client_id = grant.claims.client_id.clone();
+        ctx.jti_hash = grant.claims.jti.as_deref().map(audit::jti_hash);
         if grant.own && !self.own_token_stands(&grant) {
-            ctx.auth_failure = Some(AuthFailure::Revoked);
-            return Err(Outcome::Auth(AuthFailure::Revoked));
+            return Err(self.auth_failed(ctx, AuthFailure::Revoked));
         }
         // One snapshot of the table decides this request; later reloads do not affect it.
         let route = self
@@ -161,11 +181,8 @@ impl FhirEdge {
             .load()
             .get(&grant.tenant)
             .cloned()
-            .ok_or_else(|| {
-                ctx.auth_failure = Some(AuthFailure::UnknownTenant);
-                // The same response as a token naming no tenant: nothing tells a caller which tenants exist.
-                Outcome::Auth(AuthFailure::UnknownTenant)
-            })?;
+            // The same response as a token naming no tenant: nothing tells a caller which tenants exist.
+            .ok_or_else(|| self.auth_failed(ctx, AuthFailure::UnknownTenant))?;
         let remainder =
             classify::fhir_remainder(path, &self.settings.public.path).map_err(|e| match e {
                 PathError::NotUnderBase => Outcome::NotFound,
@@ -338,9 +355,22 @@ impl FhirEdge {
         };
         match result {
             Ok((status, body)) => {
+                if ctx.template == Some("/token") {
+                    if let Some(c) = &ctx.client_id {
+                        // Only clients in the registry get tokens, so the label set is bounded.
+                        self.metrics.tokens_issued.with_label_values(&[c]).inc();
+                    }
+                }
                 crate::outcome::respond_json(session, status, body, &rid, &[]).await?
             }
-            Err(e) => e.respond(session, realm, &rid).await?,
+            Err(e) => {
+                ctx.oauth_error = Some(e.label());
+                self.metrics
+                    .token_failures
+                    .with_label_values(&[e.label()])
+                    .inc();
+                e.respond(session, realm, &rid).await?
+            }
         }
         Ok(true)
     }
@@ -432,6 +462,19 @@ fn status_outcome(code: u16) -> Outcome {
     }
 }
 
+/// The kind of an upstream failure, for metrics.
+fn upstream_error_kind(e: &Error) -> &'static str {
+    use ErrorType::*;
+    match e.etype() {
+        ConnectTimedout | ReadTimedout | WriteTimedout => "timeout",
+        ConnectRefused | ConnectNoRoute | ConnectError | BindError | SocketError
+        | TLSHandshakeFailure | TLSHandshakeTimedout | InvalidCert | HandshakeError => "connect",
+        ConnectionClosed | ReadError | WriteError => "reset",
+        InvalidHTTPHeader | H1Error | H2Error | InvalidH2 | H2Downgrade => "protocol",
+        _ => "other",
+    }
+}
+
 /// The response for an error from any phase; `None` when the client connection is already dead.
 fn error_outcome(e: &Error) -> Option<Outcome> {
     use ErrorType::*;
@@ -471,6 +514,10 @@ impl ProxyHttp for FhirEdge {
             template: None,
             rewriter: None,
             decoder: None,
+            method_class: "other",
+            upstream_start: None,
+            jti_hash: None,
+            oauth_error: None,
         }
     }
 
@@ -497,6 +544,13 @@ impl ProxyHttp for FhirEdge {
         }
         let req = session.req_header();
         let (path, query) = classify::split_target(req.raw_path());
+        ctx.method_class = {
+            let base = self.settings.public.path.as_bytes();
+            let below = path.strip_prefix(base).unwrap_or(path);
+            let search = below.ends_with(b"/_search") || below.ends_with(b"/_search/");
+            let batch = below.is_empty() || below == b"/";
+            crate::metrics::method_class(&req.method, search, batch)
+        };
         if classify::is_public_metadata(&req.method, path, &self.settings.public.path) {
             return self.serve_metadata(session, ctx).await;
         }
@@ -529,6 +583,7 @@ impl ProxyHttp for FhirEdge {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
+        ctx.upstream_start = Some(Instant::now());
         match &ctx.route {
             Some(r) => Ok(Box::new(r.upstream.peer.clone())),
             None => Error::e_explain(ErrorType::InternalError, "no upstream decided"),
@@ -616,6 +671,12 @@ impl ProxyHttp for FhirEdge {
         let Some(route) = &ctx.route else {
             return Ok(());
         };
+        if let Some(t) = ctx.upstream_start {
+            self.metrics
+                .upstream_duration
+                .with_label_values(&[&route.label])
+                .observe(t.elapsed().as_secs_f64());
+        }
         let rw = &route.upstream.rewrites;
         if rw.is_empty() {
             return Ok(());
@@ -723,6 +784,13 @@ impl ProxyHttp for FhirEdge {
                 }
             }
         }
+        if *e.esource() == ErrorSource::Upstream {
+            let tenant = ctx.route.as_ref().map_or(NO_TENANT, |r| r.label.as_str());
+            self.metrics
+                .upstream_errors
+                .with_label_values(&[tenant, upstream_error_kind(e)])
+                .inc();
+        }
         let (tenant, name) = match &ctx.route {
             Some(r) => (r.tenant.to_string(), r.name.as_str()),
             None => ("-".to_string(), "-"),
@@ -764,34 +832,65 @@ impl ProxyHttp for FhirEdge {
         )
     }
 
-    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
-        if !log::log_enabled!(target: "fhir_edge::access", log::Level::Info) {
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = session.response_written().map_or(0, |h| h.status.as_u16());
+        let label = ctx.route.as_ref().map_or(NO_TENANT, |r| r.label.as_str());
+        let elapsed = ctx.start.elapsed();
+        let bytes_out = session.as_downstream().body_bytes_sent();
+        let m = &self.metrics;
+        m.requests
+            .with_label_values(&[
+                label,
+                ctx.method_class,
+                crate::metrics::status_class(status),
+            ])
+            .inc();
+        m.request_duration
+            .with_label_values(&[label])
+            .observe(elapsed.as_secs_f64());
+        m.response_bytes
+            .with_label_values(&[label])
+            .inc_by(bytes_out as u64);
+        if !self.audit.enabled() {
             return;
         }
-        let status = session.response_written().map_or(0, |h| h.status.as_u16());
         let req = session.req_header();
-        let (path, _) = classify::split_target(req.raw_path());
-        let (tenant, name) = match &ctx.route {
-            Some(r) => (r.tenant.to_string(), r.name.as_str()),
-            _ => (ctx.tenant.map(|t| t.to_string()).unwrap_or_default(), ""),
-        };
         let template = match ctx.template {
             Some(t) => t.to_string(),
-            None => classify::route_template(path, &self.settings.public.path),
+            None => {
+                let (path, _) = classify::split_target(req.raw_path());
+                classify::route_template(path, &self.settings.public.path)
+            }
         };
-        log::info!(
-            target: "fhir_edge::access",
-            "id={} method={} route={} status={} upstream_status={} tenant={} route_name={} client={} auth={} ms={}",
-            ctx.request_id,
-            req.method,
-            template,
+        let tenant = ctx.tenant.map(|t| t.to_string());
+        let error = ctx
+            .outcome
+            .map(Outcome::label)
+            .or(ctx.oauth_error)
+            .or_else(|| e.map(|_| "aborted"));
+        let record = audit::Record {
+            time: &crate::time::rfc3339_now_millis(),
+            request_id: &ctx.request_id,
+            method: req.method.as_str(),
+            route: &template,
             status,
-            ctx.upstream_status.unwrap_or(0),
-            if tenant.is_empty() { "-" } else { &tenant },
-            if name.is_empty() { "-" } else { name },
-            ctx.client_id.as_deref().unwrap_or("-"),
-            ctx.auth_failure.map_or("-", AuthFailure::as_str),
-            ctx.start.elapsed().as_millis(),
-        );
+            upstream_status: ctx.upstream_status,
+            tenant: tenant.as_deref(),
+            tenant_name: ctx.route.as_ref().map(|r| r.name.as_str()),
+            client_id: ctx.client_id.as_deref(),
+            jti_hash: ctx.jti_hash.as_deref(),
+            upstream: ctx
+                .route
+                .as_ref()
+                .and_then(|r| r.upstream.host.to_str().ok()),
+            auth_failure: ctx.auth_failure.map(AuthFailure::as_str),
+            error,
+            latency_ms: (elapsed.as_secs_f64() * 1_000_000.0).round() / 1000.0,
+            bytes_out,
+        };
+        if let Err(err) = self.audit.write(&record) {
+            m.audit_write_failures.inc();
+            log::error!("cannot write the audit log: {err}");
+        }
     }
 }

@@ -10,14 +10,19 @@ use pingora::server::Server;
 use pingora::services::background::background_service;
 use pingora_proxy::ProxyServiceBuilder;
 
+use crate::admin::Admin;
+use crate::audit::AuditLog;
 use crate::config::Settings;
 use crate::discovery::{Discovery, SecurityUris};
+use crate::metrics::Metrics;
 use crate::problems::Problems;
 use crate::proxy::FhirEdge;
 use crate::reload::{Live, Reload, Reloader};
 use crate::routing::RoutingTable;
 use crate::token::clients::ClientRegistry;
 use crate::token::endpoint::TokenService;
+use pingora::apps::http_app::HttpServer;
+use pingora::services::listening::Service;
 
 /// How the process was asked to start.
 #[derive(Debug, Default, Clone, Copy)]
@@ -37,6 +42,10 @@ pub enum StartError {
     Clients(Problems),
     #[error("no metadata source (metadata_upstream or metadata_file) was configured")]
     NoMetadata,
+    #[error("metrics: {0}")]
+    Metrics(String),
+    #[error("cannot open the access log: {0}")]
+    AccessLog(String),
     #[error("JWT self-test failed: {0}")]
     Crypto(String),
     #[error("listener {addr}: {message}")]
@@ -76,12 +85,16 @@ pub fn build(mut settings: Settings, opts: RunOptions) -> Result<Server, StartEr
             issuer: s.issuer.clone(),
         }
     });
+    let metrics = Arc::new(Metrics::new().map_err(|e| StartError::Metrics(e.to_string()))?);
+    let audit =
+        AuditLog::open(&settings.access_log).map_err(|e| StartError::AccessLog(e.to_string()))?;
     let source = settings.metadata.take().ok_or(StartError::NoMetadata)?;
     let discovery = Arc::new(Discovery::new(
         source,
         settings.metadata_ttl,
         settings.public.url.clone(),
         security,
+        metrics.clone(),
     ));
     let settings = Arc::new(settings);
 
@@ -109,7 +122,14 @@ pub fn build(mut settings: Settings, opts: RunOptions) -> Result<Server, StartEr
     let limits = &settings.limits;
     let mut server_options = HttpServerOptions::default();
     server_options.keepalive_request_limit = Some(limits.keepalive_requests);
-    let proxy = FhirEdge::new(settings.clone(), routes.clone(), token.clone(), discovery);
+    let proxy = FhirEdge::new(
+        settings.clone(),
+        routes.clone(),
+        token.clone(),
+        discovery,
+        metrics.clone(),
+        audit,
+    );
     let mut service = ProxyServiceBuilder::new(&server.configuration, proxy)
         .name("fhir-edge")
         .server_options(server_options)
@@ -127,6 +147,7 @@ pub fn build(mut settings: Settings, opts: RunOptions) -> Result<Server, StartEr
             })?;
     }
     let proxy_handle = server.add_service(service);
+    let (routes_for_admin, token_for_admin) = (routes.clone(), token.clone());
     let mut files: Vec<Arc<dyn Reload>> = vec![routes];
     if let Some(t) = &token {
         files.push(t.clients.clone());
@@ -141,5 +162,18 @@ pub fn build(mut settings: Settings, opts: RunOptions) -> Result<Server, StartEr
     ));
     // Listeners open only after the watcher is in place, so no edit after start-up goes unnoticed.
     proxy_handle.add_dependency(&reload_handle);
+
+    let mut admin = Service::new(
+        "fhir-edge admin".to_string(),
+        HttpServer::new_app(Admin {
+            metrics,
+            routes: routes_for_admin,
+            token: token_for_admin,
+        }),
+    );
+    admin.add_tcp(&settings.admin_listen.to_string());
+    // One thread is plenty for scrapes and probes.
+    admin.threads = Some(1);
+    server.add_service(admin);
     Ok(server)
 }

@@ -12,6 +12,7 @@ mod errors;
 mod forwarding;
 mod lifecycle;
 mod metadata;
+mod operations;
 mod reload;
 mod rewriting;
 mod token;

@@ -8,7 +8,7 @@ use crate::support::{client, tokens::token, Proxy, ProxyConfig, StubUpstream, TE
 #[test]
 fn sigterm_lets_in_flight_requests_finish_and_exits_within_the_bound() {
     let slow = StubUpstream::start("slow");
-    slow.set_delay(Duration::from_millis(1500));
+    slow.set_delay(Duration::from_secs(2));
     let routes = routes_yaml(&[(TENANT_A, "slow", &slow.url(""), "")]);
     let mut proxy = Proxy::start(ProxyConfig::new(slow.url(""), routes));
     let url = proxy.url("/Patient/1");
@@ -124,4 +124,79 @@ fn idle_keep_alive_connections_are_closed_after_the_configured_timeout() {
         "the idle connection was not closed within {:?}",
         started.elapsed()
     );
+}
+
+/// Pingora's zero-downtime upgrade: a new process started with `--upgrade` receives the listening
+/// sockets when the old one gets SIGQUIT; the old one finishes what it has and exits. Requests keep
+/// being answered throughout (no connection is refused).
+#[test]
+fn sigquit_hands_the_listeners_to_an_upgraded_process_without_failing_a_request() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let a = StubUpstream::start("tenant-a");
+    let routes = routes_yaml(&[(TENANT_A, "tenant-a", &a.url(""), "")]);
+    let mut old = Proxy::start(ProxyConfig::new(a.url(""), routes));
+    let mut new = old.spawn_upgrade();
+    let sock = old.dir.path().join("upgrade.sock");
+    assert!(
+        crate::support::eventually(Duration::from_secs(10), || sock.exists()),
+        "the new process never waited for sockets"
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (url, auth) = (old.url("/Patient/1"), format!("Bearer {}", token(TENANT_A)));
+    let load = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut statuses = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                // A fresh connection each time, so every request meets whichever process accepts now.
+                let c = reqwest::blocking::Client::builder()
+                    .pool_max_idle_per_host(0)
+                    .build()
+                    .unwrap();
+                statuses.push(
+                    c.get(&url)
+                        .header("authorization", &auth)
+                        .send()
+                        .map(|r| r.status().as_u16())
+                        .unwrap_or(0),
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            statuses
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    old.signal("QUIT");
+    // The old process hands over, keeps its in-flight work for Pingora's 5 s close timeout, then
+    // drains (grace 2 s, shutdown timeout 2 s in the test config).
+    assert!(
+        old.wait_exit(Duration::from_secs(15)).is_some(),
+        "the old process did not exit"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let statuses = load.join().unwrap();
+    assert!(
+        statuses.len() > 50,
+        "too few requests during the handover: {}",
+        statuses.len()
+    );
+    assert!(
+        statuses.iter().all(|&s| s == 200),
+        "failed requests during the upgrade: {statuses:?}"
+    );
+    assert!(
+        matches!(new.try_wait(), Ok(None)),
+        "the upgraded process is not running"
+    );
+    let r = client()
+        .get(old.url("/Patient/1"))
+        .header("authorization", format!("Bearer {}", token(TENANT_A)))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200, "the upgraded process does not serve");
+    let _ = new.kill();
+    let _ = new.wait();
 }

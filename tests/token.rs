@@ -126,7 +126,16 @@ fn a_token_from_the_endpoint_routes_to_its_tenant_only() {
         ),
         (200, "tenant-b")
     );
-    assert!(env.proxy.logs().contains(&format!("client={}", c.id)));
+    let audit = env.proxy.access_log();
+    let fhir: Vec<_> = audit
+        .iter()
+        .filter(|l| l["route"] == "/Patient/{id}")
+        .collect();
+    assert_eq!(fhir.len(), 2);
+    assert!(fhir.iter().all(|l| l["client_id"] == c.id.as_str()));
+    assert!(audit
+        .iter()
+        .any(|l| l["route"] == "/token" && l["client_id"] == c.id.as_str()));
 }
 
 /// RFC 6749 §2.3.1 says Basic credentials are form-urlencoded first; Python libraries send them raw,

@@ -15,6 +15,7 @@ use http::header::{HeaderName, HeaderValue};
 use serde::Deserialize;
 
 use crate::config::RouteDefaults;
+use crate::metrics::TenantLabel;
 use crate::problems::{whole_file, OrderedMap, Problems, Source};
 use crate::reload::{hash_text, Loadable};
 use crate::tenant::TenantId;
@@ -30,6 +31,8 @@ pub struct Route {
     /// Extra headers sent upstream (credentials for the hospital's server, for instance).
     pub upstream_headers: Vec<(HeaderName, HeaderValue)>,
     pub allow_writes: bool,
+    /// This tenant's value of metric `tenant` labels (name, GUID or `none`, per `admin.tenant_label`).
+    pub label: String,
 }
 
 /// An immutable, validated routing table.
@@ -288,6 +291,11 @@ fn build_route(
         upstream,
         upstream_headers,
         allow_writes: spec.allow_writes,
+        label: match defaults.tenant_label {
+            TenantLabel::Name => spec.name.clone(),
+            TenantLabel::Guid => tenant.to_string(),
+            TenantLabel::Off => crate::metrics::NO_TENANT.to_string(),
+        },
     })
 }
 
@@ -347,6 +355,7 @@ mod tests {
             idle_timeout: Duration::from_secs(1),
             ca_der: None,
             public_base: "https://edge.example/fhir".into(),
+            tenant_label: TenantLabel::Name,
         }
     }
 

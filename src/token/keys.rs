@@ -143,6 +143,20 @@ impl SigningKeys {
     pub fn all(&self) -> impl Iterator<Item = &SigningKey> {
         std::iter::once(&self.active).chain(self.previous.iter())
     }
+
+    /// Signs a throwaway token with the active key and verifies it (for readiness).
+    pub fn self_check(&self) -> Result<(), String> {
+        use jsonwebtoken::{decode, encode, Header, Validation};
+        let k = &self.active;
+        let claims = json!({"exp": u64::MAX / 2, "iss": "self-check", "aud": "self-check"});
+        let token = encode(&Header::new(k.alg), &claims, &k.encoding).map_err(|e| e.to_string())?;
+        let mut v = Validation::new(k.alg);
+        v.set_issuer(&["self-check"]);
+        v.set_audience(&["self-check"]);
+        decode::<Value>(&token, &k.decoding, &v)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// Generates a new private key and writes it as PKCS#8 PEM to `out` (mode 0600; never overwrites).

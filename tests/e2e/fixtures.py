@@ -144,6 +144,10 @@ auth:
 token_endpoint:
   signing_key: {keys}/signing-es256.pem
   clients_file: clients.yaml
+admin:
+  listen: "127.0.0.1:{free_port()}"
+log:
+  access: access.log
 server:
   grace_period_seconds: 1
   graceful_shutdown_timeout_seconds: 1

@@ -4,7 +4,7 @@
 use std::fs;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use tempfile::TempDir;
@@ -37,6 +37,8 @@ pub struct ProxyConfig {
     pub extra_issuers: String,
     /// Extra top-level config lines (`metadata_ttl_seconds: 1`, …).
     pub top: String,
+    /// Extra lines for the `admin:` section (`  tenant_label: guid`).
+    pub admin: String,
     /// The `token_endpoint` section's body (keys indented by two spaces); `None`: no token endpoint.
     /// The clients file is `clients.yaml` in the proxy's directory, initially empty.
     pub token: Option<String>,
@@ -64,6 +66,7 @@ impl ProxyConfig {
             extra_issuers: String::new(),
             token: None,
             top: String::new(),
+            admin: String::new(),
         }
     }
 }
@@ -84,6 +87,8 @@ pub fn routes_yaml(entries: &[(&str, &str, &str, &str)]) -> String {
 
 pub struct Proxy {
     pub port: u16,
+    /// The admin listener (`/metrics`, `/healthz`, `/readyz`).
+    pub admin_port: u16,
     pub dir: TempDir,
     pub base_path: String,
     /// The TLS listener's port, when `tls` was asked for.
@@ -108,6 +113,7 @@ impl Proxy {
     pub fn try_start(cfg: ProxyConfig) -> Result<Proxy, String> {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
+        let admin_port = free_port();
         let keys = fixture("keys");
         let tls_port = cfg.tls.then(free_port);
         let tls = match tls_port {
@@ -147,6 +153,10 @@ server:
 {server}
 log:
   level: {level}
+  access: access.log
+admin:
+  listen: "127.0.0.1:{admin_port}"
+{admin}
 {token}"#,
             base = cfg.base_path,
             meta = if cfg.metadata_upstream.is_empty() {
@@ -155,9 +165,10 @@ log:
                 format!("metadata_upstream: \"{}\"\n", cfg.metadata_upstream)
             },
             top = cfg.top,
+            admin = cfg.admin,
             keys = keys.display(),
             limits = if cfg.limits.is_empty() {
-                "  max_body_bytes: 1048576".to_string()
+                "  max_body_bytes: 1048576\n  keepalive_requests: 1000000".to_string()
             } else {
                 cfg.limits.clone()
             },
@@ -177,11 +188,12 @@ log:
             fs::write(dir.path().join("clients.yaml"), "clients: {}\n").unwrap();
         }
         let log = fs::File::create(dir.path().join("stderr.log")).unwrap();
+        let out = fs::File::create(dir.path().join("stdout.log")).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_fhir-edge"))
             .arg("run")
             .arg("--config")
             .arg(dir.path().join("fhir-edge.yaml"))
-            .stdout(Stdio::null())
+            .stdout(out)
             .stderr(log)
             .spawn()
             .expect("spawn fhir-edge");
@@ -204,6 +216,7 @@ log:
         }
         Ok(Proxy {
             port,
+            admin_port,
             tls_port,
             dir,
             base_path: cfg.base_path,
@@ -228,6 +241,34 @@ log:
         fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
     }
 
+    /// Everything the process wrote anywhere: stdout, stderr and every file in its directory that
+    /// it may have written (the audit log and anything else).
+    pub fn every_sink(&self) -> String {
+        let mut all = String::new();
+        for entry in fs::read_dir(self.dir.path()).unwrap().flatten() {
+            let p = entry.path();
+            if p.extension().is_some_and(|e| e == "log") {
+                all.push_str(&String::from_utf8_lossy(&fs::read(&p).unwrap_or_default()));
+            }
+        }
+        all
+    }
+
+    /// The audit log, one JSON value per line.
+    pub fn access_log(&self) -> Vec<serde_json::Value> {
+        fs::read_to_string(self.dir.path().join("access.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("an audit line is not JSON"))
+            .collect()
+    }
+
+    /// GET `path` on the admin listener: (status, body).
+    pub fn admin(&self, path: &str) -> (u16, String) {
+        let r = super::raw::get(self.admin_port, path, None);
+        (r.status, r.body_text())
+    }
+
     pub fn clients_path(&self) -> PathBuf {
         self.dir.path().join("clients.yaml")
     }
@@ -249,6 +290,19 @@ log:
             String::from_utf8_lossy(&out.stderr)
         );
         serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Starts a second fhir-edge with the same config and `--upgrade`: it waits on the upgrade socket
+    /// for this one's listening sockets (sent on SIGQUIT). Its output goes to `*-upgraded.log`.
+    pub fn spawn_upgrade(&self) -> Child {
+        let d = self.dir.path();
+        Command::new(env!("CARGO_BIN_EXE_fhir-edge"))
+            .args(["run", "--upgrade", "--config"])
+            .arg(d.join("fhir-edge.yaml"))
+            .stdout(fs::File::create(d.join("stdout-upgraded.log")).unwrap())
+            .stderr(fs::File::create(d.join("stderr-upgraded.log")).unwrap())
+            .spawn()
+            .expect("spawn the upgraded fhir-edge")
     }
 
     pub fn pid(&self) -> u32 {

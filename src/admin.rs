@@ -1,0 +1,109 @@
+//! The admin listener (default `127.0.0.1:9100`): `/metrics`, `/healthz`, `/readyz`.
+//!
+//! A separate Pingora service on its own address, never reachable through the public listener (the
+//! proxy has no route to it). `/healthz` says the process serves HTTP; `/readyz` says it should get
+//! traffic: the routing table and client registry are loaded and the signing key signs and verifies.
+//! Once a graceful shutdown starts, Pingora stops this listener too, so readiness goes away first.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use http::{Method, Response, StatusCode};
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+
+use crate::metrics::Metrics;
+use crate::reload::Live;
+use crate::routing::RoutingTable;
+use crate::token::endpoint::TokenService;
+
+pub struct Admin {
+    pub metrics: Arc<Metrics>,
+    pub routes: Arc<Live<RoutingTable>>,
+    pub token: Option<Arc<TokenService>>,
+}
+
+fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
+    let mut r = Response::new(body);
+    *r.status_mut() = status;
+    if let Ok(v) = http::HeaderValue::from_str(content_type) {
+        r.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    let len = r.body().len();
+    r.headers_mut()
+        .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+    r.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    r
+}
+
+impl Admin {
+    /// Why the process should not get traffic, if anything.
+    fn not_ready(&self) -> Vec<String> {
+        let mut why = Vec::new();
+        if self.routes.load().is_empty() {
+            why.push("the routing table is empty".to_string());
+        }
+        if let Some(t) = &self.token {
+            if let Err(e) = t.settings.keys.self_check() {
+                why.push(format!("the signing key does not work: {e}"));
+            }
+        }
+        why
+    }
+
+    fn metrics_text(&self) -> Vec<u8> {
+        self.metrics.observe_file("routes", &self.routes);
+        self.metrics
+            .routing_tenants
+            .set(i64::try_from(self.routes.load().len()).unwrap_or(i64::MAX));
+        if let Some(t) = &self.token {
+            self.metrics.observe_file("clients", &t.clients);
+            self.metrics
+                .clients_registered
+                .set(i64::try_from(t.clients.load().len()).unwrap_or(i64::MAX));
+        }
+        self.metrics.render()
+    }
+}
+
+#[async_trait]
+impl ServeHttp for Admin {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let req = session.req_header();
+        if req.method != Method::GET && req.method != Method::HEAD {
+            return reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                b"GET only\n".to_vec(),
+            );
+        }
+        match req.uri.path() {
+            "/metrics" => reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                self.metrics_text(),
+            ),
+            "/healthz" => reply(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
+            "/readyz" => {
+                let why = self.not_ready();
+                if why.is_empty() {
+                    reply(StatusCode::OK, "text/plain", b"ready\n".to_vec())
+                } else {
+                    reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        (why.join("\n") + "\n").into_bytes(),
+                    )
+                }
+            }
+            _ => reply(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                b"/metrics, /healthz, /readyz\n".to_vec(),
+            ),
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! Every Prometheus metric fhir-edge exports: name, help, labels, buckets — in one place.
+//!
+//! One registry (not the process-global default), served on the admin listener only. Names are
+//! prefixed `fhir_edge_` and carry their unit (`_seconds`, `_bytes`, `_total`). **Label values come
+//! only from bounded sets**: enums in this crate, tenants present in the current routing table (as the
+//! route name, the GUID, or nothing, per `metrics.tenant_label`), and clients present in the registry.
+//! Nothing taken from a request string ever becomes a label, so no request can create a series.
+
+use std::sync::atomic::Ordering;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::reload::{Live, Loadable};
+
+/// How requests are attributed to tenants in labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TenantLabel {
+    /// The route's `name` from the routing table.
+    Name,
+    /// The tenant GUID.
+    Guid,
+    /// No per-tenant series at all (every request is `none`).
+    Off,
+}
+
+/// The label value for requests that have no tenant route (auth failures, discovery, the token
+/// endpoint).
+pub const NO_TENANT: &str = "none";
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub upstream_duration: HistogramVec,
+    pub upstream_errors: IntCounterVec,
+    pub response_bytes: IntCounterVec,
+    pub auth_failures: IntCounterVec,
+    pub tokens_issued: IntCounterVec,
+    pub token_failures: IntCounterVec,
+    pub reloads: IntCounterVec,
+    pub config_generation: IntGaugeVec,
+    pub config_last_success: IntGaugeVec,
+    pub routing_tenants: IntGauge,
+    pub clients_registered: IntGauge,
+    pub metadata_refresh_failures: IntCounter,
+    pub audit_write_failures: IntCounter,
+    pub build_info: IntGaugeVec,
+}
+
+/// Method classes (bounded).
+pub fn method_class(method: &http::Method, search: bool, batch: bool) -> &'static str {
+    match *method {
+        http::Method::GET | http::Method::HEAD => "read",
+        http::Method::POST if search => "search",
+        http::Method::POST if batch => "batch",
+        http::Method::POST | http::Method::PUT | http::Method::PATCH | http::Method::DELETE => {
+            "write"
+        }
+        _ => "other",
+    }
+}
+
+/// Status classes (bounded); 0 means no response was sent (the client went away).
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "none",
+    }
+}
+
+fn counter(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    registry.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn gauge_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntGaugeVec> {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+    registry.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<HistogramVec> {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+        labels,
+    )?;
+    registry.register(Box::new(h.clone()))?;
+    Ok(h)
+}
+
+impl Metrics {
+    pub fn new() -> prometheus::Result<Metrics> {
+        let r = Registry::new();
+        let m = Metrics {
+            requests: counter(
+                &r,
+                "fhir_edge_requests_total",
+                "Requests answered, by tenant, method class (read, search, batch, write, other) and status class.",
+                &["tenant", "method", "status"],
+            )?,
+            request_duration: histogram(
+                &r,
+                "fhir_edge_request_duration_seconds",
+                "Whole-request latency as fhir-edge saw it, by tenant.",
+                &["tenant"],
+            )?,
+            upstream_duration: histogram(
+                &r,
+                "fhir_edge_upstream_duration_seconds",
+                "Time from choosing the upstream to its response header, by tenant.",
+                &["tenant"],
+            )?,
+            upstream_errors: counter(
+                &r,
+                "fhir_edge_upstream_errors_total",
+                "Failed upstream exchanges, by tenant and kind (connect, timeout, reset, protocol, other).",
+                &["tenant", "kind"],
+            )?,
+            response_bytes: counter(
+                &r,
+                "fhir_edge_response_body_bytes_total",
+                "Response body bytes sent to clients, by tenant.",
+                &["tenant"],
+            )?,
+            auth_failures: counter(
+                &r,
+                "fhir_edge_auth_failures_total",
+                "Requests refused by authentication or tenant selection, by reason.",
+                &["reason"],
+            )?,
+            tokens_issued: counter(
+                &r,
+                "fhir_edge_tokens_issued_total",
+                "Access tokens issued by the token endpoint, by client id.",
+                &["client"],
+            )?,
+            token_failures: counter(
+                &r,
+                "fhir_edge_token_endpoint_failures_total",
+                "Token and client-management requests refused, by error.",
+                &["error"],
+            )?,
+            reloads: counter(
+                &r,
+                "fhir_edge_reloads_total",
+                "Reloads of hot-reloaded files after start-up, by file (routes, clients) and result (applied, rejected).",
+                &["file", "result"],
+            )?,
+            config_generation: gauge_vec(
+                &r,
+                "fhir_edge_config_generation",
+                "Generation of the file's current contents (1 = as loaded at start-up), by file.",
+                &["file"],
+            )?,
+            config_last_success: gauge_vec(
+                &r,
+                "fhir_edge_config_last_success_timestamp_seconds",
+                "Unix time of the last successful load, by file.",
+                &["file"],
+            )?,
+            routing_tenants: {
+                let g = IntGauge::new("fhir_edge_routing_tenants", "Tenants in the current routing table.")?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
+            clients_registered: {
+                let g = IntGauge::new("fhir_edge_clients_registered", "Clients in the current client registry.")?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
+            metadata_refresh_failures: {
+                let c = IntCounter::new(
+                    "fhir_edge_metadata_refresh_failures_total",
+                    "Failed fetches or validations of the upstream CapabilityStatement.",
+                )?;
+                r.register(Box::new(c.clone()))?;
+                c
+            },
+            audit_write_failures: {
+                let c = IntCounter::new(
+                    "fhir_edge_audit_write_failures_total",
+                    "Audit log lines that could not be written.",
+                )?;
+                r.register(Box::new(c.clone()))?;
+                c
+            },
+            build_info: gauge_vec(
+                &r,
+                "fhir_edge_build_info",
+                "Always 1; the labels say which build is running.",
+                &["version"],
+            )?,
+            registry: r,
+        };
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        Ok(m)
+    }
+
+    /// Brings the file gauges and reload counters up to date from a hot-reloaded file's bookkeeping
+    /// (called at scrape time, so the reload path stays free of metrics code).
+    pub fn observe_file<T: Loadable>(&self, file: &str, live: &Live<T>) {
+        let generation = live.generation.load(Ordering::Relaxed);
+        self.config_generation
+            .with_label_values(&[file])
+            .set(i64::try_from(generation).unwrap_or(i64::MAX));
+        self.config_last_success
+            .with_label_values(&[file])
+            .set(i64::try_from(live.last_success.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
+        for (result, total) in [
+            ("applied", generation.saturating_sub(1)),
+            ("rejected", live.failures.load(Ordering::Relaxed)),
+        ] {
+            let c = self.reloads.with_label_values(&[file, result]);
+            // The bookkeeping only grows, so the counter only grows.
+            c.inc_by(total.saturating_sub(c.get()));
+        }
+    }
+
+    /// The Prometheus text exposition of everything.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            log::error!("cannot encode metrics: {e}");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_registers_and_renders() {
+        let m = Metrics::new().unwrap();
+        m.requests.with_label_values(&["a", "read", "2xx"]).inc();
+        m.request_duration.with_label_values(&["a"]).observe(0.01);
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(text
+            .contains("fhir_edge_requests_total{method=\"read\",status=\"2xx\",tenant=\"a\"} 1"));
+        assert!(text.contains("fhir_edge_build_info{version="));
+        assert!(text.contains("# HELP fhir_edge_request_duration_seconds"));
+    }
+
+    #[test]
+    fn classes_are_bounded() {
+        assert_eq!(status_class(204), "2xx");
+        assert_eq!(status_class(0), "none");
+        assert_eq!(status_class(999), "none");
+        assert_eq!(method_class(&http::Method::POST, true, false), "search");
+        assert_eq!(method_class(&http::Method::POST, false, true), "batch");
+        assert_eq!(method_class(&http::Method::POST, false, false), "write");
+        assert_eq!(
+            method_class(&"BREW".parse().unwrap(), false, false),
+            "other"
+        );
+    }
+}
