@@ -99,6 +99,7 @@ fn table(n: usize) -> RoutingTable {
         idle_timeout: Duration::from_secs(1),
         ca_der: None,
         public_base: "https://edge.bench/fhir".into(),
+        tenant_label: fhir_edge::metrics::TenantLabel::Name,
     };
     RoutingTable::from_text(&PathBuf::from("bench-routes.yaml"), &text, &defaults).unwrap()
 }
