@@ -126,7 +126,8 @@ fn a_token_from_the_endpoint_routes_to_its_tenant_only() {
         ),
         (200, "tenant-b")
     );
-    let audit = env.proxy.access_log();
+    // Two token requests and two FHIR requests.
+    let audit = env.proxy.access_log_at_least(4);
     let fhir: Vec<_> = audit
         .iter()
         .filter(|l| l["route"] == "/Patient/{id}")

@@ -254,6 +254,22 @@ admin:
         all
     }
 
+    /// The audit log once it has at least `n` lines (a line is written after its response, so a
+    /// client can be faster than the log); panics after 5 s.
+    pub fn access_log_at_least(&self, n: usize) -> Vec<serde_json::Value> {
+        let mut lines = Vec::new();
+        let ok = super::eventually(Duration::from_secs(5), || {
+            lines = self.access_log();
+            lines.len() >= n
+        });
+        assert!(
+            ok,
+            "the audit log has {} lines, expected at least {n}",
+            lines.len()
+        );
+        lines
+    }
+
     /// The audit log, one JSON value per line.
     pub fn access_log(&self) -> Vec<serde_json::Value> {
         fs::read_to_string(self.dir.path().join("access.log"))
