@@ -205,6 +205,9 @@ struct FileLimits {
     max_body_bytes: usize,
     keepalive_timeout_seconds: u64,
     keepalive_requests: u32,
+    header_timeout_seconds: u64,
+    body_read_timeout_seconds: u64,
+    write_timeout_seconds: u64,
 }
 
 impl Default for FileLimits {
@@ -216,6 +219,9 @@ impl Default for FileLimits {
             max_body_bytes: 10 * 1024 * 1024,
             keepalive_timeout_seconds: 60,
             keepalive_requests: 1000,
+            header_timeout_seconds: 10,
+            body_read_timeout_seconds: 30,
+            write_timeout_seconds: 30,
         }
     }
 }
@@ -308,6 +314,12 @@ pub struct Limits {
     pub max_body_bytes: usize,
     pub keepalive_timeout_seconds: u64,
     pub keepalive_requests: u32,
+    /// Total time allowed to receive one request's header block.
+    pub header_timeout: Duration,
+    /// Longest wait for each read of a request body.
+    pub body_read_timeout: Duration,
+    /// Longest wait for each write to the client (a client that stops reading is cut off).
+    pub write_timeout: Duration,
 }
 
 /// Process and upstream-connection settings.
@@ -682,6 +694,13 @@ fn validate_limits(l: &FileLimits, src: &mut Source) -> Option<Limits> {
         "keepalive_requests",
         "must be at least 1",
     );
+    for (key, v) in [
+        ("header_timeout_seconds", l.header_timeout_seconds),
+        ("body_read_timeout_seconds", l.body_read_timeout_seconds),
+        ("write_timeout_seconds", l.write_timeout_seconds),
+    ] {
+        check((1..=3600).contains(&v), key, "must be between 1 and 3600");
+    }
     (src.problems.len() == before).then_some(Limits {
         max_uri_bytes: l.max_uri_bytes,
         max_header_bytes: l.max_header_bytes,
@@ -689,6 +708,9 @@ fn validate_limits(l: &FileLimits, src: &mut Source) -> Option<Limits> {
         max_body_bytes: l.max_body_bytes,
         keepalive_timeout_seconds: l.keepalive_timeout_seconds,
         keepalive_requests: l.keepalive_requests,
+        header_timeout: Duration::from_secs(l.header_timeout_seconds),
+        body_read_timeout: Duration::from_secs(l.body_read_timeout_seconds),
+        write_timeout: Duration::from_secs(l.write_timeout_seconds),
     })
 }
 

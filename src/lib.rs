@@ -43,6 +43,7 @@ pub mod auth;
 pub mod batch;
 pub mod classify;
 pub mod config;
+pub mod deadline;
 pub mod discovery;
 pub mod logging;
 pub mod metrics;

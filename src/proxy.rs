@@ -526,8 +526,12 @@ impl ProxyHttp for FhirEdge {
         session: &mut Session,
         _ctx: &mut RequestCtx,
     ) -> Result<()> {
+        let l = &self.settings.limits;
         // Pingora keeps HTTP/1.1 connections idle forever after the first request unless told otherwise.
-        session.set_keepalive(Some(self.settings.limits.keepalive_timeout_seconds));
+        session.set_keepalive(Some(l.keepalive_timeout_seconds));
+        // Per read of a body, and per write: a client that stops reading a response is cut off.
+        session.set_read_timeout(Some(l.body_read_timeout));
+        session.set_write_timeout(Some(l.write_timeout));
         Ok(())
     }
 

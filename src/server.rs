@@ -8,11 +8,11 @@ use pingora::apps::HttpServerOptions;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::background::background_service;
-use pingora_proxy::ProxyServiceBuilder;
 
 use crate::admin::Admin;
 use crate::audit::AuditLog;
 use crate::config::Settings;
+use crate::deadline::HeaderDeadline;
 use crate::discovery::{Discovery, SecurityUris};
 use crate::metrics::Metrics;
 use crate::problems::Problems;
@@ -130,10 +130,13 @@ pub fn build(mut settings: Settings, opts: RunOptions) -> Result<Server, StartEr
         metrics.clone(),
         audit,
     );
-    let mut service = ProxyServiceBuilder::new(&server.configuration, proxy)
-        .name("fhir-edge")
-        .server_options(server_options)
-        .build();
+    let mut app = pingora_proxy::http_proxy(&server.configuration, proxy);
+    app.server_options = Some(server_options);
+    // Every connection gets a total deadline for each request's header block (slowloris).
+    let mut service = Service::new(
+        "fhir-edge".to_string(),
+        HeaderDeadline::new(app, limits.header_timeout),
+    );
     for addr in &settings.listen {
         service.add_tcp(&addr.to_string());
     }
