@@ -62,7 +62,12 @@ pub enum ReloadOutcome {
     Unchanged,
     Applied,
     Rejected,
+    /// The file changed while it was being read (a write in progress): try again shortly.
+    Unsettled,
 }
+
+/// How long a changed file must stay unchanged before it is used.
+const SETTLE: Duration = Duration::from_millis(25);
 
 impl<T: Loadable> Live<T> {
     /// Loads the file for the first time; failure means the proxy must not start.
@@ -106,10 +111,18 @@ impl<T: Loadable> Live<T> {
             }
         };
         let hash = hash_text(&text);
-        if self.seen_hash.swap(hash, Ordering::Relaxed) == hash && !force {
+        if self.seen_hash.load(Ordering::Relaxed) == hash && !force {
             log::debug!("{} {} unchanged", T::WHAT, self.path.display());
             return ReloadOutcome::Unchanged;
         }
+        // A file rewritten in place can be caught half-written, and a prefix of a routing table can be
+        // valid YAML naming fewer tenants or a truncated port. Use it only if it reads the same twice.
+        std::thread::sleep(SETTLE);
+        if std::fs::read_to_string(&self.path).ok().as_deref() != Some(text.as_str()) {
+            log::debug!("{} {} is still changing", T::WHAT, self.path.display());
+            return ReloadOutcome::Unsettled;
+        }
+        self.seen_hash.store(hash, Ordering::Relaxed);
         match T::from_text(&self.path, &text, &self.ctx) {
             Ok(value) => {
                 let summary = value.summary();
@@ -187,13 +200,18 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    async fn reload_all(&self, force: bool) {
+    /// Reloads every file; true when one of them was still being written.
+    async fn reload_all(&self, force: bool) -> bool {
+        let mut unsettled = false;
         for file in &self.files {
             let file = file.clone();
-            if let Err(e) = tokio::task::spawn_blocking(move || file.reload(force)).await {
-                log::error!("reload task failed: {e}");
+            match tokio::task::spawn_blocking(move || file.reload(force)).await {
+                Ok(ReloadOutcome::Unsettled) => unsettled = true,
+                Ok(_) => {}
+                Err(e) => log::error!("reload task failed: {e}"),
             }
         }
+        unsettled
     }
 
     /// File names that matter in the watched directories.
@@ -283,13 +301,17 @@ impl BackgroundService for Reloader {
                     }
                 } => {
                     log::info!("SIGHUP: reloading");
-                    self.reload_all(true).await;
+                    if self.reload_all(true).await {
+                        pending = Some(Instant::now() + self.debounce);
+                    }
                 }
                 _ = tokio::time::sleep_until(wake) => {
                     if pending.take().is_none() {
                         next_poll = Instant::now() + poll;
                     }
-                    self.reload_all(false).await;
+                    if self.reload_all(false).await {
+                        pending = Some(Instant::now() + self.debounce);
+                    }
                 }
             }
         }

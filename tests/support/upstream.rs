@@ -1,9 +1,10 @@
 //! A stub FHIR upstream on 127.0.0.1:0 that speaks HTTP/1.1 (keep-alive, Content-Length and chunked
 //! request bodies), records every request exactly as it arrived, and answers with a small FHIR JSON
-//! body naming itself, so a test can tell which upstream served a request.
+//! body naming itself, so a test can tell which upstream served a request. It can also misbehave on
+//! purpose (hang, reset, send raw bytes, trickle), and serve TLS with the fixture certificate.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,50 +32,103 @@ impl Recorded {
     }
 }
 
+/// How the stub answers.
+#[derive(Clone)]
+pub enum Mode {
+    /// The default Bundle naming the stub.
+    Bundle,
+    /// Fixed extra headers (must include Content-Type) and body.
+    Fixed(Vec<(String, String)>, Vec<u8>),
+    /// Exactly these bytes, then close the connection (a reset when `reset`).
+    Raw { bytes: Vec<u8>, reset: bool },
+    /// These bytes as the answer, then keep serving the connection (to see whether the proxy reuses
+    /// a connection whose framing went wrong).
+    RawKeepOpen(Vec<u8>),
+    /// Read the request, then never answer.
+    Hang,
+    /// The response header, then `body` in `chunk`-byte pieces every `every`.
+    Trickle {
+        content_type: String,
+        body: Vec<u8>,
+        chunk: usize,
+        every: Duration,
+    },
+}
+
 #[derive(Clone)]
 struct Behaviour {
     delay: Duration,
-    /// A fixed response (extra headers, body) instead of the default Bundle; `{base}` in either is
-    /// replaced by this upstream's own base URL as the request reached it.
-    custom: Option<CustomResponse>,
+    mode: Mode,
 }
-
-type CustomResponse = (Vec<(String, String)>, Vec<u8>);
 
 pub struct StubUpstream {
     pub addr: SocketAddr,
+    tls: bool,
     recorded: Arc<Mutex<Vec<Recorded>>>,
     behaviour: Arc<Mutex<Behaviour>>,
+    connections: Arc<Mutex<usize>>,
 }
 
 impl StubUpstream {
     /// Starts a stub whose responses carry `name`.
     pub fn start(name: &str) -> StubUpstream {
+        Self::start_with(name, None)
+    }
+
+    /// Starts a stub serving TLS with the fixture certificate (`localhost`, `127.0.0.1`, signed by
+    /// the fixture CA).
+    pub fn start_tls(name: &str) -> StubUpstream {
+        Self::start_with(name, Some(tls_config()))
+    }
+
+    fn start_with(name: &str, tls: Option<Arc<rustls::ServerConfig>>) -> StubUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind stub upstream");
         let addr = listener.local_addr().unwrap();
         let recorded = Arc::new(Mutex::new(Vec::new()));
         let behaviour = Arc::new(Mutex::new(Behaviour {
             delay: Duration::ZERO,
-            custom: None,
+            mode: Mode::Bundle,
         }));
-        let (rec, beh, nm) = (recorded.clone(), behaviour.clone(), name.to_string());
+        let connections = Arc::new(Mutex::new(0));
+        let (rec, beh, nm, conns) = (
+            recorded.clone(),
+            behaviour.clone(),
+            name.to_string(),
+            connections.clone(),
+        );
+        let is_tls = tls.is_some();
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
-                let (rec, beh, nm) = (rec.clone(), beh.clone(), nm.clone());
-                std::thread::spawn(move || serve(stream, &nm, &rec, &beh));
+                *conns.lock().unwrap() += 1;
+                let (rec, beh, nm, tls) = (rec.clone(), beh.clone(), nm.clone(), tls.clone());
+                std::thread::spawn(move || {
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+                    match tls {
+                        None => serve(stream, &nm, &rec, &beh),
+                        Some(cfg) => {
+                            let Ok(conn) = rustls::ServerConnection::new(cfg) else {
+                                return;
+                            };
+                            serve(rustls::StreamOwned::new(conn, stream), &nm, &rec, &beh)
+                        }
+                    }
+                });
             }
         });
         StubUpstream {
             addr,
+            tls: is_tls,
             recorded,
             behaviour,
+            connections,
         }
     }
 
-    /// `http://127.0.0.1:PORT{base_path}`
+    /// `http[s]://127.0.0.1:PORT{base_path}`
     pub fn url(&self, base_path: &str) -> String {
-        format!("http://{}{base_path}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}{base_path}", self.addr)
     }
 
     /// Delays every response by `d` (for timeouts and draining).
@@ -82,9 +136,13 @@ impl StubUpstream {
         self.behaviour.lock().unwrap().delay = d;
     }
 
+    pub fn set_mode(&self, mode: Mode) {
+        self.behaviour.lock().unwrap().mode = mode;
+    }
+
     /// Answers every request with `headers` (which must include Content-Type) and `body`.
     pub fn set_response(&self, headers: &[(&str, &str)], body: impl Into<Vec<u8>>) {
-        self.behaviour.lock().unwrap().custom = Some((
+        self.set_mode(Mode::Fixed(
             headers
                 .iter()
                 .map(|(n, v)| (n.to_string(), v.to_string()))
@@ -106,14 +164,39 @@ impl StubUpstream {
     pub fn count(&self) -> usize {
         self.recorded.lock().unwrap().len()
     }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        *self.connections.lock().unwrap()
+    }
 }
 
-fn serve(stream: TcpStream, name: &str, rec: &Mutex<Vec<Recorded>>, beh: &Mutex<Behaviour>) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
-    let mut writer = match stream.try_clone() {
-        Ok(w) => w,
-        Err(_) => return,
-    };
+fn tls_config() -> Arc<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let dir = super::proxy::fixture("tls");
+    let certs: Vec<CertificateDer> = CertificateDer::pem_file_iter(dir.join("cert.pem"))
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(dir.join("key.pem")).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap(),
+    )
+}
+
+fn serve<S: Read + Write>(
+    stream: S,
+    name: &str,
+    rec: &Mutex<Vec<Recorded>>,
+    beh: &Mutex<Behaviour>,
+) {
     let mut reader = BufReader::new(stream);
     loop {
         let Some(r) = read_request(&mut reader) else {
@@ -124,47 +207,92 @@ fn serve(stream: TcpStream, name: &str, rec: &Mutex<Vec<Recorded>>, beh: &Mutex<
         if !complete {
             return;
         }
-        let Behaviour { delay, custom } = beh.lock().unwrap().clone();
+        let Behaviour { delay, mode } = beh.lock().unwrap().clone();
         if !delay.is_zero() {
             std::thread::sleep(delay);
         }
-        if let Some((headers, body)) = custom {
-            let mut out = format!(
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Upstream: {name}\r\n",
-                body.len()
-            );
-            for (n, v) in headers {
-                out.push_str(&format!("{n}: {v}\r\n"));
+        let w = reader.get_mut();
+        let head_only = r.method == "HEAD";
+        let ok = match mode {
+            Mode::Bundle => {
+                let body = format!(
+                    r#"{{"resourceType":"Bundle","type":"searchset","total":0,"meta":{{"tag":[{{"code":"{name}"}}]}},"upstream":"{name}","method":"{}"}}"#,
+                    r.method
+                );
+                respond(
+                    w,
+                    name,
+                    &[("Content-Type".into(), "application/fhir+json".into())],
+                    body.as_bytes(),
+                    head_only,
+                )
             }
-            out.push_str("\r\n");
-            let mut out = out.into_bytes();
-            if r.method != "HEAD" {
-                out.extend_from_slice(&body);
-            }
-            if writer.write_all(&out).is_err() {
+            Mode::Fixed(headers, body) => respond(w, name, &headers, &body, head_only),
+            Mode::Raw { bytes, reset } => {
+                let _ = w.write_all(&bytes);
+                let _ = w.flush();
+                if reset {
+                    // Dropping with unread data pending makes the kernel send a reset; give the bytes a
+                    // moment to leave first.
+                    std::thread::sleep(Duration::from_millis(50));
+                }
                 return;
             }
-            continue;
-        }
-        let body = format!(
-            r#"{{"resourceType":"Bundle","type":"searchset","total":0,"meta":{{"tag":[{{"code":"{name}"}}]}},"upstream":"{name}","method":"{}"}}"#,
-            r.method
-        );
-        let head = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: {}\r\nX-Upstream: {name}\r\n\r\n",
-            body.len()
-        );
-        let mut out = head.into_bytes();
-        if r.method != "HEAD" {
-            out.extend_from_slice(body.as_bytes());
-        }
-        if writer.write_all(&out).is_err() {
+            Mode::RawKeepOpen(bytes) => w.write_all(&bytes).and_then(|()| w.flush()).is_ok(),
+            Mode::Hang => {
+                std::thread::sleep(Duration::from_secs(60));
+                return;
+            }
+            Mode::Trickle {
+                content_type,
+                body,
+                chunk,
+                every,
+            } => {
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nX-Upstream: {name}\r\n\r\n",
+                    body.len()
+                );
+                let mut ok = w
+                    .write_all(head.as_bytes())
+                    .and_then(|()| w.flush())
+                    .is_ok();
+                for piece in body.chunks(chunk.max(1)) {
+                    std::thread::sleep(every);
+                    ok = ok && w.write_all(piece).and_then(|()| w.flush()).is_ok();
+                }
+                ok
+            }
+        };
+        if !ok {
             return;
         }
     }
 }
 
-fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Recorded> {
+fn respond<W: Write>(
+    w: &mut W,
+    name: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+    head_only: bool,
+) -> bool {
+    let mut out = format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Upstream: {name}\r\n",
+        body.len()
+    );
+    for (n, v) in headers {
+        out.push_str(&format!("{n}: {v}\r\n"));
+    }
+    out.push_str("\r\n");
+    let mut out = out.into_bytes();
+    if !head_only {
+        out.extend_from_slice(body);
+    }
+    w.write_all(&out).and_then(|()| w.flush()).is_ok()
+}
+
+fn read_request<R: Read>(reader: &mut BufReader<R>) -> Option<Recorded> {
     let mut head = Vec::new();
     loop {
         let mut line = Vec::new();
