@@ -129,7 +129,7 @@ fn is_segment_byte(b: u8) -> bool {
 /// The route template of a path, for logs: resource types, `_`-keywords and `$`-operations are kept,
 /// ids become `{id}`. FHIR puts ids at odd positions (`Type/{id}/_history/{id}`,
 /// `Type/{id}/Compartment`), so ids never survive, and anything that is not a resource-type name at an
-/// even position becomes `{?}`. Never contains the query string.
+/// even position becomes `{other}`. Never contains the query string.
 pub fn route_template(path: &[u8], base: &str) -> String {
     let rest = match fhir_remainder(path, base) {
         Ok(rest) => rest,
@@ -151,9 +151,9 @@ pub fn route_template(path: &[u8], base: &str) -> String {
         let keep = keyword || (i % 2 == 0 && (type_name || seg == b"metadata"));
         match (keep, i % 2) {
             // Keywords and type names are ASCII by the checks above.
-            (true, _) => out.push_str(std::str::from_utf8(seg).unwrap_or("{?}")),
+            (true, _) => out.push_str(std::str::from_utf8(seg).unwrap_or("{other}")),
             (false, 1) => out.push_str("{id}"),
-            (false, _) => out.push_str("{?}"),
+            (false, _) => out.push_str("{other}"),
         }
     }
     out
@@ -335,7 +335,10 @@ mod tests {
         );
         assert_eq!(route_template(b"/metadata", ""), "/metadata");
         assert_eq!(route_template(b"/", ""), "/");
-        assert_eq!(route_template(b"/john-smith", ""), "/{?}");
+        assert_eq!(route_template(b"/john-smith", ""), "/{other}");
+        // Found by the path_classifier fuzz target: a template never contains `?` or `%`, so it can
+        // never be mistaken for (or carry) a query string.
+        assert_eq!(route_template(b"/fhir/token", ""), "/{other}/{id}");
         assert_eq!(route_template(b"/Patient/../x", ""), "{invalid}");
         assert_eq!(route_template(b"/other", "/fhir"), "{outside-base}");
     }

@@ -330,7 +330,7 @@ impl FhirEdge {
                     })
             }
             Own::Manage(None) => {
-                ctx.template = Some("/register/{?}");
+                ctx.template = Some("/register/{other}");
                 Err(crate::outcome::OAuthError::NotFound)
             }
             Own::Manage(Some(resource)) => {

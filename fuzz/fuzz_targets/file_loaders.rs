@@ -1,0 +1,28 @@
+//! The routing-table and client-registry loaders on arbitrary text: a table or a list of problems,
+//! never a panic.
+#![no_main]
+
+use std::path::Path;
+use std::time::Duration;
+
+use fhir_edge::config::RouteDefaults;
+use fhir_edge::metrics::TenantLabel;
+use fhir_edge::reload::Loadable;
+use fhir_edge::routing::RoutingTable;
+use fhir_edge::token::clients::ClientRegistry;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    let defaults = RouteDefaults {
+        connect_timeout: Duration::from_secs(1),
+        read_timeout: Duration::from_secs(1),
+        write_timeout: Duration::from_secs(1),
+        idle_timeout: Duration::from_secs(1),
+        ca_der: None,
+        public_base: "https://edge.example/fhir".into(),
+        tenant_label: TenantLabel::Name,
+    };
+    let _ = RoutingTable::from_text(Path::new("routes.yaml"), text, &defaults);
+    let _ = <ClientRegistry as Loadable>::from_text(Path::new("clients.yaml"), text, &());
+});
