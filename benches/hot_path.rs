@@ -1,6 +1,10 @@
-//! Micro-benchmarks of the per-request work: JWT verification (RS256, ES256, HS256), scope → tenant,
-//! routing-table lookup at 10, 1,000 and 100,000 tenants, and the whole authenticate-and-route
-//! decision. Run with `cargo bench --bench hot_path`.
+//! Micro-benchmarks of the per-request work: JWT verification and signing (RS256, ES256, HS256),
+//! scope → tenant, routing-table lookup at 10, 1,000 and 100,000 tenants, and the whole
+//! authenticate-and-route decision with the token cache hit, missed and turned off.
+//!
+//! Every group name carries the JWT crypto backend it was built with, so the two backends can be
+//! compared: `cargo bench --bench hot_path` (aws-lc-rs, the default) and
+//! `cargo bench --bench hot_path --no-default-features --features rust-crypto`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::hint::black_box;
@@ -11,12 +15,17 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use jsonwebtoken::{encode, Algorithm, DecodingKey, EncodingKey, Header};
 use serde_json::json;
 
-use fhir_edge::auth::{self, scope::tenant_from_scope, Verifier, VerifyKey};
+use fhir_edge::auth::{self, scope::tenant_from_scope, TokenCache, Verifier, VerifyKey};
 use fhir_edge::config::RouteDefaults;
 use fhir_edge::routing::RoutingTable;
 use fhir_edge::tenant::TenantId;
 
 const ISS: &str = "https://issuer.bench/";
+const BACKEND: &str = if cfg!(feature = "aws-lc") {
+    "aws_lc_rs"
+} else {
+    "rust_crypto"
+};
 const AUD: &str = "bench";
 
 fn key(name: &str) -> Vec<u8> {
@@ -66,12 +75,20 @@ fn tenant(i: usize) -> String {
     format!("{:08x}-0000-4000-8000-{:012x}", i, i)
 }
 
-fn mint(kid: &str, alg: Algorithm, tenant: &str) -> String {
-    let enc = match kid {
+fn encoding_key(kid: &str) -> EncodingKey {
+    match kid {
         "rs1" => EncodingKey::from_rsa_pem(&key("rs256.pem")).unwrap(),
         "es1" => EncodingKey::from_ec_pem(&key("es256.pem")).unwrap(),
         _ => EncodingKey::from_secret(key("hs256.secret").trim_ascii_end()).unwrap(),
-    };
+    }
+}
+
+fn mint(kid: &str, alg: Algorithm, tenant: &str) -> String {
+    mint_with(&encoding_key(kid), kid, alg, tenant, 0)
+}
+
+/// A token; `n` makes its `jti` (and so the token) unique.
+fn mint_with(enc: &EncodingKey, kid: &str, alg: Algorithm, tenant: &str, n: usize) -> String {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -79,8 +96,9 @@ fn mint(kid: &str, alg: Algorithm, tenant: &str) -> String {
     let mut h = Header::new(alg);
     h.kid = Some(kid.into());
     h.typ = Some("at+jwt".into());
-    let claims = json!({"iss": ISS, "aud": AUD, "exp": now + 3600, "iat": now, "sub": "c", "scope": format!("system/*.read {tenant}")});
-    encode(&h, &claims, &enc).unwrap()
+    let claims = json!({"iss": ISS, "aud": AUD, "exp": now + 3600, "iat": now, "sub": "c",
+        "client_id": "c", "jti": format!("jti-{n}"), "scope": format!("system/*.read {tenant}")});
+    encode(&h, &claims, enc).unwrap()
 }
 
 fn table(n: usize) -> RoutingTable {
@@ -106,7 +124,7 @@ fn table(n: usize) -> RoutingTable {
 
 fn bench_verify(c: &mut Criterion) {
     let v = verifier();
-    let mut g = c.benchmark_group("jwt_verify");
+    let mut g = c.benchmark_group(format!("jwt_verify/{BACKEND}"));
     for (kid, alg) in [
         ("rs1", Algorithm::RS256),
         ("es1", Algorithm::ES256),
@@ -115,6 +133,26 @@ fn bench_verify(c: &mut Criterion) {
         let t = mint(kid, alg, &tenant(1));
         g.bench_function(format!("{alg:?}"), |b| {
             b.iter(|| v.verify(black_box(&t)).unwrap())
+        });
+    }
+    g.finish();
+}
+
+/// What the token endpoint pays per token for the signature.
+fn bench_sign(c: &mut Criterion) {
+    let mut g = c.benchmark_group(format!("jwt_sign/{BACKEND}"));
+    for (kid, alg) in [
+        ("rs1", Algorithm::RS256),
+        ("es1", Algorithm::ES256),
+        ("hs1", Algorithm::HS256),
+    ] {
+        let enc = encoding_key(kid);
+        let mut n = 0;
+        g.bench_function(format!("{alg:?}"), |b| {
+            b.iter(|| {
+                n += 1;
+                black_box(mint_with(&enc, kid, alg, &tenant(1), n))
+            })
         });
     }
     g.finish();
@@ -146,24 +184,48 @@ fn bench_lookup(c: &mut Criterion) {
     g.finish();
 }
 
+/// The whole request-filter decision for a valid token: extract, verify (or hit the cache), tenant
+/// from scope, route lookup in a 1,000-tenant table. `cached`: the same token every time (the normal
+/// client); `uncached`: cache off; `unique`: a different token per request with the cache on (every
+/// lookup misses and inserts — the cache-defeating worst case).
 fn bench_decision(c: &mut Criterion) {
     let v = verifier();
     let t = table(1_000);
-    let mut g = c.benchmark_group("authenticate_and_route");
+    let mut g = c.benchmark_group(format!("authenticate_and_route/{BACKEND}"));
     for (kid, alg) in [
         ("rs1", Algorithm::RS256),
         ("es1", Algorithm::ES256),
         ("hs1", Algorithm::HS256),
     ] {
-        let mut headers = http::HeaderMap::new();
-        let token = mint(kid, alg, &tenant(500));
-        headers.insert("authorization", format!("Bearer {token}").parse().unwrap());
-        g.bench_function(format!("{alg:?}"), |b| {
+        let header = |token: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert("authorization", format!("Bearer {token}").parse().unwrap());
+            h
+        };
+        let one = header(&mint(kid, alg, &tenant(500)));
+        let enc = encoding_key(kid);
+        let many: Vec<http::HeaderMap> = (0..2_000)
+            .map(|n| header(&mint_with(&enc, kid, alg, &tenant(n % 1_000), n)))
+            .collect();
+        let decide = |cache: &TokenCache, h: &http::HeaderMap| {
+            let grant =
+                auth::authenticate(&v, cache, black_box(h), Some(b"name=x&_count=10"), 8192)
+                    .unwrap();
+            black_box(t.get(&grant.tenant).unwrap());
+        };
+        let off = TokenCache::new(0, 30);
+        g.bench_function(format!("{alg:?}/uncached"), |b| {
+            b.iter(|| decide(&off, &one))
+        });
+        let on = TokenCache::new(10_000, 30);
+        g.bench_function(format!("{alg:?}/cached"), |b| b.iter(|| decide(&on, &one)));
+        // 2,000 distinct tokens through a 100-entry cache: every request misses.
+        let small = TokenCache::new(100, 30);
+        let mut i = 0;
+        g.bench_function(format!("{alg:?}/unique"), |b| {
             b.iter(|| {
-                let grant =
-                    auth::authenticate(&v, black_box(&headers), Some(b"name=x&_count=10"), 8192)
-                        .unwrap();
-                black_box(t.get(&grant.tenant).unwrap());
+                i = (i + 1) % many.len();
+                decide(&small, &many[i])
             })
         });
     }
@@ -173,6 +235,7 @@ fn bench_decision(c: &mut Criterion) {
 criterion_group!(
     benches,
     bench_verify,
+    bench_sign,
     bench_scope,
     bench_lookup,
     bench_decision

@@ -14,7 +14,7 @@ use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::Deserialize;
 
 use crate::audit;
-use crate::auth::{Verifier, VerifyKey};
+use crate::auth::{TokenCache, Verifier, VerifyKey};
 use crate::discovery;
 use crate::metrics::TenantLabel;
 use crate::problems::{whole_file, Problems, Source};
@@ -145,6 +145,8 @@ struct FileAuth {
     max_token_bytes: usize,
     #[serde(default = "default_realm")]
     realm: String,
+    #[serde(default = "default_token_cache_entries")]
+    token_cache_entries: usize,
     #[serde(default)]
     issuers: Vec<FileIssuer>,
 }
@@ -158,6 +160,7 @@ impl Default for FileAuth {
             leeway_seconds: default_leeway(),
             max_token_bytes: default_max_token_bytes(),
             realm: default_realm(),
+            token_cache_entries: default_token_cache_entries(),
             issuers: Vec::new(),
         }
     }
@@ -168,6 +171,9 @@ fn default_leeway() -> u64 {
 }
 fn default_max_token_bytes() -> usize {
     8192
+}
+fn default_token_cache_entries() -> usize {
+    10_000
 }
 fn default_realm() -> String {
     "fhir-edge".into()
@@ -378,6 +384,8 @@ pub struct Settings {
     pub metadata: Option<discovery::Source>,
     pub metadata_ttl: Duration,
     pub verifier: Verifier,
+    /// Verified tokens, so a re-used token is not verified again (see [`crate::auth::cache`]).
+    pub token_cache: TokenCache,
     pub realm: String,
     pub max_token_bytes: usize,
     pub limits: Limits,
@@ -593,6 +601,13 @@ fn validate(f: FileConfig, path: &Path, src: &mut Source) -> Option<Settings> {
             "must be between 256 and 65536",
         );
     }
+    if f.auth.token_cache_entries > 10_000_000 {
+        src.at(
+            "token_cache_entries",
+            "auth.token_cache_entries",
+            "must be at most 10000000 (0 turns the cache off)",
+        );
+    }
     if f.auth.leeway_seconds > 300 {
         src.at(
             "leeway_seconds",
@@ -635,6 +650,7 @@ fn validate(f: FileConfig, path: &Path, src: &mut Source) -> Option<Settings> {
         metadata: Some(metadata?),
         metadata_ttl: Duration::from_secs(f.metadata_ttl_seconds),
         verifier: Verifier::new(keys, f.auth.leeway_seconds),
+        token_cache: TokenCache::new(f.auth.token_cache_entries, f.auth.leeway_seconds),
         realm: f.auth.realm,
         max_token_bytes: f.auth.max_token_bytes,
         limits: limits?,

@@ -37,6 +37,11 @@
 //!
 //! [Pingora]: https://github.com/cloudflare/pingora
 
+#[cfg(all(feature = "aws-lc", feature = "rust-crypto"))]
+compile_error!("enable exactly one JWT crypto backend: `aws-lc` (default) or `rust-crypto`");
+#[cfg(not(any(feature = "aws-lc", feature = "rust-crypto")))]
+compile_error!("enable a JWT crypto backend: `aws-lc` (default) or `rust-crypto`");
+
 pub mod admin;
 pub mod audit;
 pub mod auth;

@@ -42,6 +42,9 @@ pub struct Metrics {
     pub upstream_errors: IntCounterVec,
     pub response_bytes: IntCounterVec,
     pub auth_failures: IntCounterVec,
+    /// `fhir_edge_token_cache_lookups_total{result="hit"|"miss"}`, resolved once (hot path).
+    pub token_cache_hit: IntCounter,
+    pub token_cache_miss: IntCounter,
     pub tokens_issued: IntCounterVec,
     pub token_failures: IntCounterVec,
     pub reloads: IntCounterVec,
@@ -118,6 +121,12 @@ fn histogram(
 impl Metrics {
     pub fn new() -> prometheus::Result<Metrics> {
         let r = Registry::new();
+        let lookups = counter(
+            &r,
+            "fhir_edge_token_cache_lookups_total",
+            "Valid bearer tokens looked up in the verified-token cache, by result (hit, miss).",
+            &["result"],
+        )?;
         let m = Metrics {
             requests: counter(
                 &r,
@@ -155,6 +164,8 @@ impl Metrics {
                 "Requests refused by authentication or tenant selection, by reason.",
                 &["reason"],
             )?,
+            token_cache_hit: lookups.with_label_values(&["hit"]),
+            token_cache_miss: lookups.with_label_values(&["miss"]),
             tokens_issued: counter(
                 &r,
                 "fhir_edge_tokens_issued_total",

@@ -96,8 +96,8 @@ pub struct RequestCtx {
     method_class: &'static str,
     /// When the upstream was chosen (start of the upstream latency).
     upstream_start: Option<Instant>,
-    /// Short hash of the token's `jti`, for the audit log.
-    jti_hash: Option<String>,
+    /// What the request's bearer token granted (client, `jti` hash for the audit log).
+    grant: Option<Arc<auth::Grant>>,
     /// What went wrong at the OAuth endpoints, for the audit log.
     oauth_error: Option<&'static str>,
 }
@@ -161,17 +161,21 @@ impl FhirEdge {
         query: Option<&[u8]>,
         ctx: &mut RequestCtx,
     ) -> std::result::Result<(), Outcome> {
-        let grant = auth::authenticate(
+        let (grant, lookup) = auth::authenticate_with(
             &self.settings.verifier,
+            &self.settings.token_cache,
             &req.headers,
             query,
             self.settings.max_token_bytes,
         )
         .map_err(|f| self.auth_failed(ctx, f))?;
+        match lookup {
+            auth::Lookup::Hit => self.metrics.token_cache_hit.inc(),
+            auth::Lookup::Miss => self.metrics.token_cache_miss.inc(),
+            auth::Lookup::Uncached => {}
+        }
         ctx.tenant = Some(grant.tenant);
-        // The client, never `sub`: an external issuer's `sub` may name a person.
-        ctx.client_id = grant.claims.client_id.clone();
-        ctx.jti_hash = grant.claims.jti.as_deref().map(audit::jti_hash);
+        ctx.grant = Some(grant.clone());
         if grant.own && !self.own_token_stands(&grant) {
             return Err(self.auth_failed(ctx, AuthFailure::Revoked));
         }
@@ -265,11 +269,9 @@ impl FhirEdge {
     /// Tokens of fhir-edge's own issuer are checked against the live client registry (no I/O): a
     /// revoked secret, a removed or disabled client, or a tenant taken from the client ends them.
     fn own_token_stands(&self, grant: &auth::Grant) -> bool {
-        let (Some(svc), Some(client), Some(secret)) = (
-            &self.token,
-            &grant.claims.client_id,
-            &grant.claims.secret_id,
-        ) else {
+        let (Some(svc), Some(client), Some(secret)) =
+            (&self.token, &grant.client_id, &grant.secret_id)
+        else {
             return false;
         };
         svc.clients
@@ -516,7 +518,7 @@ impl ProxyHttp for FhirEdge {
             decoder: None,
             method_class: "other",
             upstream_start: None,
-            jti_hash: None,
+            grant: None,
             oauth_error: None,
         }
     }
@@ -881,8 +883,12 @@ impl ProxyHttp for FhirEdge {
             upstream_status: ctx.upstream_status,
             tenant: tenant.as_deref(),
             tenant_name: ctx.route.as_ref().map(|r| r.name.as_str()),
-            client_id: ctx.client_id.as_deref(),
-            jti_hash: ctx.jti_hash.as_deref(),
+            // The client, never `sub`: an external issuer's `sub` may name a person.
+            client_id: ctx
+                .client_id
+                .as_deref()
+                .or_else(|| ctx.grant.as_ref().and_then(|g| g.client_id.as_deref())),
+            jti_hash: ctx.grant.as_ref().and_then(|g| g.jti_hash.as_deref()),
             upstream: ctx
                 .route
                 .as_ref()

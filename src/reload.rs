@@ -98,6 +98,7 @@ impl<T: Loadable> Live<T> {
     /// One reload attempt (blocking: file I/O, and DNS for the routing table). With `force`, unchanged
     /// text is rebuilt too (re-resolving upstream host names).
     pub fn reload(&self, force: bool) -> ReloadOutcome {
+        let started = std::time::Instant::now();
         let text = match std::fs::read_to_string(&self.path) {
             Ok(t) => t,
             Err(e) => {
@@ -130,7 +131,11 @@ impl<T: Loadable> Live<T> {
                 self.current.store(Arc::new(value));
                 let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
                 self.last_success.store(unix_now(), Ordering::Relaxed);
-                log::info!("{} reloaded: {summary} (generation {generation})", T::WHAT);
+                log::info!(
+                    "{} reloaded: {summary} (generation {generation}, {} ms)",
+                    T::WHAT,
+                    started.elapsed().as_millis()
+                );
                 ReloadOutcome::Applied
             }
             Err(problems) => {

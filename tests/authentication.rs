@@ -347,3 +347,60 @@ fn an_issuer_can_be_configured_by_jwks_file_and_its_keys_pin_the_issuer() {
         "issuer pinned by key",
     );
 }
+
+/// The verified-token cache (on by default) changes nothing a client can see: a cached token expires
+/// at the same second an uncached one would, a tenant removed from the table stops a cached token at
+/// once, and a second request with the same token is a cache hit.
+#[test]
+fn a_cached_token_still_expires_on_time_and_still_needs_its_tenant() {
+    let env = Env::start();
+    let hits = |env: &Env| {
+        let (_, m) = env.proxy.admin("/metrics");
+        m.lines()
+            .find_map(|l| l.strip_prefix(r#"fhir_edge_token_cache_lookups_total{result="hit"} "#))
+            .map_or(0.0, |v| v.trim().parse::<f64>().unwrap())
+    };
+    // Expired 3 s ago: still inside the configured 5 s leeway, for two more seconds.
+    let mut c = claims(TENANT_A);
+    c["exp"] = json!(now() - 3);
+    let short = sign_with(Some("es1"), "es1", Algorithm::ES256, Some("at+jwt"), &c);
+    let bearer = format!("Bearer {short}");
+    assert_eq!(get(&env, Some(&bearer)).status(), 200);
+    let before = hits(&env);
+    assert_eq!(get(&env, Some(&bearer)).status(), 200);
+    assert_eq!(
+        hits(&env),
+        before + 1.0,
+        "the second use was not a cache hit"
+    );
+    // Past exp + leeway: the cached entry must not outlive the token.
+    let deadline = c["exp"].as_i64().unwrap() + 6;
+    while now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_outcome(
+        get(&env, Some(&bearer)),
+        401,
+        Some(INVALID),
+        "a cached token past exp + leeway",
+    );
+    assert!(env
+        .proxy
+        .admin("/metrics")
+        .1
+        .contains(r#"fhir_edge_auth_failures_total{reason="expired"} 1"#));
+
+    // A cached token of tenant B stops the moment B leaves the routing table.
+    let tb = token(TENANT_B);
+    assert_eq!(get(&env, Some(&format!("Bearer {tb}"))).status(), 200);
+    let only_a =
+        crate::support::proxy::routes_yaml(&[(TENANT_A, "tenant-a", &env.a.url("/r4"), "")]);
+    std::fs::write(env.proxy.routes_path(), only_a).unwrap();
+    assert!(crate::support::eventually(
+        std::time::Duration::from_secs(3),
+        || { get(&env, Some(&format!("Bearer {tb}"))).status() == 403 }
+    ));
+    let upstream_before = env.upstream_requests();
+    assert_eq!(get(&env, Some(&format!("Bearer {tb}"))).status(), 403);
+    assert_eq!(env.upstream_requests(), upstream_before);
+}

@@ -4,7 +4,7 @@
 
 use std::sync::OnceLock;
 
-use fhir_edge::auth::{self, scope::tenant_in, Verifier, VerifyKey};
+use fhir_edge::auth::{self, scope::tenant_in, TokenCache, Verifier, VerifyKey};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use libfuzzer_sys::fuzz_target;
 
@@ -34,8 +34,18 @@ fuzz_target!(|data: &[u8]| {
         headers.insert(http::header::AUTHORIZATION, v);
     }
     let query = (!query.is_empty()).then_some(query);
-    if let Ok(grant) = auth::authenticate(verifier(), &headers, query, 8192) {
-        let scope = grant.claims.scope.as_ref().and_then(|s| s.as_str()).unwrap_or_default();
+    // A fresh cache per input: the decision through the cache (miss, then hit) must equal the
+    // uncached one.
+    let cache = TokenCache::new(4, 30);
+    let direct = auth::authenticate(verifier(), &TokenCache::new(0, 30), &headers, query, 8192);
+    let missed = auth::authenticate(verifier(), &cache, &headers, query, 8192);
+    let hit = auth::authenticate(verifier(), &cache, &headers, query, 8192);
+    assert_eq!(direct.as_ref().map(|g| g.tenant).err(), missed.as_ref().map(|g| g.tenant).err());
+    assert_eq!(direct.as_ref().map(|g| g.tenant).ok(), hit.as_ref().map(|g| g.tenant).ok());
+    if let Ok(grant) = direct {
+        let token = auth::bearer::extract(&headers, 8192).unwrap_or_default();
+        let (claims, _) = verifier().verify(token).unwrap_or_else(|_| panic!("verified once, not twice"));
+        let scope = claims.scope.as_ref().and_then(|s| s.as_str()).unwrap_or_default();
         assert_eq!(tenant_in(scope), Some(grant.tenant));
     }
     // Scope parsing alone, on the same bytes.

@@ -43,6 +43,12 @@ pub struct Claims {
     /// Which client secret authenticated the token request (tokens of fhir-edge's own issuer).
     #[serde(default)]
     pub secret_id: Option<String>,
+    /// Already validated by `jsonwebtoken`; read again (as numbers, never rejecting more than it
+    /// does) for the token cache.
+    #[serde(default)]
+    pub exp: Option<f64>,
+    #[serde(default)]
+    pub nbf: Option<f64>,
 }
 
 struct Entry {

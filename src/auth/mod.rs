@@ -7,12 +7,16 @@
 //! 403 `insufficient_scope`.
 
 pub mod bearer;
+pub mod cache;
 pub mod jwt;
 pub mod scope;
+
+use std::sync::Arc;
 
 use http::HeaderMap;
 
 use crate::tenant::TenantId;
+pub use cache::TokenCache;
 pub use jwt::{Claims, Verifier, VerifyKey};
 
 /// Why a request was not authenticated. Each variant is one bounded label value.
@@ -97,32 +101,85 @@ impl AuthFailure {
     }
 }
 
-/// What a verified token grants.
+/// What a verified token grants: what the request needs from it, taken once from the claims (and
+/// kept in the [`TokenCache`] for the token's next requests).
 #[derive(Debug)]
 pub struct Grant {
     pub tenant: TenantId,
-    pub claims: Claims,
     /// Issued by fhir-edge's own token endpoint (then also checked against the client registry).
     pub own: bool,
+    /// The `client_id` claim (never `sub`: an external issuer's `sub` may name a person).
+    pub client_id: Option<String>,
+    /// Which client secret authenticated the token request (own tokens).
+    pub secret_id: Option<String>,
+    /// Short non-reversible hash of `jti`, for the audit log.
+    pub jti_hash: Option<String>,
+    /// `exp` and `nbf`, for re-checking a cached grant.
+    pub expires: u64,
+    pub not_before: Option<u64>,
 }
 
-/// Authenticates one request from its headers and raw query string.
+/// How a grant was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    /// Found in the token cache (signature not checked again).
+    Hit,
+    /// Verified now (and cached, if the cache is on).
+    Miss,
+    /// Verified now; the cache is off.
+    Uncached,
+}
+
+/// Authenticates one request from its headers and raw query string, through `cache` when it is on.
 pub fn authenticate(
     verifier: &Verifier,
+    cache: &TokenCache,
     headers: &HeaderMap,
     query: Option<&[u8]>,
     max_token_bytes: usize,
-) -> Result<Grant, AuthFailure> {
+) -> Result<Arc<Grant>, AuthFailure> {
+    authenticate_with(verifier, cache, headers, query, max_token_bytes).map(|(g, _)| g)
+}
+
+/// [`authenticate`], also saying whether the cache answered.
+pub fn authenticate_with(
+    verifier: &Verifier,
+    cache: &TokenCache,
+    headers: &HeaderMap,
+    query: Option<&[u8]>,
+    max_token_bytes: usize,
+) -> Result<(Arc<Grant>, Lookup), AuthFailure> {
     // RFC 6750 §2.3 tokens in the URI are refused even beside a header: they leak into logs.
     if query.is_some_and(bearer::query_has_access_token) {
         return Err(AuthFailure::Malformed);
     }
     let token = bearer::extract(headers, max_token_bytes)?;
+    let key = cache.key(token);
+    if let Some(key) = &key {
+        if let Some(hit) = cache.get(key, crate::time::now_unix()) {
+            return hit.map(|g| (g, Lookup::Hit));
+        }
+    }
     let (claims, own) = verifier.verify(token)?;
     let tenant = scope::tenant_from_scope(claims.scope.as_ref())?;
-    Ok(Grant {
+    let grant = Arc::new(Grant {
         tenant,
-        claims,
         own,
-    })
+        client_id: claims.client_id,
+        secret_id: claims.secret_id,
+        jti_hash: claims.jti.as_deref().map(crate::audit::jti_hash),
+        // `as` saturates: NaN and negatives become 0. `exp` rounds down, `nbf` up, so a cached
+        // grant is never more permissive than the verifier.
+        expires: claims.exp.map_or(0, |e| e.floor() as u64),
+        not_before: claims.nbf.map(|n| n.ceil() as u64),
+    });
+    // `exp` is a required claim, so `None` cannot pass the verifier; never cache without it anyway.
+    match (key, claims.exp) {
+        (Some(key), Some(_)) => {
+            cache.insert(key, grant.clone());
+            Ok((grant, Lookup::Miss))
+        }
+        (Some(_), None) => Ok((grant, Lookup::Miss)),
+        (None, _) => Ok((grant, Lookup::Uncached)),
+    }
 }

@@ -1,0 +1,1169 @@
+//! Side-by-side load harness (`harness = false`): fhir-edge against direct, nginx and HAProxy-with-JWT
+//! on one machine, over loopback, in one run.
+//!
+//! ```text
+//! cargo bench --bench load                 # everything: compare, tenants, token
+//! cargo bench --bench load -- compare      # the peer table only
+//! cargo bench --bench load -- tenants      # 10 vs 100,000 tenants, reload under load, RSS
+//! cargo bench --bench load -- token        # token endpoint rate
+//! ```
+//! Needs `wrk`, `hey`, `nginx`, `haproxy` and `taskset` (Debian: `apt-get install wrk hey nginx-light
+//! haproxy util-linux`). Environment: `LOAD_SECONDS` (10), `LOAD_CONNECTIONS` (64), `PROXY_CPUS` ("1"),
+//! `CLIENT_CPUS` ("0"), `UNIQUE_TOKENS` (5000), `LOAD_KEEP` (keep the work directory).
+//!
+//! How it runs: the proxy under test (fhir-edge, nginx or HAProxy, one worker per proxy CPU) is pinned
+//! to `PROXY_CPUS`; the load generator and the upstream (nginx serving a static ~2 KB FHIR Bundle) share
+//! `CLIENT_CPUS`. "direct" is the load generator against the upstream alone: the most this client and
+//! upstream can do, the limit for any proxy. Peer configs: `benches/load/`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use serde_json::json;
+
+const ISSUER: &str = "https://issuer.bench/";
+const AUDIENCE: &str = "fhir-edge-bench";
+const TENANTS: usize = 1_000;
+/// The tenant the one-token rows use.
+const HOT_TENANT: usize = 500;
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_string())
+}
+
+fn manifest() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn keys_dir() -> PathBuf {
+    manifest().join("tests/fixtures/keys")
+}
+
+fn tenant(i: usize) -> String {
+    format!("{:08x}-0000-4000-8000-{:012x}", i + 1, i + 1)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap()
+}
+
+fn fill(template: &str, vars: &[(&str, String)]) -> String {
+    let mut out = template.to_string();
+    for (k, v) in vars {
+        out = out.replace(&format!("@{k}@"), v);
+    }
+    assert!(!out.contains("@DIR@"), "unfilled placeholder");
+    out
+}
+
+fn template(name: &str) -> String {
+    std::fs::read_to_string(manifest().join("benches/load").join(name)).unwrap()
+}
+
+#[derive(Clone)]
+struct Settings {
+    seconds: u64,
+    connections: usize,
+    proxy_cpus: String,
+    client_cpus: String,
+    threads: usize,
+    unique_tokens: usize,
+    dir: PathBuf,
+}
+
+/// A child process killed (and reaped) when dropped.
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// Starts `cmd` pinned to `cpus`, with a high open-files limit, output to `{dir}/{name}.log`.
+fn spawn(s: &Settings, name: &str, cpus: &str, cmd: &[String], envs: &[(&str, &str)]) -> Proc {
+    let log = std::fs::File::create(s.dir.join(format!("{name}.log"))).unwrap();
+    let quoted: Vec<String> = cmd.iter().map(|a| format!("'{a}'")).collect();
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg(format!(
+            "ulimit -n 65536 2>/dev/null; exec taskset -c {cpus} {}",
+            quoted.join(" ")
+        ))
+        .current_dir(&s.dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    for (k, v) in envs {
+        c.env(k, v);
+    }
+    Proc {
+        name: name.to_string(),
+        child: c.spawn().unwrap(),
+    }
+}
+
+/// One HTTP/1.1 request over a fresh connection: the status code.
+fn status(port: u16, path: &str, auth: Option<&str>) -> Option<u16> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let auth = auth.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf);
+    text.split(' ').nth(1)?.parse().ok()
+}
+
+fn wait_ready(p: &mut Proc, port: u16, path: &str, auth: Option<&str>, s: &Settings) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(Some(code)) = p.child.try_wait() {
+            let log =
+                std::fs::read_to_string(s.dir.join(format!("{}.log", p.name))).unwrap_or_default();
+            panic!("{} exited ({code}):\n{log}", p.name);
+        }
+        if status(port, path, auth) == Some(200) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{} never answered 200 on {path}", p.name);
+}
+
+#[derive(Default, Clone)]
+struct Run {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+}
+
+fn parse_duration_ms(v: &str) -> f64 {
+    let v = v.trim();
+    let (num, scale) = if let Some(n) = v.strip_suffix("us") {
+        (n, 0.001)
+    } else if let Some(n) = v.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1000.0)
+    } else {
+        (v, 1.0)
+    };
+    num.trim().parse::<f64>().unwrap_or(f64::NAN) * scale
+}
+
+/// wrk for `seconds` with the settings' connections, pinned to the client CPUs.
+fn wrk(
+    s: &Settings,
+    url: &str,
+    token: Option<&str>,
+    script: Option<(&Path, &Path)>,
+    secs: u64,
+) -> Run {
+    let mut args = vec![
+        "-c".to_string(),
+        s.connections.to_string(),
+        "-t".into(),
+        "1".into(),
+        "-d".into(),
+        format!("{secs}s"),
+        "--latency".into(),
+        "--timeout".into(),
+        "5s".into(),
+    ];
+    let mut c = Command::new("taskset");
+    c.arg("-c").arg(&s.client_cpus).arg("wrk");
+    if let Some(t) = token {
+        args.push("-H".into());
+        args.push(format!("Authorization: Bearer {t}"));
+    }
+    if let Some((lua, tokens)) = script {
+        args.push("-s".into());
+        args.push(lua.display().to_string());
+        c.env("TOKENS_FILE", tokens);
+    }
+    args.push(url.into());
+    let out = c.args(&args).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    parse_wrk(&text)
+}
+
+fn parse_wrk(text: &str) -> Run {
+    let mut r = Run::default();
+    let mut in_dist = false;
+    for line in text.lines() {
+        let t = line.trim();
+        if t.starts_with("Latency Distribution") {
+            in_dist = true;
+            continue;
+        }
+        if in_dist {
+            if let Some(v) = t.strip_prefix("50%") {
+                r.p50_ms = parse_duration_ms(v);
+            } else if let Some(v) = t.strip_prefix("99%") {
+                r.p99_ms = parse_duration_ms(v);
+                in_dist = false;
+            }
+        }
+        if let Some(v) = t.strip_prefix("Requests/sec:") {
+            r.rps = v.trim().parse().unwrap_or(0.0);
+        }
+        if let Some(v) = t.strip_prefix("Non-2xx or 3xx responses:") {
+            r.errors += v.trim().parse::<u64>().unwrap_or(0);
+        }
+        if let Some(v) = t.strip_prefix("Socket errors:") {
+            r.errors += v
+                .split(',')
+                .filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+    }
+    if r.rps == 0.0 {
+        eprintln!("wrk printed nothing usable:\n{text}");
+    }
+    r
+}
+
+/// hey at a fixed total rate (coordinated-omission-free enough at well below saturation).
+fn hey(s: &Settings, url: &str, token: Option<&str>, rate: f64, secs: u64) -> Run {
+    let workers = 16usize;
+    let per_worker = (rate / workers as f64).max(1.0).round();
+    let mut c = Command::new("taskset");
+    c.arg("-c")
+        .arg(&s.client_cpus)
+        .arg("hey")
+        .args(["-z", &format!("{secs}s"), "-c", &workers.to_string()])
+        .args(["-q", &format!("{per_worker}")]);
+    if let Some(t) = token {
+        c.args(["-H", &format!("Authorization: Bearer {t}")]);
+    }
+    let out = c.arg(url).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut r = Run::default();
+    for line in text.lines() {
+        let t = line.trim();
+        if let Some(v) = t.strip_prefix("Requests/sec:") {
+            r.rps = v.trim().parse().unwrap_or(0.0);
+        }
+        for (pct, slot) in [("50% in ", &mut r.p50_ms), ("99% in ", &mut r.p99_ms)] {
+            if let Some(v) = t.strip_prefix(pct) {
+                *slot = v
+                    .trim_end_matches("secs")
+                    .trim()
+                    .parse::<f64>()
+                    .unwrap_or(f64::NAN)
+                    * 1000.0;
+            }
+        }
+        if t.starts_with('[') && t.contains("responses") && !t.starts_with("[200]") {
+            r.errors += t
+                .split_whitespace()
+                .nth(1)
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    if text.contains("Error distribution:") {
+        r.errors += 1;
+    }
+    r
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn read_key(name: &str) -> Vec<u8> {
+    std::fs::read(keys_dir().join(name)).unwrap()
+}
+
+#[derive(Clone, Copy)]
+struct Alg {
+    name: &'static str,
+    kid: &'static str,
+    alg: Algorithm,
+}
+
+const ALGS: [Alg; 3] = [
+    Alg {
+        name: "RS256",
+        kid: "rs1",
+        alg: Algorithm::RS256,
+    },
+    Alg {
+        name: "ES256",
+        kid: "es1",
+        alg: Algorithm::ES256,
+    },
+    Alg {
+        name: "HS256",
+        kid: "hs1",
+        alg: Algorithm::HS256,
+    },
+];
+
+fn encoding_key(a: Alg) -> EncodingKey {
+    match a.alg {
+        Algorithm::RS256 => EncodingKey::from_rsa_pem(&read_key("rs256.pem")).unwrap(),
+        Algorithm::ES256 => EncodingKey::from_ec_pem(&read_key("es256.pem")).unwrap(),
+        _ => EncodingKey::from_secret(read_key("hs256.secret").trim_ascii_end()).unwrap(),
+    }
+}
+
+/// An access token shaped like fhir-edge's own (scope = the tenant GUID, as in the Teams flow).
+fn mint(key: &EncodingKey, a: Alg, tenant_index: usize, n: usize) -> String {
+    let mut h = Header::new(a.alg);
+    h.kid = Some(a.kid.into());
+    h.typ = Some("at+jwt".into());
+    let t = now();
+    let claims = json!({
+        "iss": ISSUER, "aud": AUDIENCE, "sub": "bench-client", "client_id": "bench-client",
+        "iat": t, "exp": t + 7200, "jti": format!("bench-{n}"), "scope": tenant(tenant_index),
+    });
+    encode(&h, &claims, key).unwrap()
+}
+
+fn bundle(base: &str) -> String {
+    let patient = |id: &str, family: &str| {
+        json!({
+            "fullUrl": format!("{base}/Patient/{id}"),
+            "resource": {
+                "resourceType": "Patient", "id": id,
+                "meta": {"versionId": "1", "lastUpdated": "2026-11-01T10:00:00Z"},
+                "identifier": [{"system": "urn:oid:2.16.840.1.113883.4.1", "value": "999-00-1234"}],
+                "name": [{"use": "official", "family": family, "given": ["Alex", "J"]}],
+                "gender": "female", "birthDate": "1970-01-01",
+                "address": [{"line": ["1 Synthetic Way"], "city": "Springfield", "state": "MA", "postalCode": "01101"}],
+                "telecom": [{"system": "phone", "value": "555-0100", "use": "home"}]
+            },
+            "search": {"mode": "match"}
+        })
+    };
+    let doc = json!({
+        "resourceType": "Bundle", "id": "bench-search", "type": "searchset", "total": 4,
+        "link": [
+            {"relation": "self", "url": format!("{base}/Patient?family=Synthetic&_count=2")},
+            {"relation": "next", "url": format!("{base}/Patient?family=Synthetic&_count=2&_page_token=Zm9vYmFy")}
+        ],
+        "entry": [patient("bench-1", "Synthetic"), patient("bench-2", "Example"), patient("bench-3", "Sample"), patient("bench-4", "Demo")]
+    });
+    serde_json::to_string_pretty(&doc).unwrap()
+}
+
+struct Upstream {
+    _proc: Proc,
+    port: u16,
+}
+
+fn start_upstream(s: &Settings) -> Upstream {
+    let port = free_port();
+    std::fs::create_dir_all(s.dir.join("www")).unwrap();
+    std::fs::create_dir_all(s.dir.join("tmp")).unwrap();
+    let body = bundle(&format!("http://127.0.0.1:{port}/fhir"));
+    std::fs::write(s.dir.join("www/bundle.json"), &body).unwrap();
+    let conf = s.dir.join("upstream-nginx.conf");
+    std::fs::write(
+        &conf,
+        fill(
+            &template("upstream-nginx.conf"),
+            &[
+                ("DIR", s.dir.display().to_string()),
+                ("PORT", port.to_string()),
+            ],
+        ),
+    )
+    .unwrap();
+    let mut p = spawn(
+        s,
+        "upstream-nginx",
+        &s.client_cpus,
+        &[
+            "nginx".into(),
+            "-c".into(),
+            conf.display().to_string(),
+            "-e".into(),
+            s.dir.join("upstream-nginx.error.log").display().to_string(),
+        ],
+        &[],
+    );
+    wait_ready(&mut p, port, "/fhir/Patient", None, s);
+    println!(
+        "upstream: nginx, static {}-byte searchset Bundle on 127.0.0.1:{port}",
+        body.len()
+    );
+    Upstream { _proc: p, port }
+}
+
+fn routes_yaml(n: usize, upstream_port: u16, name_prefix: &str) -> String {
+    let mut out = String::with_capacity(n * 100);
+    out.push_str("tenants:\n");
+    for i in 0..n {
+        let _ = writeln!(
+            out,
+            "  {}:\n    name: {name_prefix}{i}\n    upstream: \"http://127.0.0.1:{upstream_port}/fhir\"",
+            tenant(i)
+        );
+    }
+    out
+}
+
+struct Edge {
+    proc: Proc,
+    port: u16,
+    admin: u16,
+    dir: PathBuf,
+}
+
+fn start_fhir_edge(s: &Settings, up: &Upstream, tenants: usize, cache: usize, tag: &str) -> Edge {
+    let dir = s.dir.join(format!("fhir-edge-{tag}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = free_port();
+    let admin = free_port();
+    std::fs::write(dir.join("routes.yaml"), routes_yaml(tenants, up.port, "t")).unwrap();
+    std::fs::write(dir.join("clients.yaml"), "clients: {}\n").unwrap();
+    std::fs::write(
+        dir.join("metadata.json"),
+        json!({"resourceType": "CapabilityStatement", "status": "active", "date": "2026-11-01",
+               "kind": "instance", "fhirVersion": "4.0.1", "format": ["json"],
+               "rest": [{"mode": "server"}]})
+        .to_string(),
+    )
+    .unwrap();
+    let conf = dir.join("fhir-edge.yaml");
+    std::fs::write(
+        &conf,
+        fill(
+            &template("fhir-edge.yaml"),
+            &[
+                ("DIR", dir.display().to_string()),
+                ("PORT", port.to_string()),
+                ("ADMIN_PORT", admin.to_string()),
+                ("THREADS", s.threads.to_string()),
+                ("TOKEN_CACHE", cache.to_string()),
+                ("ISSUER", ISSUER.into()),
+                ("AUDIENCE", AUDIENCE.into()),
+                ("KEYS", keys_dir().display().to_string()),
+            ],
+        ),
+    )
+    .unwrap();
+    let mut p = spawn(
+        s,
+        &format!("fhir-edge-{tag}"),
+        &s.proxy_cpus,
+        &[
+            env!("CARGO_BIN_EXE_fhir-edge").into(),
+            "run".into(),
+            "--config".into(),
+            conf.display().to_string(),
+        ],
+        &[],
+    );
+    wait_ready(&mut p, port, "/fhir/metadata", None, s);
+    Edge {
+        proc: p,
+        port,
+        admin,
+        dir,
+    }
+}
+
+fn start_nginx_proxy(s: &Settings, up: &Upstream) -> (Proc, u16) {
+    let port = free_port();
+    let conf = s.dir.join("nginx-proxy.conf");
+    std::fs::write(
+        &conf,
+        fill(
+            &template("nginx-proxy.conf"),
+            &[
+                ("DIR", s.dir.display().to_string()),
+                ("PORT", port.to_string()),
+                ("UPSTREAM_PORT", up.port.to_string()),
+                ("THREADS", s.threads.to_string()),
+            ],
+        ),
+    )
+    .unwrap();
+    let mut p = spawn(
+        s,
+        "nginx-proxy",
+        &s.proxy_cpus,
+        &[
+            "nginx".into(),
+            "-c".into(),
+            conf.display().to_string(),
+            "-e".into(),
+            s.dir.join("nginx-proxy.error.log").display().to_string(),
+        ],
+        &[],
+    );
+    wait_ready(&mut p, port, "/fhir/Patient", None, s);
+    (p, port)
+}
+
+fn start_haproxy(s: &Settings, up: &Upstream) -> (Proc, u16) {
+    let port = free_port();
+    let mut map = String::new();
+    let mut backends = String::new();
+    for i in 0..TENANTS {
+        let _ = writeln!(map, "{} t{i}", tenant(i));
+        let _ = writeln!(
+            backends,
+            "\nbackend t{i}\n    server up 127.0.0.1:{}",
+            up.port
+        );
+    }
+    std::fs::write(s.dir.join("tenants.map"), map).unwrap();
+    let secret = String::from_utf8(read_key("hs256.secret"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let conf = s.dir.join("haproxy.cfg");
+    let text = fill(
+        &template("haproxy.cfg"),
+        &[
+            ("DIR", s.dir.display().to_string()),
+            ("PORT", port.to_string()),
+            ("UPSTREAM_PORT", up.port.to_string()),
+            ("THREADS", s.threads.to_string()),
+            ("KEYS", keys_dir().display().to_string()),
+            ("HS256_SECRET", secret),
+            ("ISSUER", ISSUER.into()),
+            ("AUDIENCE", AUDIENCE.into()),
+        ],
+    ) + &backends;
+    std::fs::write(&conf, text).unwrap();
+    let check = Command::new("haproxy")
+        .args(["-c", "-q", "-f"])
+        .arg(&conf)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "haproxy -c: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let mut p = spawn(
+        s,
+        "haproxy",
+        &s.proxy_cpus,
+        &[
+            "haproxy".into(),
+            "-db".into(),
+            "-f".into(),
+            conf.display().to_string(),
+        ],
+        &[],
+    );
+    wait_ready(&mut p, port, "/fhir/metadata", None, s);
+    (p, port)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The fhir-edge process itself (`sh -c exec` keeps the pid, so the child's pid is fhir-edge's).
+fn metric(admin: u16, series: &str) -> Option<f64> {
+    let mut s = TcpStream::connect(("127.0.0.1", admin)).ok()?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    buf.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+struct Tokens {
+    one: BTreeMap<&'static str, String>,
+    files: BTreeMap<&'static str, PathBuf>,
+}
+
+fn mint_all(s: &Settings) -> Tokens {
+    let started = Instant::now();
+    let mut one = BTreeMap::new();
+    let mut files = BTreeMap::new();
+    for a in ALGS {
+        let key = encoding_key(a);
+        one.insert(a.name, mint(&key, a, HOT_TENANT, 0));
+        let path = s.dir.join(format!("tokens-{}.txt", a.name));
+        let mut text = String::new();
+        for n in 0..s.unique_tokens {
+            text.push_str(&mint(&key, a, n % TENANTS, n + 1));
+            text.push('\n');
+        }
+        std::fs::write(&path, text).unwrap();
+        files.insert(a.name, path);
+    }
+    println!(
+        "minted 3 x {} unique tokens in {:.1} s",
+        s.unique_tokens,
+        started.elapsed().as_secs_f64()
+    );
+    Tokens { one, files }
+}
+
+struct Row {
+    peer: String,
+    tokens: String,
+    run: Run,
+}
+
+fn print_table(title: &str, rows: &[Row], direct_rps: f64) {
+    println!("\n{title}");
+    println!(
+        "| {:<22} | {:<14} | {:>9} | {:>8} | {:>8} | {:>8} | {:>6} |",
+        "peer", "tokens", "req/s", "p50 ms", "p99 ms", "/direct", "errors"
+    );
+    println!(
+        "|{:-<24}|{:-<16}|{:->11}|{:->10}|{:->10}|{:->10}|{:->8}|",
+        "", "", "", "", "", "", ""
+    );
+    for r in rows {
+        println!(
+            "| {:<22} | {:<14} | {:>9.0} | {:>8.2} | {:>8.2} | {:>8.2} | {:>6} |",
+            r.peer,
+            r.tokens,
+            r.run.rps,
+            r.run.p50_ms,
+            r.run.p99_ms,
+            r.run.rps / direct_rps,
+            r.run.errors
+        );
+    }
+}
+
+fn compare(s: &Settings) {
+    println!(
+        "\n== compare: {} s per run, {} connections, proxy on CPU {} ({} worker(s)), client+upstream on CPU {}",
+        s.seconds, s.connections, s.proxy_cpus, s.threads, s.client_cpus
+    );
+    let tokens = mint_all(s);
+    let lua = manifest().join("benches/load/tokens.lua");
+    let up = start_upstream(s);
+    let path = "/fhir/Patient?family=Synthetic&_count=2";
+    let mut rows: Vec<Row> = Vec::new();
+    let warm = |port: u16, token: Option<&str>| {
+        wrk(s, &format!("http://127.0.0.1:{port}{path}"), token, None, 2);
+    };
+
+    // direct
+    let direct = wrk(
+        s,
+        &format!("http://127.0.0.1:{}{path}", up.port),
+        Some(&tokens.one["RS256"]),
+        None,
+        s.seconds,
+    );
+    let direct_rps = direct.rps;
+    rows.push(Row {
+        peer: "direct (no proxy)".into(),
+        tokens: "-".into(),
+        run: direct.clone(),
+    });
+    let direct_unique = wrk(
+        s,
+        &format!("http://127.0.0.1:{}{path}", up.port),
+        None,
+        Some((&lua, &tokens.files["RS256"])),
+        s.seconds,
+    );
+    rows.push(Row {
+        peer: "direct (no proxy)".into(),
+        tokens: "per-request".into(),
+        run: direct_unique.clone(),
+    });
+
+    // nginx
+    {
+        let (_p, port) = start_nginx_proxy(s, &up);
+        warm(port, None);
+        let r = wrk(
+            s,
+            &format!("http://127.0.0.1:{port}{path}"),
+            Some(&tokens.one["RS256"]),
+            None,
+            s.seconds,
+        );
+        rows.push(Row {
+            peer: "nginx (no auth)".into(),
+            tokens: "-".into(),
+            run: r,
+        });
+        let r = wrk(
+            s,
+            &format!("http://127.0.0.1:{port}{path}"),
+            None,
+            Some((&lua, &tokens.files["RS256"])),
+            s.seconds,
+        );
+        rows.push(Row {
+            peer: "nginx (no auth)".into(),
+            tokens: "per-request".into(),
+            run: r,
+        });
+    }
+
+    // HAProxy with JWT
+    {
+        let (_p, port) = start_haproxy(s, &up);
+        assert_eq!(
+            status(port, path, None),
+            Some(401),
+            "HAProxy let a request without a token through"
+        );
+        assert_eq!(
+            status(port, path, Some("e30.e30.e30")),
+            Some(401),
+            "HAProxy accepted a garbage token"
+        );
+        for a in ALGS {
+            assert_eq!(
+                status(port, path, Some(&tokens.one[a.name])),
+                Some(200),
+                "HAProxy refused a good {} token",
+                a.name
+            );
+            warm(port, Some(&tokens.one[a.name]));
+            let r = wrk(
+                s,
+                &format!("http://127.0.0.1:{port}{path}"),
+                Some(&tokens.one[a.name]),
+                None,
+                s.seconds,
+            );
+            rows.push(Row {
+                peer: format!("haproxy-jwt {}", a.name),
+                tokens: "one".into(),
+                run: r,
+            });
+            let r = wrk(
+                s,
+                &format!("http://127.0.0.1:{port}{path}"),
+                None,
+                Some((&lua, &tokens.files[a.name])),
+                s.seconds,
+            );
+            rows.push(Row {
+                peer: format!("haproxy-jwt {}", a.name),
+                tokens: "per-request".into(),
+                run: r,
+            });
+        }
+    }
+
+    // fhir-edge: a 1,000-entry token cache against 5,000 tokens used in turn, so the per-request
+    // rows miss every time (the hit count is printed to prove it).
+    let edge_one = {
+        let e = start_fhir_edge(s, &up, TENANTS, 1_000, "compare");
+        let port = e.port;
+        assert_eq!(
+            status(port, path, None),
+            Some(401),
+            "fhir-edge let a request without a token through"
+        );
+        let mut one_rps = BTreeMap::new();
+        for a in ALGS {
+            assert_eq!(
+                status(port, path, Some(&tokens.one[a.name])),
+                Some(200),
+                "fhir-edge refused a good {} token",
+                a.name
+            );
+            warm(port, Some(&tokens.one[a.name]));
+            let r = wrk(
+                s,
+                &format!("http://127.0.0.1:{port}{path}"),
+                Some(&tokens.one[a.name]),
+                None,
+                s.seconds,
+            );
+            one_rps.insert(a.name, r.rps);
+            rows.push(Row {
+                peer: format!("fhir-edge {}", a.name),
+                tokens: "one".into(),
+                run: r,
+            });
+            let hits_before = metric(
+                e.admin,
+                r#"fhir_edge_token_cache_lookups_total{result="hit"}"#,
+            )
+            .unwrap_or(0.0);
+            let r = wrk(
+                s,
+                &format!("http://127.0.0.1:{port}{path}"),
+                None,
+                Some((&lua, &tokens.files[a.name])),
+                s.seconds,
+            );
+            let hits = metric(
+                e.admin,
+                r#"fhir_edge_token_cache_lookups_total{result="hit"}"#,
+            )
+            .unwrap_or(0.0)
+                - hits_before;
+            println!(
+                "fhir-edge {} per-request run: {:.0} requests, {hits:.0} cache hits",
+                a.name,
+                r.rps * s.seconds as f64
+            );
+            rows.push(Row {
+                peer: format!("fhir-edge {}", a.name),
+                tokens: "per-request".into(),
+                run: r,
+            });
+        }
+        println!(
+            "fhir-edge RSS after the runs: {} KiB",
+            rss_kib(e.proc.pid())
+        );
+        one_rps
+    };
+    print_table(
+        &format!(
+            "Throughput (wrk -t1 -c{} -d{}s; ratio to direct with one token)",
+            s.connections, s.seconds
+        ),
+        &rows,
+        direct_rps,
+    );
+
+    // Latency at a fixed rate: half of fhir-edge's RS256 maximum.
+    let rate = (edge_one["RS256"] / 2.0).floor();
+    println!(
+        "\n== latency at a fixed {rate:.0} req/s (hey, 16 workers, {} s)",
+        s.seconds
+    );
+    let mut lat: Vec<Row> = Vec::new();
+    lat.push(Row {
+        peer: "direct (no proxy)".into(),
+        tokens: "-".into(),
+        run: hey(
+            s,
+            &format!("http://127.0.0.1:{}{path}", up.port),
+            Some(&tokens.one["RS256"]),
+            rate,
+            s.seconds,
+        ),
+    });
+    {
+        let (_p, port) = start_nginx_proxy(s, &up);
+        warm(port, None);
+        lat.push(Row {
+            peer: "nginx (no auth)".into(),
+            tokens: "-".into(),
+            run: hey(
+                s,
+                &format!("http://127.0.0.1:{port}{path}"),
+                None,
+                rate,
+                s.seconds,
+            ),
+        });
+    }
+    {
+        let (_p, port) = start_haproxy(s, &up);
+        for a in ALGS {
+            warm(port, Some(&tokens.one[a.name]));
+            lat.push(Row {
+                peer: format!("haproxy-jwt {}", a.name),
+                tokens: "one".into(),
+                run: hey(
+                    s,
+                    &format!("http://127.0.0.1:{port}{path}"),
+                    Some(&tokens.one[a.name]),
+                    rate,
+                    s.seconds,
+                ),
+            });
+        }
+    }
+    {
+        let e = start_fhir_edge(s, &up, TENANTS, 1_000, "latency");
+        for a in ALGS {
+            warm(e.port, Some(&tokens.one[a.name]));
+            lat.push(Row {
+                peer: format!("fhir-edge {}", a.name),
+                tokens: "one".into(),
+                run: hey(
+                    s,
+                    &format!("http://127.0.0.1:{}{path}", e.port),
+                    Some(&tokens.one[a.name]),
+                    rate,
+                    s.seconds,
+                ),
+            });
+        }
+    }
+    let direct_p99 = lat[0].run.p99_ms;
+    println!(
+        "| {:<22} | {:>9} | {:>8} | {:>8} | {:>14} | {:>6} |",
+        "peer", "req/s", "p50 ms", "p99 ms", "p99 - direct", "errors"
+    );
+    println!(
+        "|{:-<24}|{:->11}|{:->10}|{:->10}|{:->16}|{:->8}|",
+        "", "", "", "", "", ""
+    );
+    for r in &lat {
+        println!(
+            "| {:<22} | {:>9.0} | {:>8.2} | {:>8.2} | {:>11.2} ms | {:>6} |",
+            r.peer,
+            r.run.rps,
+            r.run.p50_ms,
+            r.run.p99_ms,
+            r.run.p99_ms - direct_p99,
+            r.run.errors
+        );
+    }
+}
+
+fn tenants(s: &Settings) {
+    println!(
+        "\n== tenants: 10 vs 100,000 tenants (RS256, one token), reload of 100,000 under load, RSS"
+    );
+    let up = start_upstream(s);
+    let key = encoding_key(ALGS[0]);
+    let token = mint(&key, ALGS[0], 7, 0);
+    let path = "/fhir/Patient?family=Synthetic&_count=2";
+    let mut results = Vec::new();
+    for n in [10usize, 100_000] {
+        let started = Instant::now();
+        let e = start_fhir_edge(s, &up, n, 10_000, &format!("t{n}"));
+        let boot = started.elapsed();
+        assert_eq!(status(e.port, path, Some(&token)), Some(200));
+        wrk(
+            s,
+            &format!("http://127.0.0.1:{}{path}", e.port),
+            Some(&token),
+            None,
+            2,
+        );
+        let r = wrk(
+            s,
+            &format!("http://127.0.0.1:{}{path}", e.port),
+            Some(&token),
+            None,
+            s.seconds,
+        );
+        let rss = rss_kib(e.proc.pid());
+        println!(
+            "{n:>7} tenants: {:.0} req/s, p99 {:.2} ms, errors {}, RSS {} KiB ({:.1} MiB), ready after {:.2} s",
+            r.rps, r.p99_ms, r.errors, rss, rss as f64 / 1024.0, boot.as_secs_f64()
+        );
+        results.push((n, r.rps, rss));
+        if n == 100_000 {
+            // Rewrite the 100k-tenant table (every name changes) while wrk runs; time file write →
+            // new generation visible on the admin listener, and count failed requests.
+            let url = format!("http://127.0.0.1:{}{path}", e.port);
+            let load = {
+                let url = url.clone();
+                let token = token.clone();
+                let secs = s.seconds;
+                let s2 = s.clone();
+                std::thread::spawn(move || wrk(&s2, &url, Some(&token), None, secs))
+            };
+            std::thread::sleep(Duration::from_secs(s.seconds / 3));
+            let gen_series = r#"fhir_edge_config_generation{file="routes"}"#;
+            let before = metric(e.admin, gen_series).unwrap_or(0.0);
+            let text = routes_yaml(n, up.port, "renamed-");
+            let tmp = e.dir.join("routes.yaml.new");
+            std::fs::write(&tmp, text).unwrap();
+            let t0 = Instant::now();
+            std::fs::rename(&tmp, e.dir.join("routes.yaml")).unwrap();
+            let mut visible = None;
+            while t0.elapsed() < Duration::from_secs(10) {
+                if metric(e.admin, gen_series).unwrap_or(0.0) > before {
+                    visible = Some(t0.elapsed());
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let r = load.join().unwrap();
+            let log =
+                std::fs::read_to_string(s.dir.join("fhir-edge-t100000.log")).unwrap_or_default();
+            let line = log
+                .lines()
+                .rfind(|l| l.contains("routing table reloaded"))
+                .unwrap_or("(no reload logged)")
+                .to_string();
+            println!(
+                "reload of 100,000 tenants under load: visible {:.3} s after the rename (includes the {} ms debounce); log: {line}",
+                visible.map_or(f64::NAN, |d| d.as_secs_f64()),
+                150
+            );
+            println!(
+                "requests during the reload run: {:.0} req/s, {} errors, RSS after {} KiB",
+                r.rps,
+                r.errors,
+                rss_kib(e.proc.pid())
+            );
+        }
+    }
+    if let [(_, small, _), (_, big, _)] = results.as_slice() {
+        println!("100,000 / 10 tenants throughput ratio: {:.3}", big / small);
+    }
+}
+
+fn token_rate(s: &Settings) {
+    println!("\n== token endpoint: client_credentials, client_secret_post, ES256 tokens");
+    let up = start_upstream(s);
+    let e = start_fhir_edge(s, &up, TENANTS, 10_000, "token");
+    let out = Command::new(env!("CARGO_BIN_EXE_fhir-edge"))
+        .args(["clients", "--config"])
+        .arg(e.dir.join("fhir-edge.yaml"))
+        .args(["--json", "add", "--name", "bench", "--all-tenants"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("clients add: {}", String::from_utf8_lossy(&out.stderr)));
+    let id = v["client_id"].as_str().unwrap().to_string();
+    let secret = v["client_secret"].as_str().unwrap().to_string();
+    // Wait for the registry reload.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(e.admin, "fhir_edge_clients_registered").unwrap_or(0.0) < 1.0
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let lua = manifest().join("benches/load/token-request.lua");
+    let url = format!("http://127.0.0.1:{}/fhir/token", e.port);
+    let run = |secs: u64| {
+        let out = Command::new("taskset")
+            .arg("-c")
+            .arg(&s.client_cpus)
+            .arg("wrk")
+            .args([
+                "-t1",
+                &format!("-c{}", s.connections),
+                &format!("-d{secs}s"),
+                "--latency",
+                "-s",
+            ])
+            .arg(&lua)
+            .arg(&url)
+            .env("CLIENT_ID", &id)
+            .env("CLIENT_SECRET", &secret)
+            .env("SCOPE", tenant(3))
+            .output()
+            .unwrap();
+        parse_wrk(&String::from_utf8_lossy(&out.stdout))
+    };
+    run(2);
+    let r = run(s.seconds);
+    let issued = metric(
+        e.admin,
+        &format!(r#"fhir_edge_tokens_issued_total{{client="{id}"}}"#),
+    )
+    .unwrap_or(0.0);
+    println!(
+        "token endpoint on {} proxy CPU(s): {:.0} tokens/s ({:.0} per core), p99 {:.2} ms, errors {}, tokens issued in all {issued:.0}",
+        s.threads, r.rps, r.rps / s.threads as f64, r.p99_ms, r.errors
+    );
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; anything else not starting with `-` is a mode.
+    let modes: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    for tool in ["wrk", "hey", "nginx", "haproxy", "taskset"] {
+        let found = Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {tool}"))
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            eprintln!("the load harness needs {tool}: apt-get install wrk hey nginx-light haproxy util-linux");
+            std::process::exit(2);
+        }
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("fhir-edge-load-")
+        .tempdir()
+        .unwrap();
+    let proxy_cpus = env_or("PROXY_CPUS", "1");
+    let threads = proxy_cpus
+        .split(',')
+        .map(|p| match p.split_once('-') {
+            Some((a, b)) => b.parse::<usize>().unwrap() - a.parse::<usize>().unwrap() + 1,
+            None => 1,
+        })
+        .sum();
+    let s = Settings {
+        seconds: env_or("LOAD_SECONDS", "10").parse().unwrap(),
+        connections: env_or("LOAD_CONNECTIONS", "64").parse().unwrap(),
+        proxy_cpus,
+        client_cpus: env_or("CLIENT_CPUS", "0"),
+        threads,
+        unique_tokens: env_or("UNIQUE_TOKENS", "5000").parse().unwrap(),
+        dir: dir.path().to_path_buf(),
+    };
+    println!("fhir-edge load harness; work directory {}", s.dir.display());
+    let all = modes.is_empty();
+    let want = |m: &str| all || modes.iter().any(|x| x == m);
+    if want("compare") {
+        compare(&s);
+    }
+    if want("tenants") {
+        tenants(&s);
+    }
+    if want("token") {
+        token_rate(&s);
+    }
+    if std::env::var_os("LOAD_KEEP").is_some() {
+        println!("kept {}", dir.keep().display());
+    }
+}
