@@ -8,8 +8,13 @@
 //! cargo bench --bench load -- token        # token endpoint rate
 //! ```
 //! Needs `wrk`, `hey`, `nginx`, `haproxy` and `taskset` (Debian: `apt-get install wrk hey nginx-light
-//! haproxy util-linux`). Environment: `LOAD_SECONDS` (10), `LOAD_CONNECTIONS` (64), `PROXY_CPUS` ("1"),
-//! `CLIENT_CPUS` ("0"), `UNIQUE_TOKENS` (5000), `LOAD_KEEP` (keep the work directory).
+//! haproxy util-linux`). Environment: `LOAD_SECONDS` (5, per run), `LOAD_ROUNDS` (3), `LOAD_CONNECTIONS`
+//! (64), `PROXY_CPUS` ("1"), `CLIENT_CPUS` ("0"), `UNIQUE_TOKENS` (5000), `LOAD_KEEP` (keep the work
+//! directory).
+//!
+//! Machines like the 2-core build VMs drift by ±20 % from one run to the next, so every case runs
+//! `LOAD_ROUNDS` times, interleaved with the others (all peers stay up side by side), and the table
+//! shows medians.
 //!
 //! How it runs: the proxy under test (fhir-edge, nginx or HAProxy, one worker per proxy CPU) is pinned
 //! to `PROXY_CPUS`; the load generator and the upstream (nginx serving a static ~2 KB FHIR Bundle) share
@@ -74,6 +79,7 @@ fn template(name: &str) -> String {
 struct Settings {
     seconds: u64,
     connections: usize,
+    rounds: usize,
     proxy_cpus: String,
     client_cpus: String,
     threads: usize,
@@ -383,7 +389,7 @@ fn bundle(base: &str) -> String {
             {"relation": "self", "url": format!("{base}/Patient?family=Synthetic&_count=2")},
             {"relation": "next", "url": format!("{base}/Patient?family=Synthetic&_count=2&_page_token=Zm9vYmFy")}
         ],
-        "entry": [patient("bench-1", "Synthetic"), patient("bench-2", "Example"), patient("bench-3", "Sample"), patient("bench-4", "Demo")]
+        "entry": [patient("bench-1", "Synthetic"), patient("bench-2", "Example")]
     });
     serde_json::to_string_pretty(&doc).unwrap()
 }
@@ -463,7 +469,8 @@ fn start_fhir_edge(s: &Settings, up: &Upstream, tenants: usize, cache: usize, ta
         dir.join("metadata.json"),
         json!({"resourceType": "CapabilityStatement", "status": "active", "date": "2026-11-01",
                "kind": "instance", "fhirVersion": "4.0.1", "format": ["json"],
-               "rest": [{"mode": "server"}]})
+               "rest": [{"mode": "server", "resource": [{"type": "Patient",
+                   "interaction": [{"code": "read"}, {"code": "search-type"}]}]}]})
         .to_string(),
     )
     .unwrap();
@@ -684,268 +691,233 @@ fn print_table(title: &str, rows: &[Row], direct_rps: f64) {
     }
 }
 
+/// What a case sends.
+#[derive(Clone)]
+enum Auth {
+    /// The same token on every request (or none, for peers that ignore it).
+    One(Option<String>),
+    /// The next token from this file on each request (wrk Lua script).
+    PerRequest(PathBuf),
+}
+
+struct Case {
+    peer: String,
+    tokens: &'static str,
+    port: u16,
+    auth: Auth,
+    /// The fhir-edge admin port, to count token-cache hits during this case's runs.
+    admin: Option<u16>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Median of each field over the rounds; errors are summed.
+fn combine(runs: &[Run]) -> Run {
+    Run {
+        rps: median(runs.iter().map(|r| r.rps).collect()),
+        p50_ms: median(runs.iter().map(|r| r.p50_ms).collect()),
+        p99_ms: median(runs.iter().map(|r| r.p99_ms).collect()),
+        errors: runs.iter().map(|r| r.errors).sum(),
+    }
+}
+
+const HITS: &str = r#"fhir_edge_token_cache_lookups_total{result="hit"}"#;
+
 fn compare(s: &Settings) {
     println!(
-        "\n== compare: {} s per run, {} connections, proxy on CPU {} ({} worker(s)), client+upstream on CPU {}",
-        s.seconds, s.connections, s.proxy_cpus, s.threads, s.client_cpus
+        "\n== compare: {} rounds x {} s per case (interleaved), {} connections, proxies on CPU {} ({} worker(s)), client+upstream on CPU {}",
+        s.rounds, s.seconds, s.connections, s.proxy_cpus, s.threads, s.client_cpus
     );
     let tokens = mint_all(s);
     let lua = manifest().join("benches/load/tokens.lua");
     let up = start_upstream(s);
     let path = "/fhir/Patient?family=Synthetic&_count=2";
-    let mut rows: Vec<Row> = Vec::new();
-    let warm = |port: u16, token: Option<&str>| {
-        wrk(s, &format!("http://127.0.0.1:{port}{path}"), token, None, 2);
-    };
-
-    // direct
-    let direct = wrk(
-        s,
-        &format!("http://127.0.0.1:{}{path}", up.port),
-        Some(&tokens.one["RS256"]),
-        None,
-        s.seconds,
-    );
-    let direct_rps = direct.rps;
-    rows.push(Row {
-        peer: "direct (no proxy)".into(),
-        tokens: "-".into(),
-        run: direct.clone(),
-    });
-    let direct_unique = wrk(
-        s,
-        &format!("http://127.0.0.1:{}{path}", up.port),
-        None,
-        Some((&lua, &tokens.files["RS256"])),
-        s.seconds,
-    );
-    rows.push(Row {
-        peer: "direct (no proxy)".into(),
-        tokens: "per-request".into(),
-        run: direct_unique.clone(),
-    });
-
-    // nginx
-    {
-        let (_p, port) = start_nginx_proxy(s, &up);
-        warm(port, None);
-        let r = wrk(
-            s,
-            &format!("http://127.0.0.1:{port}{path}"),
-            Some(&tokens.one["RS256"]),
-            None,
-            s.seconds,
-        );
-        rows.push(Row {
-            peer: "nginx (no auth)".into(),
-            tokens: "-".into(),
-            run: r,
-        });
-        let r = wrk(
-            s,
-            &format!("http://127.0.0.1:{port}{path}"),
-            None,
-            Some((&lua, &tokens.files["RS256"])),
-            s.seconds,
-        );
-        rows.push(Row {
-            peer: "nginx (no auth)".into(),
-            tokens: "per-request".into(),
-            run: r,
-        });
-    }
-
-    // HAProxy with JWT
-    {
-        let (_p, port) = start_haproxy(s, &up);
+    // All peers run side by side (idle ones cost nothing), so rounds can interleave them.
+    let (_nginx, nginx_port) = start_nginx_proxy(s, &up);
+    let (_haproxy, haproxy_port) = start_haproxy(s, &up);
+    // A 100-entry token cache against thousands of tokens used in turn: the per-request rows miss
+    // (the hits are counted and printed), the one-token rows hit.
+    let edge = start_fhir_edge(s, &up, TENANTS, 100, "compare");
+    for (name, port) in [("HAProxy", haproxy_port), ("fhir-edge", edge.port)] {
         assert_eq!(
             status(port, path, None),
             Some(401),
-            "HAProxy let a request without a token through"
+            "{name} let a request without a token through"
         );
         assert_eq!(
             status(port, path, Some("e30.e30.e30")),
             Some(401),
-            "HAProxy accepted a garbage token"
+            "{name} accepted a garbage token"
         );
         for a in ALGS {
             assert_eq!(
                 status(port, path, Some(&tokens.one[a.name])),
                 Some(200),
-                "HAProxy refused a good {} token",
+                "{name} refused a good {} token",
                 a.name
             );
-            warm(port, Some(&tokens.one[a.name]));
-            let r = wrk(
-                s,
-                &format!("http://127.0.0.1:{port}{path}"),
-                Some(&tokens.one[a.name]),
-                None,
-                s.seconds,
-            );
-            rows.push(Row {
-                peer: format!("haproxy-jwt {}", a.name),
-                tokens: "one".into(),
-                run: r,
+        }
+    }
+    let mut cases = vec![
+        Case {
+            peer: "direct (no proxy)".into(),
+            tokens: "-",
+            port: up.port,
+            auth: Auth::One(Some(tokens.one["RS256"].clone())),
+            admin: None,
+        },
+        Case {
+            peer: "direct (no proxy)".into(),
+            tokens: "per-request",
+            port: up.port,
+            auth: Auth::PerRequest(tokens.files["RS256"].clone()),
+            admin: None,
+        },
+        Case {
+            peer: "nginx (no auth)".into(),
+            tokens: "-",
+            port: nginx_port,
+            auth: Auth::One(None),
+            admin: None,
+        },
+        Case {
+            peer: "nginx (no auth)".into(),
+            tokens: "per-request",
+            port: nginx_port,
+            auth: Auth::PerRequest(tokens.files["RS256"].clone()),
+            admin: None,
+        },
+    ];
+    for (peer, port, admin) in [
+        ("haproxy-jwt", haproxy_port, None),
+        ("fhir-edge", edge.port, Some(edge.admin)),
+    ] {
+        for a in ALGS {
+            cases.push(Case {
+                peer: format!("{peer} {}", a.name),
+                tokens: "one",
+                port,
+                auth: Auth::One(Some(tokens.one[a.name].clone())),
+                admin,
             });
-            let r = wrk(
-                s,
-                &format!("http://127.0.0.1:{port}{path}"),
-                None,
-                Some((&lua, &tokens.files[a.name])),
-                s.seconds,
-            );
-            rows.push(Row {
-                peer: format!("haproxy-jwt {}", a.name),
-                tokens: "per-request".into(),
-                run: r,
+            cases.push(Case {
+                peer: format!("{peer} {}", a.name),
+                tokens: "per-request",
+                port,
+                auth: Auth::PerRequest(tokens.files[a.name].clone()),
+                admin,
             });
         }
     }
-
-    // fhir-edge: a 1,000-entry token cache against 5,000 tokens used in turn, so the per-request
-    // rows miss every time (the hit count is printed to prove it).
-    let edge_one = {
-        let e = start_fhir_edge(s, &up, TENANTS, 1_000, "compare");
-        let port = e.port;
-        assert_eq!(
-            status(port, path, None),
-            Some(401),
-            "fhir-edge let a request without a token through"
-        );
-        let mut one_rps = BTreeMap::new();
-        for a in ALGS {
-            assert_eq!(
-                status(port, path, Some(&tokens.one[a.name])),
-                Some(200),
-                "fhir-edge refused a good {} token",
-                a.name
-            );
-            warm(port, Some(&tokens.one[a.name]));
-            let r = wrk(
-                s,
-                &format!("http://127.0.0.1:{port}{path}"),
-                Some(&tokens.one[a.name]),
-                None,
-                s.seconds,
-            );
-            one_rps.insert(a.name, r.rps);
-            rows.push(Row {
-                peer: format!("fhir-edge {}", a.name),
-                tokens: "one".into(),
-                run: r,
-            });
-            let hits_before = metric(
-                e.admin,
-                r#"fhir_edge_token_cache_lookups_total{result="hit"}"#,
-            )
-            .unwrap_or(0.0);
-            let r = wrk(
-                s,
-                &format!("http://127.0.0.1:{port}{path}"),
-                None,
-                Some((&lua, &tokens.files[a.name])),
-                s.seconds,
-            );
-            let hits = metric(
-                e.admin,
-                r#"fhir_edge_token_cache_lookups_total{result="hit"}"#,
-            )
-            .unwrap_or(0.0)
-                - hits_before;
-            println!(
-                "fhir-edge {} per-request run: {:.0} requests, {hits:.0} cache hits",
-                a.name,
-                r.rps * s.seconds as f64
-            );
-            rows.push(Row {
-                peer: format!("fhir-edge {}", a.name),
-                tokens: "per-request".into(),
-                run: r,
-            });
+    let run_case = |c: &Case, secs: u64| {
+        let url = format!("http://127.0.0.1:{}{path}", c.port);
+        match &c.auth {
+            Auth::One(t) => wrk(s, &url, t.as_deref(), None, secs),
+            Auth::PerRequest(f) => wrk(s, &url, None, Some((&lua, f)), secs),
         }
-        println!(
-            "fhir-edge RSS after the runs: {} KiB",
-            rss_kib(e.proc.pid())
-        );
-        one_rps
     };
+    for c in &cases {
+        run_case(c, 1); // warm-up: connections, pools, caches
+    }
+    let mut runs: Vec<Vec<Run>> = vec![Vec::new(); cases.len()];
+    let mut hits = vec![0.0; cases.len()];
+    for round in 0..s.rounds {
+        for (i, c) in cases.iter().enumerate() {
+            let before = c.admin.and_then(|a| metric(a, HITS)).unwrap_or(0.0);
+            let r = run_case(c, s.seconds);
+            hits[i] += c.admin.and_then(|a| metric(a, HITS)).unwrap_or(0.0) - before;
+            runs[i].push(r);
+        }
+        println!("round {} of {} done", round + 1, s.rounds);
+    }
+    for (c, h) in cases.iter().zip(&hits) {
+        if c.admin.is_some() && c.tokens == "per-request" {
+            println!(
+                "{} per-request: {h:.0} token-cache hits in all its rounds",
+                c.peer
+            );
+        }
+    }
+    println!(
+        "fhir-edge RSS after the runs: {} KiB",
+        rss_kib(edge.proc.pid())
+    );
+    let rows: Vec<Row> = cases
+        .iter()
+        .zip(&runs)
+        .map(|(c, r)| Row {
+            peer: c.peer.clone(),
+            tokens: c.tokens.into(),
+            run: combine(r),
+        })
+        .collect();
+    let direct_rps = rows[0].run.rps;
     print_table(
         &format!(
-            "Throughput (wrk -t1 -c{} -d{}s; ratio to direct with one token)",
-            s.connections, s.seconds
+            "Throughput (wrk -t1 -c{} -d{}s, median of {} interleaved rounds; ratio to direct with one token)",
+            s.connections, s.seconds, s.rounds
         ),
         &rows,
         direct_rps,
     );
-
-    // Latency at a fixed rate: half of fhir-edge's RS256 maximum.
-    let rate = (edge_one["RS256"] / 2.0).floor();
+    let find = |peer: &str, tokens: &str| {
+        rows.iter()
+            .find(|r| r.peer == peer && r.tokens == tokens)
+            .map_or(f64::NAN, |r| r.run.rps)
+    };
     println!(
-        "\n== latency at a fixed {rate:.0} req/s (hey, 16 workers, {} s)",
-        s.seconds
+        "\nRatios (targets: fhir-edge >= 1.3x HAProxy-JWT for RS256 and ES256, >= 0.8x nginx):"
     );
-    let mut lat: Vec<Row> = Vec::new();
-    lat.push(Row {
-        peer: "direct (no proxy)".into(),
-        tokens: "-".into(),
-        run: hey(
-            s,
-            &format!("http://127.0.0.1:{}{path}", up.port),
-            Some(&tokens.one["RS256"]),
-            rate,
-            s.seconds,
-        ),
-    });
-    {
-        let (_p, port) = start_nginx_proxy(s, &up);
-        warm(port, None);
-        lat.push(Row {
-            peer: "nginx (no auth)".into(),
-            tokens: "-".into(),
-            run: hey(
+    for a in ALGS {
+        for t in ["one", "per-request"] {
+            let e = find(&format!("fhir-edge {}", a.name), t);
+            println!(
+                "  {} {t:<11}: fhir-edge / haproxy-jwt = {:.2}, fhir-edge / nginx = {:.2}",
+                a.name,
+                e / find(&format!("haproxy-jwt {}", a.name), t),
+                e / find(
+                    "nginx (no auth)",
+                    if t == "one" { "-" } else { "per-request" }
+                )
+            );
+        }
+    }
+
+    // Latency at a fixed rate: half of fhir-edge's RS256 one-token maximum.
+    let rate = (find("fhir-edge RS256", "one") / 2.0).floor();
+    println!(
+        "\n== latency at a fixed {rate:.0} req/s (hey, 16 workers, median of {} interleaved rounds of {} s)",
+        s.rounds, s.seconds
+    );
+    let lat_cases: Vec<&Case> = cases.iter().filter(|c| c.tokens != "per-request").collect();
+    let mut lat_runs: Vec<Vec<Run>> = vec![Vec::new(); lat_cases.len()];
+    for _ in 0..s.rounds {
+        for (i, c) in lat_cases.iter().enumerate() {
+            let token = match &c.auth {
+                Auth::One(t) => t.clone(),
+                Auth::PerRequest(_) => None,
+            };
+            lat_runs[i].push(hey(
                 s,
-                &format!("http://127.0.0.1:{port}{path}"),
-                None,
+                &format!("http://127.0.0.1:{}{path}", c.port),
+                token.as_deref(),
                 rate,
                 s.seconds,
-            ),
-        });
-    }
-    {
-        let (_p, port) = start_haproxy(s, &up);
-        for a in ALGS {
-            warm(port, Some(&tokens.one[a.name]));
-            lat.push(Row {
-                peer: format!("haproxy-jwt {}", a.name),
-                tokens: "one".into(),
-                run: hey(
-                    s,
-                    &format!("http://127.0.0.1:{port}{path}"),
-                    Some(&tokens.one[a.name]),
-                    rate,
-                    s.seconds,
-                ),
-            });
+            ));
         }
     }
-    {
-        let e = start_fhir_edge(s, &up, TENANTS, 1_000, "latency");
-        for a in ALGS {
-            warm(e.port, Some(&tokens.one[a.name]));
-            lat.push(Row {
-                peer: format!("fhir-edge {}", a.name),
-                tokens: "one".into(),
-                run: hey(
-                    s,
-                    &format!("http://127.0.0.1:{}{path}", e.port),
-                    Some(&tokens.one[a.name]),
-                    rate,
-                    s.seconds,
-                ),
-            });
-        }
-    }
+    let lat: Vec<Row> = lat_cases
+        .iter()
+        .zip(&lat_runs)
+        .map(|(c, r)| Row {
+            peer: c.peer.clone(),
+            tokens: c.tokens.into(),
+            run: combine(r),
+        })
+        .collect();
     let direct_p99 = lat[0].run.p99_ms;
     println!(
         "| {:<22} | {:>9} | {:>8} | {:>8} | {:>14} | {:>6} |",
@@ -1143,8 +1115,9 @@ fn main() {
         })
         .sum();
     let s = Settings {
-        seconds: env_or("LOAD_SECONDS", "10").parse().unwrap(),
+        seconds: env_or("LOAD_SECONDS", "5").parse().unwrap(),
         connections: env_or("LOAD_CONNECTIONS", "64").parse().unwrap(),
+        rounds: env_or("LOAD_ROUNDS", "3").parse().unwrap(),
         proxy_cpus,
         client_cpus: env_or("CLIENT_CPUS", "0"),
         threads,

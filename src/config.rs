@@ -236,6 +236,7 @@ impl Default for FileLimits {
 #[serde(deny_unknown_fields, default)]
 struct FileServer {
     threads: usize,
+    work_stealing: bool,
     grace_period_seconds: u64,
     graceful_shutdown_timeout_seconds: u64,
     upstream_connect_timeout_ms: u64,
@@ -255,6 +256,7 @@ impl Default for FileServer {
     fn default() -> Self {
         FileServer {
             threads: 2,
+            work_stealing: false,
             grace_period_seconds: 5,
             graceful_shutdown_timeout_seconds: 5,
             upstream_connect_timeout_ms: 2_000,
@@ -332,6 +334,9 @@ pub struct Limits {
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
     pub threads: usize,
+    /// One work-stealing runtime for all worker threads (Pingora's default) instead of one runtime
+    /// per thread.
+    pub work_stealing: bool,
     pub grace_period_seconds: u64,
     pub graceful_shutdown_timeout_seconds: u64,
     pub upstream_keepalive_pool_size: usize,
@@ -800,6 +805,7 @@ fn validate_server(
     (
         Some(ServerSettings {
             threads: s.threads,
+            work_stealing: s.work_stealing,
             grace_period_seconds: s.grace_period_seconds,
             graceful_shutdown_timeout_seconds: s.graceful_shutdown_timeout_seconds,
             upstream_keepalive_pool_size: s.upstream_keepalive_pool_size,
