@@ -27,6 +27,10 @@ struct Cli {
     command: Option<Command>,
 }
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const DEFAULT_CONFIG: &str = "conf/fhir-edge.yaml";
 
 #[derive(Subcommand)]
