@@ -458,12 +458,29 @@ struct Edge {
     dir: PathBuf,
 }
 
+/// The same table written as JSON (valid YAML; fhir-edge parses it with serde_json).
+fn routes_json(n: usize, upstream_port: u16, name_prefix: &str) -> String {
+    let mut tenants = serde_json::Map::new();
+    for i in 0..n {
+        tenants.insert(
+            tenant(i),
+            json!({"name": format!("{name_prefix}{i}"),
+                   "upstream": format!("http://127.0.0.1:{upstream_port}/fhir")}),
+        );
+    }
+    serde_json::to_string_pretty(&json!({ "tenants": tenants })).unwrap()
+}
+
 fn start_fhir_edge(s: &Settings, up: &Upstream, tenants: usize, cache: usize, tag: &str) -> Edge {
+    start_fhir_edge_with(s, routes_yaml(tenants, up.port, "t"), cache, tag)
+}
+
+fn start_fhir_edge_with(s: &Settings, routes: String, cache: usize, tag: &str) -> Edge {
     let dir = s.dir.join(format!("fhir-edge-{tag}"));
     std::fs::create_dir_all(&dir).unwrap();
     let port = free_port();
     let admin = free_port();
-    std::fs::write(dir.join("routes.yaml"), routes_yaml(tenants, up.port, "t")).unwrap();
+    std::fs::write(dir.join("routes.yaml"), routes).unwrap();
     std::fs::write(dir.join("clients.yaml"), "clients: {}\n").unwrap();
     std::fs::write(
         dir.join("metadata.json"),
@@ -949,9 +966,12 @@ fn tenants(s: &Settings) {
     let token = mint(&key, ALGS[0], 7, 0);
     let path = "/fhir/Patient?family=Synthetic&_count=2";
     let mut results = Vec::new();
-    for n in [10usize, 100_000] {
+    for (n, json) in [(10usize, false), (100_000, false), (100_000, true)] {
+        let form = if json { "JSON" } else { "YAML" };
+        let tag = format!("t{n}-{form}");
+        let routes = if json { routes_json } else { routes_yaml };
         let started = Instant::now();
-        let e = start_fhir_edge(s, &up, n, 10_000, &format!("t{n}"));
+        let e = start_fhir_edge_with(s, routes(n, up.port, "t"), 10_000, &tag);
         let boot = started.elapsed();
         assert_eq!(status(e.port, path, Some(&token)), Some(200));
         wrk(
@@ -970,10 +990,10 @@ fn tenants(s: &Settings) {
         );
         let rss = rss_kib(e.proc.pid());
         println!(
-            "{n:>7} tenants: {:.0} req/s, p99 {:.2} ms, errors {}, RSS {} KiB ({:.1} MiB), ready after {:.2} s",
+            "{n:>7} tenants ({form}): {:.0} req/s, p99 {:.2} ms, errors {}, RSS {} KiB ({:.1} MiB), ready after {:.2} s",
             r.rps, r.p99_ms, r.errors, rss, rss as f64 / 1024.0, boot.as_secs_f64()
         );
-        results.push((n, r.rps, rss));
+        results.push((n, r.rps));
         if n == 100_000 {
             // Rewrite the 100k-tenant table (every name changes) while wrk runs; time file write →
             // new generation visible on the admin listener, and count failed requests.
@@ -988,7 +1008,7 @@ fn tenants(s: &Settings) {
             std::thread::sleep(Duration::from_secs(s.seconds / 3));
             let gen_series = r#"fhir_edge_config_generation{file="routes"}"#;
             let before = metric(e.admin, gen_series).unwrap_or(0.0);
-            let text = routes_yaml(n, up.port, "renamed-");
+            let text = routes(n, up.port, "renamed-");
             let tmp = e.dir.join("routes.yaml.new");
             std::fs::write(&tmp, text).unwrap();
             let t0 = Instant::now();
@@ -1002,15 +1022,15 @@ fn tenants(s: &Settings) {
                 std::thread::sleep(Duration::from_millis(5));
             }
             let r = load.join().unwrap();
-            let log =
-                std::fs::read_to_string(s.dir.join("fhir-edge-t100000.log")).unwrap_or_default();
+            let log = std::fs::read_to_string(s.dir.join(format!("fhir-edge-{tag}.log")))
+                .unwrap_or_default();
             let line = log
                 .lines()
                 .rfind(|l| l.contains("routing table reloaded"))
                 .unwrap_or("(no reload logged)")
                 .to_string();
             println!(
-                "reload of 100,000 tenants under load: visible {:.3} s after the rename (includes the {} ms debounce); log: {line}",
+                "reload of 100,000 tenants ({form}) under load: visible {:.3} s after the rename (includes the {} ms debounce); log: {line}",
                 visible.map_or(f64::NAN, |d| d.as_secs_f64()),
                 150
             );
@@ -1022,8 +1042,12 @@ fn tenants(s: &Settings) {
             );
         }
     }
-    if let [(_, small, _), (_, big, _)] = results.as_slice() {
-        println!("100,000 / 10 tenants throughput ratio: {:.3}", big / small);
+    if let [(_, small), (_, yaml), (_, json)] = results.as_slice() {
+        println!(
+            "100,000 / 10 tenants throughput ratio: {:.3} (YAML table), {:.3} (JSON table)",
+            yaml / small,
+            json / small
+        );
     }
 }
 

@@ -591,7 +591,11 @@ impl ProxyHttp for FhirEdge {
     ) -> Result<Box<HttpPeer>> {
         ctx.upstream_start = Some(Instant::now());
         match &ctx.route {
-            Some(r) => Ok(Box::new(r.upstream.peer.clone())),
+            Some(r) => {
+                let mut peer = r.upstream.peer.clone();
+                peer.group_key = r.group_key;
+                Ok(Box::new(peer))
+            }
             None => Error::e_explain(ErrorType::InternalError, "no upstream decided"),
         }
     }
