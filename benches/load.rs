@@ -959,94 +959,106 @@ fn compare(s: &Settings) {
 
 fn tenants(s: &Settings) {
     println!(
-        "\n== tenants: 10 vs 100,000 tenants (RS256, one token), reload of 100,000 under load, RSS"
+        "\n== tenants: 10 vs 100,000 tenants (RS256, one token; {} interleaved rounds x {} s, medians), reload of 100,000 under load, RSS",
+        s.rounds, s.seconds
     );
     let up = start_upstream(s);
     let key = encoding_key(ALGS[0]);
     let token = mint(&key, ALGS[0], 7, 0);
     let path = "/fhir/Patient?family=Synthetic&_count=2";
-    let mut results = Vec::new();
-    for (n, json) in [(10usize, false), (100_000, false), (100_000, true)] {
-        let form = if json { "JSON" } else { "YAML" };
+    type Routes = fn(usize, u16, &str) -> String;
+    let cases: [(usize, &str, Routes); 3] = [
+        (10, "YAML", routes_yaml),
+        (100_000, "YAML", routes_yaml),
+        (100_000, "JSON", routes_json),
+    ];
+    // All three side by side, so the rounds can be interleaved.
+    let mut edges = Vec::new();
+    for (n, form, routes) in cases {
         let tag = format!("t{n}-{form}");
-        let routes = if json { routes_json } else { routes_yaml };
         let started = Instant::now();
         let e = start_fhir_edge_with(s, routes(n, up.port, "t"), 10_000, &tag);
         let boot = started.elapsed();
         assert_eq!(status(e.port, path, Some(&token)), Some(200));
-        wrk(
-            s,
-            &format!("http://127.0.0.1:{}{path}", e.port),
-            Some(&token),
-            None,
-            2,
-        );
-        let r = wrk(
-            s,
-            &format!("http://127.0.0.1:{}{path}", e.port),
-            Some(&token),
-            None,
-            s.seconds,
-        );
-        let rss = rss_kib(e.proc.pid());
         println!(
-            "{n:>7} tenants ({form}): {:.0} req/s, p99 {:.2} ms, errors {}, RSS {} KiB ({:.1} MiB), ready after {:.2} s",
-            r.rps, r.p99_ms, r.errors, rss, rss as f64 / 1024.0, boot.as_secs_f64()
+            "{n:>7} tenants ({form}): serving {:.2} s after start, RSS {:.1} MiB",
+            boot.as_secs_f64(),
+            rss_kib(e.proc.pid()) as f64 / 1024.0
         );
-        results.push((n, r.rps));
-        if n == 100_000 {
-            // Rewrite the 100k-tenant table (every name changes) while wrk runs; time file write →
-            // new generation visible on the admin listener, and count failed requests.
+        edges.push((n, form, routes, tag, e));
+    }
+    let mut runs: Vec<Vec<Run>> = vec![Vec::new(); edges.len()];
+    for round in 0..s.rounds {
+        for (i, (_, _, _, _, e)) in edges.iter().enumerate() {
             let url = format!("http://127.0.0.1:{}{path}", e.port);
-            let load = {
-                let url = url.clone();
-                let token = token.clone();
-                let secs = s.seconds;
-                let s2 = s.clone();
-                std::thread::spawn(move || wrk(&s2, &url, Some(&token), None, secs))
-            };
-            std::thread::sleep(Duration::from_secs(s.seconds / 3));
-            let gen_series = r#"fhir_edge_config_generation{file="routes"}"#;
-            let before = metric(e.admin, gen_series).unwrap_or(0.0);
-            let text = routes(n, up.port, "renamed-");
-            let tmp = e.dir.join("routes.yaml.new");
-            std::fs::write(&tmp, text).unwrap();
-            let t0 = Instant::now();
-            std::fs::rename(&tmp, e.dir.join("routes.yaml")).unwrap();
-            let mut visible = None;
-            while t0.elapsed() < Duration::from_secs(10) {
-                if metric(e.admin, gen_series).unwrap_or(0.0) > before {
-                    visible = Some(t0.elapsed());
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(5));
+            if round == 0 {
+                wrk(s, &url, Some(&token), None, 1);
             }
-            let r = load.join().unwrap();
-            let log = std::fs::read_to_string(s.dir.join(format!("fhir-edge-{tag}.log")))
-                .unwrap_or_default();
-            let line = log
-                .lines()
-                .rfind(|l| l.contains("routing table reloaded"))
-                .unwrap_or("(no reload logged)")
-                .to_string();
-            println!(
-                "reload of 100,000 tenants ({form}) under load: visible {:.3} s after the rename (includes the {} ms debounce); log: {line}",
-                visible.map_or(f64::NAN, |d| d.as_secs_f64()),
-                150
-            );
-            println!(
-                "requests during the reload run: {:.0} req/s, {} errors, RSS after {} KiB",
-                r.rps,
-                r.errors,
-                rss_kib(e.proc.pid())
-            );
+            runs[i].push(wrk(s, &url, Some(&token), None, s.seconds));
         }
     }
-    if let [(_, small), (_, yaml), (_, json)] = results.as_slice() {
+    let mut rates = Vec::new();
+    for ((n, form, _, _, e), r) in edges.iter().zip(&runs) {
+        let r = combine(r);
+        println!(
+            "{n:>7} tenants ({form}): {:.0} req/s, p99 {:.2} ms, errors {}, RSS {:.1} MiB",
+            r.rps,
+            r.p99_ms,
+            r.errors,
+            rss_kib(e.proc.pid()) as f64 / 1024.0
+        );
+        rates.push(r.rps);
+    }
+    if let [small, yaml, json] = rates.as_slice() {
         println!(
             "100,000 / 10 tenants throughput ratio: {:.3} (YAML table), {:.3} (JSON table)",
             yaml / small,
             json / small
+        );
+    }
+    for (n, form, routes, tag, e) in edges.iter().skip(1) {
+        // Rewrite the whole table (every name changes) while wrk runs; time file rename → new
+        // generation visible on the admin listener, and count failed requests.
+        let url = format!("http://127.0.0.1:{}{path}", e.port);
+        let load = {
+            let url = url.clone();
+            let token = token.clone();
+            let secs = s.seconds;
+            let s2 = s.clone();
+            std::thread::spawn(move || wrk(&s2, &url, Some(&token), None, secs))
+        };
+        std::thread::sleep(Duration::from_secs(s.seconds / 3));
+        let gen_series = r#"fhir_edge_config_generation{file="routes"}"#;
+        let before = metric(e.admin, gen_series).unwrap_or(0.0);
+        let tmp = e.dir.join("routes.yaml.new");
+        std::fs::write(&tmp, routes(*n, up.port, "renamed-")).unwrap();
+        let t0 = Instant::now();
+        std::fs::rename(&tmp, e.dir.join("routes.yaml")).unwrap();
+        let mut visible = None;
+        while t0.elapsed() < Duration::from_secs(10) {
+            if metric(e.admin, gen_series).unwrap_or(0.0) > before {
+                visible = Some(t0.elapsed());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let r = load.join().unwrap();
+        let log =
+            std::fs::read_to_string(s.dir.join(format!("fhir-edge-{tag}.log"))).unwrap_or_default();
+        let line = log
+            .lines()
+            .rfind(|l| l.contains("routing table reloaded"))
+            .unwrap_or("(no reload logged)")
+            .to_string();
+        println!(
+            "reload of {n} tenants ({form}) under load: visible {:.3} s after the rename (includes the 150 ms debounce); log: {line}",
+            visible.map_or(f64::NAN, |d| d.as_secs_f64()),
+        );
+        println!(
+            "requests during that run: {:.0} req/s, {} errors, RSS after {:.1} MiB",
+            r.rps,
+            r.errors,
+            rss_kib(e.proc.pid()) as f64 / 1024.0
         );
     }
 }

@@ -127,8 +127,8 @@ impl<T: Loadable> Live<T> {
         match T::from_text(&self.path, &text, &self.ctx) {
             Ok(value) => {
                 let summary = value.summary();
-                // One store: every reader sees either the old value or the new one, whole.
-                self.current.store(Arc::new(value));
+                // One swap: every reader sees either the old value or the new one, whole.
+                let old = self.current.swap(Arc::new(value));
                 let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
                 self.last_success.store(unix_now(), Ordering::Relaxed);
                 log::info!(
@@ -136,6 +136,8 @@ impl<T: Loadable> Live<T> {
                     T::WHAT,
                     started.elapsed().as_millis()
                 );
+                // Freeing a large old table takes a while; the new one is already serving.
+                drop(old);
                 ReloadOutcome::Applied
             }
             Err(problems) => {

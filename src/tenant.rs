@@ -18,6 +18,11 @@ const HYPHENS: [usize; 4] = [8, 13, 18, 23];
 const GUID_LEN: usize = 36;
 
 impl TenantId {
+    /// The GUID's 128 bits.
+    pub const fn to_u128(self) -> u128 {
+        self.0
+    }
+
     /// Parses the canonical 8-4-4-4-12 form, hex digits in either case. Anything else is `None`.
     pub fn parse(s: &str) -> Option<TenantId> {
         let bytes = s.as_bytes();

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use crate::config::RouteDefaults;
 use crate::metrics::TenantLabel;
 use crate::problems::{whole_file, OrderedMap, Problems, Source};
-use crate::reload::{hash_text, Loadable};
+use crate::reload::Loadable;
 use crate::tenant::TenantId;
 use crate::upstream::{read_ca_file, Upstream, UpstreamUrl};
 
@@ -233,14 +233,6 @@ fn build_route(
             "must be 1-64 characters of A-Z a-z 0-9 - _ .".into(),
         ));
     }
-    let url = UpstreamUrl::parse(&spec.upstream).map_err(|m| err("upstream", &spec.upstream, m))?;
-    if !url.tls && !spec.tls_verify {
-        return Err(err(
-            "tls_verify",
-            "tls_verify",
-            "only applies to https upstreams".into(),
-        ));
-    }
     let mut upstream_headers = Vec::with_capacity(spec.upstream_headers.len());
     for (raw_name, raw_value) in &spec.upstream_headers {
         let name = HeaderName::from_bytes(raw_name.as_bytes()).map_err(|_| {
@@ -277,20 +269,21 @@ fn build_route(
         value.set_sensitive(true);
         upstream_headers.push((name, value));
     }
-    // Everything the upstream is built from; tenants that agree on all of it share one.
-    let key = format!(
-        "{}\n{}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
-        url.base_url(),
-        spec.tls_verify,
-        spec.sni,
-        spec.connect_timeout_ms,
-        spec.read_timeout_ms,
-        spec.link_bases,
-        spec.ca_file.as_ref().map(|c| dir.join(c)),
-    );
+    // Everything the upstream is built from, as written; tenants that agree on all of it share one
+    // (and only the first of them pays for parsing, validating and resolving it).
+    let key = upstream_key(spec);
     let upstream = match shared.get(&key) {
         Some(u) => Arc::clone(u),
         None => {
+            let url = UpstreamUrl::parse(&spec.upstream)
+                .map_err(|m| err("upstream", &spec.upstream, m))?;
+            if !url.tls && !spec.tls_verify {
+                return Err(err(
+                    "tls_verify",
+                    "tls_verify",
+                    "only applies to https upstreams".into(),
+                ));
+            }
             // Group 0 in the shared peer; each request's copy gets the tenant's group.
             let mut settings = defaults.peer_settings(0);
             settings.tls_verify = spec.tls_verify;
@@ -336,6 +329,35 @@ fn build_route(
     })
 }
 
+/// The fields of a tenant's entry that its [`Upstream`] is built from, joined unambiguously (no field
+/// can hold a NUL; absent and present fields differ by their tag).
+fn upstream_key(spec: &TenantSpec) -> String {
+    let mut k = String::with_capacity(spec.upstream.len() + 16);
+    k.push_str(&spec.upstream);
+    k.push_str(if spec.tls_verify { "\0v1" } else { "\0v0" });
+    if let Some(sni) = &spec.sni {
+        k.push_str("\0s");
+        k.push_str(sni);
+    }
+    if let Some(ms) = spec.connect_timeout_ms {
+        k.push_str("\0c");
+        k.push_str(&ms.to_string());
+    }
+    if let Some(ms) = spec.read_timeout_ms {
+        k.push_str("\0r");
+        k.push_str(&ms.to_string());
+    }
+    for b in &spec.link_bases {
+        k.push_str("\0l");
+        k.push_str(b);
+    }
+    if let Some(ca) = &spec.ca_file {
+        k.push_str("\0a");
+        k.push_str(ca);
+    }
+    k
+}
+
 fn timeout(ms: u64) -> Result<Duration, String> {
     if (1..=3_600_000).contains(&ms) {
         Ok(Duration::from_millis(ms))
@@ -347,9 +369,16 @@ fn timeout(ms: u64) -> Result<Duration, String> {
 /// One connection-pool group per tenant: Pingora pools upstream connections by address and TLS
 /// settings, so without this two tenants on one server would share keep-alive connections.
 fn group_key(t: TenantId) -> u64 {
-    let s = t.to_string();
-    // Any stable, well-spread value works; the tenant's own hash is simplest.
-    hash_text(&s) | 1
+    // Any value stable for the process and distinct per tenant works: a mix of the GUID's two halves
+    // (64 bits, so two of 100,000 tenants collide with probability ~3e-10, as with any 64-bit hash;
+    // never 0, which the shared peers carry).
+    let v = t.to_u128();
+    let mix = |mut z: u64| {
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    (mix(v as u64) ^ mix((v >> 64) as u64).rotate_left(17)) | 1
 }
 
 /// Replaces `${NAME}` with the environment variable `NAME`. A missing variable is an error that names
