@@ -87,7 +87,7 @@ impl RoutingTable {
         }
         let mut src = Source::new(path, text);
         // A table written as JSON (which is YAML too) is parsed by serde_json straight into the
-        // structs: ~10x faster and without the YAML loader's per-event buffer, which for 100,000
+        // structs: 2-5x faster and without the YAML loader's per-event buffer, which for 100,000
         // tenants is ~100 MB. Anything serde_json rejects goes to the YAML parser, whose messages
         // (with key paths) are the ones reported.
         let json = if text.trim_start().starts_with('{') {
