@@ -113,30 +113,31 @@ impl RoutingTable {
         let dir = path.parent().unwrap_or(Path::new("."));
         let mut routes: HashMap<TenantId, Arc<Route>> =
             HashMap::with_capacity(file.tenants.0.len());
-        let mut names: HashMap<String, TenantId> = HashMap::new();
+        let mut names: HashMap<&str, TenantId> = HashMap::with_capacity(file.tenants.0.len());
         let mut shared: HashMap<String, Arc<Upstream>> = HashMap::new();
-        for (raw, spec) in file.tenants.0 {
-            let key = format!("tenants.{raw}");
-            let Some(tenant) = TenantId::parse(&raw) else {
-                src.at(&raw, &key, "is not a tenant GUID in 8-4-4-4-12 form");
+        for (raw, spec) in &file.tenants.0 {
+            // Only needed for messages: built when there is one.
+            let key = || format!("tenants.{raw}");
+            let Some(tenant) = TenantId::parse(raw) else {
+                src.at(raw, key(), "is not a tenant GUID in 8-4-4-4-12 form");
                 continue;
             };
             if routes.contains_key(&tenant) {
                 src.at(
-                    &raw,
-                    &key,
+                    raw,
+                    key(),
                     format!("tenant {tenant} appears twice (GUIDs are case-insensitive)"),
                 );
                 continue;
             }
-            if let Some(first) = names.insert(spec.name.clone(), tenant) {
+            if let Some(first) = names.insert(&spec.name, tenant) {
                 src.at(
                     &spec.name,
-                    format!("{key}.name"),
+                    format!("{}.name", key()),
                     format!("name `{}` is already used by tenant {first}", spec.name),
                 );
             }
-            match build_route(tenant, &spec, dir, defaults, &mut shared) {
+            match build_route(tenant, spec, dir, defaults, &mut shared) {
                 Ok(route) => {
                     routes.insert(tenant, Arc::new(route));
                 }
@@ -146,7 +147,7 @@ impl RoutingTable {
                     } else {
                         needle
                     };
-                    src.at(&needle, format!("{key}.{field}"), message)
+                    src.at(&needle, format!("{}.{field}", key()), message)
                 }
             }
         }
