@@ -84,12 +84,17 @@ class Sekmet:
         return ids
 
     def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
+        stop_process(self.proc, self.log)
+
+
+def stop_process(proc, log):
+    """SIGTERM, then SIGKILL after 10 s; closes the process's log file."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
 
 
 def extra_resources(pid):
@@ -173,12 +178,7 @@ server:
         return (self.dir / "stderr.log").read_text()
 
     def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
+        stop_process(self.proc, self.log)
 
 
 class World:
