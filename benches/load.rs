@@ -10,7 +10,8 @@
 //! Needs `wrk`, `hey`, `nginx`, `haproxy` and `taskset` (Debian: `apt-get install wrk hey nginx-light
 //! haproxy util-linux`). Environment: `LOAD_SECONDS` (5, per run), `LOAD_ROUNDS` (3), `LOAD_CONNECTIONS`
 //! (64), `PROXY_CPUS` ("1"), `CLIENT_CPUS` ("0"), `UNIQUE_TOKENS` (5000), `LOAD_KEEP` (keep the work
-//! directory).
+//! directory), `FHIR_EDGE_BASELINE` (path to another fhir-edge binary, e.g. a copy of the previous
+//! build: `compare` then runs it beside this build as peer "baseline" and prints the ratios).
 //!
 //! Machines like the 2-core build VMs drift by ±20 % from one run to the next, so every case runs
 //! `LOAD_ROUNDS` times, interleaved with the others (all peers stay up side by side), and the table
@@ -476,6 +477,11 @@ fn start_fhir_edge(s: &Settings, up: &Upstream, tenants: usize, cache: usize, ta
 }
 
 fn start_fhir_edge_with(s: &Settings, routes: String, cache: usize, tag: &str) -> Edge {
+    start_fhir_edge_bin(s, env!("CARGO_BIN_EXE_fhir-edge"), routes, cache, tag)
+}
+
+/// `bin` is this build's binary, or the `FHIR_EDGE_BASELINE` build the compare mode runs beside it.
+fn start_fhir_edge_bin(s: &Settings, bin: &str, routes: String, cache: usize, tag: &str) -> Edge {
     let dir = s.dir.join(format!("fhir-edge-{tag}"));
     std::fs::create_dir_all(&dir).unwrap();
     let port = free_port();
@@ -514,7 +520,7 @@ fn start_fhir_edge_with(s: &Settings, routes: String, cache: usize, tag: &str) -
         &format!("fhir-edge-{tag}"),
         &s.proxy_cpus,
         &[
-            env!("CARGO_BIN_EXE_fhir-edge").into(),
+            bin.into(),
             "run".into(),
             "--config".into(),
             conf.display().to_string(),
@@ -758,6 +764,10 @@ fn compare(s: &Settings) {
     // A 100-entry token cache against thousands of tokens used in turn: the per-request rows miss
     // (the hits are counted and printed), the one-token rows hit.
     let edge = start_fhir_edge(s, &up, TENANTS, 100, "compare");
+    // Another build (e.g. the previous commit's) side by side, to judge a change in one run.
+    let baseline = std::env::var("FHIR_EDGE_BASELINE").ok().map(|bin| {
+        start_fhir_edge_bin(s, &bin, routes_yaml(TENANTS, up.port, "t"), 100, "baseline")
+    });
     for (name, port) in [("HAProxy", haproxy_port), ("fhir-edge", edge.port)] {
         assert_eq!(
             status(port, path, None),
@@ -808,10 +818,14 @@ fn compare(s: &Settings) {
             admin: None,
         },
     ];
-    for (peer, port, admin) in [
+    let mut peers = vec![
         ("haproxy-jwt", haproxy_port, None),
         ("fhir-edge", edge.port, Some(edge.admin)),
-    ] {
+    ];
+    if let Some(b) = &baseline {
+        peers.push(("baseline", b.port, Some(b.admin)));
+    }
+    for (peer, port, admin) in peers {
         for a in ALGS {
             cases.push(Case {
                 peer: format!("{peer} {}", a.name),
@@ -900,6 +914,20 @@ fn compare(s: &Settings) {
                     if t == "one" { "-" } else { "per-request" }
                 )
             );
+        }
+    }
+
+    if baseline.is_some() {
+        println!("\nThis build against FHIR_EDGE_BASELINE (same run, same config):");
+        for a in ALGS {
+            for t in ["one", "per-request"] {
+                println!(
+                    "  {} {t:<11}: fhir-edge / baseline = {:.2}",
+                    a.name,
+                    find(&format!("fhir-edge {}", a.name), t)
+                        / find(&format!("baseline {}", a.name), t)
+                );
+            }
         }
     }
 
@@ -1016,50 +1044,71 @@ fn tenants(s: &Settings) {
             json / small
         );
     }
+    // Rewrite the whole table (every name changes) under load, time file rename -> new generation
+    // visible on the admin listener (that includes the reload debounce, 150 ms by default, and the
+    // 25 ms settle check), and count failed requests. Twice per table form: with wrk saturating the
+    // proxy's one core (the reload thread then gets about half of it) and with hey at half of the
+    // 100,000-tenant rate (the headroom a proxy is run with).
+    let half = (rates.get(1).copied().unwrap_or(1000.0) / 2.0).floor();
+    let mut reload_round = 0;
     for (n, form, routes, tag, e) in edges.iter().skip(1) {
-        // Rewrite the whole table (every name changes) while wrk runs; time file rename → new
-        // generation visible on the admin listener, and count failed requests.
-        let url = format!("http://127.0.0.1:{}{path}", e.port);
-        let load = {
-            let url = url.clone();
-            let token = token.clone();
-            let secs = s.seconds;
-            let s2 = s.clone();
-            std::thread::spawn(move || wrk(&s2, &url, Some(&token), None, secs))
-        };
-        std::thread::sleep(Duration::from_secs(s.seconds / 3));
-        let gen_series = r#"fhir_edge_config_generation{file="routes"}"#;
-        let before = metric(e.admin, gen_series).unwrap_or(0.0);
-        let tmp = e.dir.join("routes.yaml.new");
-        std::fs::write(&tmp, routes(*n, up.port, "renamed-")).unwrap();
-        let t0 = Instant::now();
-        std::fs::rename(&tmp, e.dir.join("routes.yaml")).unwrap();
-        let mut visible = None;
-        while t0.elapsed() < Duration::from_secs(10) {
-            if metric(e.admin, gen_series).unwrap_or(0.0) > before {
-                visible = Some(t0.elapsed());
-                break;
+        for load_kind in ["saturating (wrk)", "half rate (hey)"] {
+            reload_round += 1;
+            let url = format!("http://127.0.0.1:{}{path}", e.port);
+            let load = {
+                let url = url.clone();
+                let token = token.clone();
+                let secs = s.seconds;
+                let s2 = s.clone();
+                let saturating = load_kind.starts_with("saturating");
+                std::thread::spawn(move || {
+                    if saturating {
+                        wrk(&s2, &url, Some(&token), None, secs)
+                    } else {
+                        hey(&s2, &url, Some(&token), half, secs)
+                    }
+                })
+            };
+            std::thread::sleep(Duration::from_secs(s.seconds / 3));
+            let gen_series = r#"fhir_edge_config_generation{file="routes"}"#;
+            let before = metric(e.admin, gen_series).unwrap_or(0.0);
+            let tmp = e.dir.join("routes.yaml.new");
+            // Alternate the names so that every reload changes every tenant.
+            let prefix = if reload_round % 2 == 1 {
+                "renamed-"
+            } else {
+                "t"
+            };
+            std::fs::write(&tmp, routes(*n, up.port, prefix)).unwrap();
+            let t0 = Instant::now();
+            std::fs::rename(&tmp, e.dir.join("routes.yaml")).unwrap();
+            let mut visible = None;
+            while t0.elapsed() < Duration::from_secs(10) {
+                if metric(e.admin, gen_series).unwrap_or(0.0) > before {
+                    visible = Some(t0.elapsed());
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
             }
-            std::thread::sleep(Duration::from_millis(5));
+            let r = load.join().unwrap();
+            let log = std::fs::read_to_string(s.dir.join(format!("fhir-edge-{tag}.log")))
+                .unwrap_or_default();
+            let line = log
+                .lines()
+                .rfind(|l| l.contains("routing table reloaded"))
+                .unwrap_or("(no reload logged)")
+                .to_string();
+            println!(
+                "reload of {n} tenants ({form}), load {load_kind}: visible {:.3} s after the rename (of which 0.175 s debounce + settle); log: {line}",
+                visible.map_or(f64::NAN, |d| d.as_secs_f64()),
+            );
+            println!(
+                "  requests during that run: {:.0} req/s, {} errors, RSS after {:.1} MiB",
+                r.rps,
+                r.errors,
+                rss_kib(e.proc.pid()) as f64 / 1024.0
+            );
         }
-        let r = load.join().unwrap();
-        let log =
-            std::fs::read_to_string(s.dir.join(format!("fhir-edge-{tag}.log"))).unwrap_or_default();
-        let line = log
-            .lines()
-            .rfind(|l| l.contains("routing table reloaded"))
-            .unwrap_or("(no reload logged)")
-            .to_string();
-        println!(
-            "reload of {n} tenants ({form}) under load: visible {:.3} s after the rename (includes the 150 ms debounce); log: {line}",
-            visible.map_or(f64::NAN, |d| d.as_secs_f64()),
-        );
-        println!(
-            "requests during that run: {:.0} req/s, {} errors, RSS after {:.1} MiB",
-            r.rps,
-            r.errors,
-            rss_kib(e.proc.pid()) as f64 / 1024.0
-        );
     }
 }
 
