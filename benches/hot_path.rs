@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the per-request work: JWT verification and signing (RS256, ES256, HS256),
 //! scope → tenant, routing-table lookup at 10, 1,000 and 100,000 tenants, and the whole
-//! authenticate-and-route decision with the token cache hit, missed and turned off.
+//! authenticate-and-route decision with the token cache hit, missed and turned off; and the CPU work
+//! of reloading a 100,000-tenant table.
 //!
 //! Every group name carries the JWT crypto backend it was built with, so the two backends can be
 //! compared: `cargo bench --bench hot_path` (aws-lc-rs, the default) and
@@ -110,7 +111,11 @@ fn table(n: usize) -> RoutingTable {
             1024 + i % 60000
         ));
     }
-    let defaults = RouteDefaults {
+    RoutingTable::from_text(&PathBuf::from("bench-routes.yaml"), &text, &defaults()).unwrap()
+}
+
+fn defaults() -> RouteDefaults {
+    RouteDefaults {
         connect_timeout: Duration::from_secs(1),
         read_timeout: Duration::from_secs(1),
         write_timeout: Duration::from_secs(1),
@@ -118,8 +123,42 @@ fn table(n: usize) -> RoutingTable {
         ca_der: None,
         public_base: "https://edge.bench/fhir".into(),
         tenant_label: fhir_edge::metrics::TenantLabel::Name,
-    };
-    RoutingTable::from_text(&PathBuf::from("bench-routes.yaml"), &text, &defaults).unwrap()
+    }
+}
+
+/// The change check before it read eight bytes per step (byte-wise FNV-1a): the baseline for
+/// `reload_100k/change_check`.
+fn fnv1a_bytewise(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The reload's CPU work for a 100,000-tenant table written as JSON the way `benches/load.rs` writes
+/// it (~12 MB, every tenant on the same upstream): the change check and parse + validate + build.
+fn bench_reload(c: &mut Criterion) {
+    let mut tenants = serde_json::Map::new();
+    for i in 0..100_000 {
+        tenants.insert(
+            tenant(i),
+            json!({"name": format!("t{i}"), "upstream": "http://127.0.0.1:8080/fhir"}),
+        );
+    }
+    let text = serde_json::to_string_pretty(&json!({ "tenants": tenants })).unwrap();
+    let path = PathBuf::from("bench-routes.json");
+    let defaults = defaults();
+    let mut g = c.benchmark_group("reload_100k");
+    g.sample_size(10);
+    g.bench_function("change_check", |b| {
+        b.iter(|| fhir_edge::reload::hash_text(black_box(&text)))
+    });
+    g.bench_function("change_check_fnv1a_bytewise_before", |b| {
+        b.iter(|| fnv1a_bytewise(black_box(&text)))
+    });
+    g.bench_function("parse_validate_build_json", |b| {
+        b.iter(|| RoutingTable::from_text(&path, black_box(&text), &defaults).unwrap())
+    });
+    g.finish();
 }
 
 fn bench_verify(c: &mut Criterion) {
@@ -238,6 +277,7 @@ criterion_group!(
     bench_sign,
     bench_scope,
     bench_lookup,
-    bench_decision
+    bench_decision,
+    bench_reload
 );
 criterion_main!(benches);
