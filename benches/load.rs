@@ -1052,15 +1052,18 @@ fn tenants(s: &Settings) {
     let half = (rates.get(1).copied().unwrap_or(1000.0) / 2.0).floor();
     let mut reload_round = 0;
     for (n, form, routes, tag, e) in edges.iter().skip(1) {
-        for load_kind in ["saturating (wrk)", "half rate (hey)"] {
+        for saturating in [true, false] {
+            let load_kind = if saturating {
+                "saturating (wrk)"
+            } else {
+                "half rate (hey)"
+            };
             reload_round += 1;
-            let url = format!("http://127.0.0.1:{}{path}", e.port);
             let load = {
-                let url = url.clone();
+                let url = format!("http://127.0.0.1:{}{path}", e.port);
                 let token = token.clone();
                 let secs = s.seconds;
                 let s2 = s.clone();
-                let saturating = load_kind.starts_with("saturating");
                 std::thread::spawn(move || {
                     if saturating {
                         wrk(&s2, &url, Some(&token), None, secs)
