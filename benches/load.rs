@@ -747,6 +747,19 @@ fn combine(runs: &[Run]) -> Run {
     }
 }
 
+/// One row per case: its runs combined into medians.
+fn table_rows<'a>(cases: impl IntoIterator<Item = &'a Case>, runs: &[Vec<Run>]) -> Vec<Row> {
+    cases
+        .into_iter()
+        .zip(runs)
+        .map(|(c, r)| Row {
+            peer: c.peer.clone(),
+            tokens: c.tokens.into(),
+            run: combine(r),
+        })
+        .collect()
+}
+
 const HITS: &str = r#"fhir_edge_token_cache_lookups_total{result="hit"}"#;
 
 fn compare(s: &Settings) {
@@ -876,15 +889,7 @@ fn compare(s: &Settings) {
         "fhir-edge RSS after the runs: {} KiB",
         rss_kib(edge.proc.pid())
     );
-    let rows: Vec<Row> = cases
-        .iter()
-        .zip(&runs)
-        .map(|(c, r)| Row {
-            peer: c.peer.clone(),
-            tokens: c.tokens.into(),
-            run: combine(r),
-        })
-        .collect();
+    let rows = table_rows(&cases, &runs);
     let direct_rps = rows[0].run.rps;
     print_table(
         &format!(
@@ -954,15 +959,7 @@ fn compare(s: &Settings) {
             ));
         }
     }
-    let lat: Vec<Row> = lat_cases
-        .iter()
-        .zip(&lat_runs)
-        .map(|(c, r)| Row {
-            peer: c.peer.clone(),
-            tokens: c.tokens.into(),
-            run: combine(r),
-        })
-        .collect();
+    let lat = table_rows(lat_cases.iter().copied(), &lat_runs);
     let direct_p99 = lat[0].run.p99_ms;
     println!(
         "| {:<22} | {:>9} | {:>8} | {:>8} | {:>14} | {:>6} |",
