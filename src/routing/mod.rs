@@ -114,7 +114,7 @@ impl RoutingTable {
         let mut routes: HashMap<TenantId, Arc<Route>> =
             HashMap::with_capacity(file.tenants.0.len());
         let mut names: HashMap<&str, TenantId> = HashMap::with_capacity(file.tenants.0.len());
-        let mut shared: HashMap<String, Arc<Upstream>> = HashMap::new();
+        let mut shared: HashMap<UpstreamKey, Arc<Upstream>> = HashMap::new();
         for (raw, spec) in &file.tenants.0 {
             // Only needed for messages: built when there is one.
             let key = || format!("tenants.{raw}");
@@ -213,12 +213,12 @@ const RESERVED_HEADERS: &[&str] = &[
 ];
 
 /// Builds one route; on failure returns (field, text to locate, message).
-fn build_route(
+fn build_route<'a>(
     tenant: TenantId,
-    spec: &TenantSpec,
+    spec: &'a TenantSpec,
     dir: &Path,
     defaults: &RouteDefaults,
-    shared: &mut HashMap<String, Arc<Upstream>>,
+    shared: &mut HashMap<UpstreamKey<'a>, Arc<Upstream>>,
 ) -> Result<Route, (&'static str, String, String)> {
     let err = |field: &'static str, needle: &str, m: String| (field, needle.to_string(), m);
     if spec.name.is_empty()
@@ -272,7 +272,7 @@ fn build_route(
     }
     // Everything the upstream is built from, as written; tenants that agree on all of it share one
     // (and only the first of them pays for parsing, validating and resolving it).
-    let key = upstream_key(spec);
+    let key = UpstreamKey::of(spec);
     let upstream = match shared.get(&key) {
         Some(u) => Arc::clone(u),
         None => {
@@ -330,33 +330,32 @@ fn build_route(
     })
 }
 
-/// The fields of a tenant's entry that its [`Upstream`] is built from, joined unambiguously (no field
-/// can hold a NUL; absent and present fields differ by their tag).
-fn upstream_key(spec: &TenantSpec) -> String {
-    let mut k = String::with_capacity(spec.upstream.len() + 16);
-    k.push_str(&spec.upstream);
-    k.push_str(if spec.tls_verify { "\0v1" } else { "\0v0" });
-    if let Some(sni) = &spec.sni {
-        k.push_str("\0s");
-        k.push_str(sni);
+/// The fields of a tenant's entry that its [`Upstream`] is built from, borrowed from the parsed file:
+/// tenants whose entries agree on all of them share one upstream. Compared field by field, so no
+/// value can pass for another field's (a joined string could: YAML strings may hold a NUL).
+#[derive(PartialEq, Eq, Hash)]
+struct UpstreamKey<'a> {
+    upstream: &'a str,
+    tls_verify: bool,
+    sni: Option<&'a str>,
+    connect_timeout_ms: Option<u64>,
+    read_timeout_ms: Option<u64>,
+    link_bases: &'a [String],
+    ca_file: Option<&'a str>,
+}
+
+impl<'a> UpstreamKey<'a> {
+    fn of(spec: &'a TenantSpec) -> Self {
+        UpstreamKey {
+            upstream: &spec.upstream,
+            tls_verify: spec.tls_verify,
+            sni: spec.sni.as_deref(),
+            connect_timeout_ms: spec.connect_timeout_ms,
+            read_timeout_ms: spec.read_timeout_ms,
+            link_bases: &spec.link_bases,
+            ca_file: spec.ca_file.as_deref(),
+        }
     }
-    if let Some(ms) = spec.connect_timeout_ms {
-        k.push_str("\0c");
-        k.push_str(&ms.to_string());
-    }
-    if let Some(ms) = spec.read_timeout_ms {
-        k.push_str("\0r");
-        k.push_str(&ms.to_string());
-    }
-    for b in &spec.link_bases {
-        k.push_str("\0l");
-        k.push_str(b);
-    }
-    if let Some(ca) = &spec.ca_file {
-        k.push_str("\0a");
-        k.push_str(ca);
-    }
-    k
 }
 
 fn timeout(ms: u64) -> Result<Duration, String> {
@@ -450,6 +449,16 @@ mod tests {
         let t = load(&format!(
             "tenants:\n  {A}:\n    name: a\n    upstream: http://127.0.0.1:9/r4\n\
              \n  {B}:\n    name: b\n    upstream: http://127.0.0.1:9/r4\n    read_timeout_ms: 5\n"
+        ))
+        .unwrap();
+        let a = t.get(&TenantId::parse(A).unwrap()).unwrap();
+        let b = t.get(&TenantId::parse(B).unwrap()).unwrap();
+        assert!(!Arc::ptr_eq(&a.upstream, &b.upstream));
+        // Field values cannot run into each other: an `sni` that spells another field's text is
+        // still only an `sni`.
+        let t = load(&format!(
+            "tenants:\n  {A}:\n    name: a\n    upstream: http://127.0.0.1:9/r4\n    sni: \"x\\0c5\"\n\
+             \n  {B}:\n    name: b\n    upstream: http://127.0.0.1:9/r4\n    sni: x\n    connect_timeout_ms: 5\n"
         ))
         .unwrap();
         let a = t.get(&TenantId::parse(A).unwrap()).unwrap();
