@@ -5,9 +5,12 @@
 //! [`Live::load`] and keep it for as long as they need a consistent view. The [`Reloader`] background
 //! service watches the **directory** of every file, not the file: editors save by writing a new file and
 //! renaming it over the old one (a new inode), and Kubernetes ConfigMap volumes swap a `..data`
-//! symlink, so a watch on the file itself goes deaf after the first edit. Any event opens a short, fixed
-//! debounce window (a stream of writes cannot postpone the reload forever); then each file is read,
-//! and if its text changed it is built, validated as a whole and published with one `ArcSwap::store`.
+//! symlink, so a watch on the file itself goes deaf after the first edit. A file (or `..data` link)
+//! *renamed into place* arrived whole, so it is reloaded at once. Any other change (an in-place write,
+//! a create, a delete) opens a short, fixed debounce window (a stream of writes cannot postpone the
+//! reload forever), and the text must then read the same twice, [`SETTLE`] apart. Either way each file
+//! is read, and if its text changed it is built, validated as a whole and published with one
+//! `ArcSwap::store`.
 //! A file that is missing, unreadable, empty or invalid leaves the last good value in place and is
 //! logged (the loaders' messages never quote secret values). A slow poll catches events the kernel
 //! dropped. The watcher is created inside the background service, after Pingora may have forked.
@@ -15,7 +18,7 @@
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -96,8 +99,10 @@ impl<T: Loadable> Live<T> {
     }
 
     /// One reload attempt (blocking: file I/O, and DNS for the routing table). With `force`, unchanged
-    /// text is rebuilt too (re-resolving upstream host names).
-    pub fn reload(&self, force: bool) -> ReloadOutcome {
+    /// text is rebuilt too (re-resolving upstream host names). With `settle`, changed text is used only
+    /// if it reads the same again [`SETTLE`] later; only a reload caused by nothing but renames skips
+    /// that.
+    pub fn reload(&self, force: bool, settle: bool) -> ReloadOutcome {
         let started = std::time::Instant::now();
         let text = match std::fs::read_to_string(&self.path) {
             Ok(t) => t,
@@ -118,8 +123,11 @@ impl<T: Loadable> Live<T> {
         }
         // A file rewritten in place can be caught half-written, and a prefix of a routing table can be
         // valid YAML naming fewer tenants or a truncated port. Use it only if it reads the same twice.
-        std::thread::sleep(SETTLE);
-        if std::fs::read_to_string(&self.path).ok().as_deref() != Some(text.as_str()) {
+        // (A file renamed into place cannot be caught half-written: rename(2) is atomic.)
+        if settle && {
+            std::thread::sleep(SETTLE);
+            std::fs::read_to_string(&self.path).ok().as_deref() != Some(text.as_str())
+        } {
             log::debug!("{} {} is still changing", T::WHAT, self.path.display());
             return ReloadOutcome::Unsettled;
         }
@@ -181,34 +189,94 @@ fn unix_now() -> u64 {
 /// A file the [`Reloader`] keeps current (implemented by every [`Live<T>`]).
 pub trait Reload: Send + Sync {
     fn path(&self) -> &Path;
-    fn reload(&self, force: bool) -> ReloadOutcome;
+    fn reload(&self, force: bool, settle: bool) -> ReloadOutcome;
 }
 
 impl<T: Loadable> Reload for Live<T> {
     fn path(&self) -> &Path {
         Live::path(self)
     }
-    fn reload(&self, force: bool) -> ReloadOutcome {
-        Live::reload(self, force)
+    fn reload(&self, force: bool, settle: bool) -> ReloadOutcome {
+        Live::reload(self, force, settle)
     }
 }
 
-/// Whether a file-system event can change one of the watched files: a change (not a read: our own
-/// reads raise access events, and reacting to them would reload forever) to a watched file name, or to
-/// a `..`-prefixed entry (the `..data` symlink and timestamped directories of a Kubernetes ConfigMap
-/// volume). Anything else in the directory, such as a log file, is ignored.
-fn is_relevant(e: &notify::Event, names: &BTreeSet<OsString>) -> bool {
-    use notify::event::{AccessKind, AccessMode, EventKind};
-    let change = match e.kind {
-        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
-        EventKind::Access(_) => false,
-        _ => true,
-    };
-    change
-        && e.paths.iter().any(|p| {
-            p.file_name()
-                .is_some_and(|n| names.contains(n) || n.as_encoded_bytes().starts_with(b".."))
-        })
+/// What a file-system event means for the watched files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    /// Nothing: another file, or a read (our own reads raise access events, and reacting to them
+    /// would reload forever).
+    None,
+    /// A watched name (or a `..`-prefixed entry: the `..data` symlink of a Kubernetes ConfigMap
+    /// volume) was renamed into place: the new file is complete the moment it appears.
+    Whole,
+    /// Any other change to a watched name or `..` entry: it may be a write still in progress.
+    Partial,
+}
+
+fn watched(p: &Path, names: &BTreeSet<OsString>) -> bool {
+    p.file_name()
+        .is_some_and(|n| names.contains(n) || n.as_encoded_bytes().starts_with(b".."))
+}
+
+/// Classifies one event. Anything else in the directory, such as a log file, is ignored. A rename
+/// *away* from a watched name (an editor moving the original to a backup before writing the new
+/// file in place) is a partial change; the paired "both" event of a rename is judged by its target.
+fn classify(e: &notify::Event, names: &BTreeSet<OsString>) -> Change {
+    use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind, RenameMode};
+    match e.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => {}
+        EventKind::Access(_) => return Change::None,
+        EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
+            return match e.paths.first() {
+                Some(to) if watched(to, names) => Change::Whole,
+                _ => Change::None,
+            };
+        }
+        EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
+            return match (e.paths.first(), e.paths.get(1)) {
+                (_, Some(to)) if watched(to, names) => Change::Whole,
+                (Some(from), _) if watched(from, names) => Change::Partial,
+                _ => Change::None,
+            };
+        }
+        _ => {}
+    }
+    if e.paths.iter().any(|p| watched(p, names)) {
+        Change::Partial
+    } else {
+        Change::None
+    }
+}
+
+/// What happened since the last reload, set by the watcher's thread and read by the reload loop.
+#[derive(Default)]
+struct Seen {
+    whole: AtomicBool,
+    partial: AtomicBool,
+}
+
+impl Seen {
+    fn note(&self, change: Change) {
+        match change {
+            Change::Whole => self.whole.store(true, Ordering::SeqCst),
+            Change::Partial => self.partial.store(true, Ordering::SeqCst),
+            Change::None => {}
+        }
+    }
+
+    /// Only renames so far: the reload need not wait.
+    fn only_renames(&self) -> bool {
+        self.whole.load(Ordering::SeqCst) && !self.partial.load(Ordering::SeqCst)
+    }
+
+    /// Clears both flags for the reload about to run; true when that reload must check that the text
+    /// has settled (any partial change, or none seen at all: a poll).
+    fn take_needs_settle(&self) -> bool {
+        let partial = self.partial.swap(false, Ordering::SeqCst);
+        let whole = self.whole.swap(false, Ordering::SeqCst);
+        partial || !whole
+    }
 }
 
 /// The background service that keeps every [`Live`] file current.
@@ -221,11 +289,11 @@ pub struct Reloader {
 
 impl Reloader {
     /// Reloads every file; true when one of them was still being written.
-    async fn reload_all(&self, force: bool) -> bool {
+    async fn reload_all(&self, force: bool, settle: bool) -> bool {
         let mut unsettled = false;
         for file in &self.files {
             let file = file.clone();
-            match tokio::task::spawn_blocking(move || file.reload(force)).await {
+            match tokio::task::spawn_blocking(move || file.reload(force, settle)).await {
                 Ok(ReloadOutcome::Unsettled) => unsettled = true,
                 Ok(_) => {}
                 Err(e) => log::error!("reload task failed: {e}"),
@@ -265,8 +333,12 @@ impl BackgroundService for Reloader {
         let (tx, mut events) = mpsc::channel::<()>(1);
         // A full channel already holds a pending reload, so a failed try_send loses nothing.
         let names = self.file_names();
+        let seen = Arc::new(Seen::default());
+        let noted = seen.clone();
         let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if res.is_ok_and(|e| is_relevant(&e, &names)) {
+            let change = res.map_or(Change::None, |e| classify(&e, &names));
+            if change != Change::None {
+                noted.note(change);
                 let _ = tx.try_send(());
             }
         });
@@ -311,8 +383,14 @@ impl BackgroundService for Reloader {
             tokio::select! {
                 _ = shutdown.changed() => break,
                 Some(()) = events.recv() => {
-                    // Fixed window from the first event: a stream of writes cannot starve the reload.
-                    pending.get_or_insert(Instant::now() + self.debounce);
+                    if seen.only_renames() {
+                        // A complete file is in place: no reason to wait.
+                        pending = Some(Instant::now());
+                    } else {
+                        // Fixed window from the first event: a stream of writes cannot starve the
+                        // reload.
+                        pending.get_or_insert(Instant::now() + self.debounce);
+                    }
                 }
                 Some(()) = async {
                     match hangup.as_mut() {
@@ -321,7 +399,7 @@ impl BackgroundService for Reloader {
                     }
                 } => {
                     log::info!("SIGHUP: reloading");
-                    if self.reload_all(true).await {
+                    if self.reload_all(true, true).await {
                         pending = Some(Instant::now() + self.debounce);
                     }
                 }
@@ -329,7 +407,8 @@ impl BackgroundService for Reloader {
                     if pending.take().is_none() {
                         next_poll = Instant::now() + poll;
                     }
-                    if self.reload_all(false).await {
+                    let settle = seen.take_needs_settle();
+                    if self.reload_all(false, settle).await {
                         pending = Some(Instant::now() + self.debounce);
                     }
                 }
@@ -340,7 +419,89 @@ impl BackgroundService for Reloader {
 
 #[cfg(test)]
 mod tests {
-    use super::hash_text;
+    use super::{classify, hash_text, Change, Seen};
+    use notify::event::{
+        AccessKind, AccessMode, CreateKind, DataChange, EventKind, ModifyKind, RemoveKind,
+        RenameMode,
+    };
+    use std::collections::BTreeSet;
+    use std::ffi::OsString;
+
+    fn event(kind: EventKind, paths: &[&str]) -> notify::Event {
+        paths
+            .iter()
+            .fold(notify::Event::new(kind), |e, p| e.add_path(p.into()))
+    }
+
+    #[test]
+    fn only_a_rename_into_a_watched_name_counts_as_a_whole_file() {
+        let names: BTreeSet<OsString> = ["routes.yaml", "clients.yaml"]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        let c = |kind, paths: &[&str]| classify(&event(kind, paths), &names);
+        let rename = |mode| EventKind::Modify(ModifyKind::Name(mode));
+        assert_eq!(
+            c(rename(RenameMode::To), &["/c/routes.yaml"]),
+            Change::Whole
+        );
+        assert_eq!(c(rename(RenameMode::To), &["/c/..data"]), Change::Whole);
+        assert_eq!(
+            c(rename(RenameMode::Both), &["/c/.tmp", "/c/clients.yaml"]),
+            Change::Whole
+        );
+        // An editor moving the original aside before writing the new file in place.
+        assert_eq!(
+            c(
+                rename(RenameMode::Both),
+                &["/c/routes.yaml", "/c/routes.yaml~"]
+            ),
+            Change::Partial
+        );
+        assert_eq!(
+            c(rename(RenameMode::From), &["/c/routes.yaml"]),
+            Change::Partial
+        );
+        assert_eq!(
+            c(rename(RenameMode::To), &["/c/routes.yaml~"]),
+            Change::None
+        );
+        assert_eq!(
+            c(rename(RenameMode::Both), &["/c/a", "/c/b.log"]),
+            Change::None
+        );
+        for kind in [
+            EventKind::Create(CreateKind::File),
+            EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            EventKind::Remove(RemoveKind::File),
+        ] {
+            assert_eq!(c(kind, &["/c/routes.yaml"]), Change::Partial, "{kind:?}");
+            assert_eq!(c(kind, &["/c/access.log"]), Change::None, "{kind:?}");
+        }
+        for kind in [
+            EventKind::Access(AccessKind::Close(AccessMode::Read)),
+            EventKind::Access(AccessKind::Open(AccessMode::Any)),
+        ] {
+            assert_eq!(c(kind, &["/c/routes.yaml"]), Change::None, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn a_reload_skips_the_settle_check_only_after_nothing_but_renames() {
+        let seen = Seen::default();
+        assert!(seen.take_needs_settle(), "a poll settles");
+        seen.note(Change::Whole);
+        assert!(seen.only_renames());
+        assert!(!seen.take_needs_settle());
+        assert!(!seen.only_renames(), "flags are cleared by the reload");
+        seen.note(Change::Whole);
+        seen.note(Change::Partial);
+        assert!(!seen.only_renames());
+        assert!(seen.take_needs_settle());
+        seen.note(Change::None);
+        assert!(seen.take_needs_settle());
+    }
 
     #[test]
     fn hash_text_changes_with_any_byte_the_length_and_word_order() {

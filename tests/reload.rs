@@ -107,6 +107,45 @@ fn an_atomic_rename_reloads() {
     assert_eq!(probe(&env, TENANT_A), (200, "tenant-a".into()));
 }
 
+/// A file renamed into place is complete, so it applies at once; an in-place write still waits out the
+/// debounce window (and the settle check), because it may be caught half-written. With a 10 s window,
+/// the rename must apply long before the window would end, and the in-place write must not.
+#[test]
+fn a_rename_applies_at_once_and_an_in_place_write_waits_for_the_debounce() {
+    let env = Env::start_with(|c| c.reload_debounce_ms = 10_000);
+    let tmp = env.proxy.dir.path().join(".routes.yaml.tmp");
+    fs::write(&tmp, routes_with_c(&env)).unwrap();
+    fs::rename(&tmp, env.proxy.routes_path()).unwrap();
+    assert!(
+        eventually(WITHIN, || probe(&env, TENANT_C).0 == 200),
+        "a rename waited for the debounce window"
+    );
+
+    let only_a = routes_yaml(&[(TENANT_A, "tenant-a", &env.a.url("/r4"), "")]);
+    fs::write(env.proxy.routes_path(), only_a).unwrap();
+    std::thread::sleep(WITHIN);
+    assert_eq!(
+        probe(&env, TENANT_B),
+        (200, "tenant-b".into()),
+        "an in-place write was applied before its debounce window ended"
+    );
+    // A rename during that window does not cut it short: the in-place write may still be going on.
+    let a_and_c = routes_yaml(&[
+        (TENANT_A, "tenant-a", &env.a.url("/r4"), ""),
+        (TENANT_C, "tenant-c", &env.b.url("/c"), ""),
+    ]);
+    fs::write(&tmp, a_and_c).unwrap();
+    fs::rename(&tmp, env.proxy.routes_path()).unwrap();
+    std::thread::sleep(WITHIN);
+    assert_eq!(probe(&env, TENANT_B), (200, "tenant-b".into()));
+    assert_eq!(
+        env.proxy.logs().matches("routing table reloaded").count(),
+        1,
+        "{}",
+        env.proxy.logs()
+    );
+}
+
 #[test]
 fn an_upstream_swap_moves_a_tenant_to_its_new_server() {
     let env = Env::start();

@@ -117,7 +117,9 @@ impl TokenService {
                     Ok(())
                 })
                 .map_err(server_error)?;
-                self.clients.reload(false);
+                // Written whole and renamed into place under the lock: no settle check needed, and
+                // the new secret works as soon as this reply is sent.
+                self.clients.reload(false, false);
                 Reply {
                     status: 201,
                     body: Bytes::from(
@@ -153,7 +155,7 @@ impl TokenService {
                     )),
                     Err(e) => return Err(server_error(e)),
                 }
-                self.clients.reload(false);
+                self.clients.reload(false, false);
                 Reply {
                     status: 204,
                     body: Bytes::new(),

@@ -42,6 +42,9 @@ pub struct ProxyConfig {
     /// The `token_endpoint` section's body (keys indented by two spaces); `None`: no token endpoint.
     /// The clients file is `clients.yaml` in the proxy's directory, initially empty.
     pub token: Option<String>,
+    /// `server.reload_debounce_ms` (100 unless a test needs to tell a debounced reload from an
+    /// immediate one).
+    pub reload_debounce_ms: u64,
 }
 
 /// A token endpoint with the fixture ES256 signing key, 5-minute tokens, and a failed-auth limit of 5
@@ -67,6 +70,7 @@ impl ProxyConfig {
             token: None,
             top: String::new(),
             admin: String::new(),
+            reload_debounce_ms: 100,
         }
     }
 }
@@ -147,7 +151,7 @@ server:
   graceful_shutdown_timeout_seconds: 2
   upstream_connect_timeout_ms: 1000
   upstream_read_timeout_ms: 5000
-  reload_debounce_ms: 100
+  reload_debounce_ms: {debounce}
   pid_file: {dir}/fhir-edge.pid
   upgrade_sock: {dir}/upgrade.sock
 {server}
@@ -166,6 +170,7 @@ admin:
             },
             top = cfg.top,
             admin = cfg.admin,
+            debounce = cfg.reload_debounce_ms,
             keys = keys.display(),
             limits = if cfg.limits.is_empty() {
                 "  max_body_bytes: 1048576\n  keepalive_requests: 1000000".to_string()
