@@ -50,6 +50,7 @@ pub mod classify;
 pub mod config;
 pub mod deadline;
 pub mod discovery;
+pub mod fasthash;
 pub mod logging;
 pub mod metrics;
 pub mod outcome;

@@ -15,6 +15,7 @@ use http::header::{HeaderName, HeaderValue};
 use serde::Deserialize;
 
 use crate::config::RouteDefaults;
+use crate::fasthash::TableHash;
 use crate::metrics::TenantLabel;
 use crate::problems::{whole_file, OrderedMap, Problems, Source};
 use crate::reload::Loadable;
@@ -43,7 +44,8 @@ pub struct Route {
 /// An immutable, validated routing table.
 #[derive(Debug, Default)]
 pub struct RoutingTable {
-    routes: HashMap<TenantId, Arc<Route>>,
+    /// Unkeyed hashing ([`crate::fasthash`]): the keys come from the operator's file.
+    routes: HashMap<TenantId, Arc<Route>, TableHash>,
 }
 
 impl Loadable for RoutingTable {
@@ -111,10 +113,11 @@ impl RoutingTable {
             return Err(Problems(src.problems));
         }
         let dir = path.parent().unwrap_or(Path::new("."));
-        let mut routes: HashMap<TenantId, Arc<Route>> =
-            HashMap::with_capacity(file.tenants.0.len());
-        let mut names: HashMap<&str, TenantId> = HashMap::with_capacity(file.tenants.0.len());
-        let mut shared: HashMap<UpstreamKey, Arc<Upstream>> = HashMap::new();
+        let n = file.tenants.0.len();
+        let mut routes = HashMap::with_capacity_and_hasher(n, TableHash::default());
+        let mut names: HashMap<&str, TenantId, TableHash> =
+            HashMap::with_capacity_and_hasher(n, TableHash::default());
+        let mut shared: HashMap<UpstreamKey, Arc<Upstream>, TableHash> = HashMap::default();
         for (raw, spec) in &file.tenants.0 {
             // Only needed for messages: built when there is one.
             let key = || format!("tenants.{raw}");
@@ -218,7 +221,7 @@ fn build_route<'a>(
     spec: &'a TenantSpec,
     dir: &Path,
     defaults: &RouteDefaults,
-    shared: &mut HashMap<UpstreamKey<'a>, Arc<Upstream>>,
+    shared: &mut HashMap<UpstreamKey<'a>, Arc<Upstream>, TableHash>,
 ) -> Result<Route, (&'static str, String, String)> {
     let err = |field: &'static str, needle: &str, m: String| (field, needle.to_string(), m);
     if spec.name.is_empty()
