@@ -9,7 +9,8 @@
 //! ```
 //! Needs `wrk`, `hey`, `nginx`, `haproxy` and `taskset` (Debian: `apt-get install wrk hey nginx-light
 //! haproxy util-linux`). Environment: `LOAD_SECONDS` (5, per run), `LOAD_ROUNDS` (3), `LOAD_CONNECTIONS`
-//! (64), `PROXY_CPUS` ("1"), `CLIENT_CPUS` ("0"), `UNIQUE_TOKENS` (5000), `LOAD_KEEP` (keep the work
+//! (64), `PROXY_CPUS` ("1"), `CLIENT_CPUS` ("0"), `UNIQUE_TOKENS` (5000), `LOAD_RELOADS` (3 timed
+//! reloads per load run in `tenants`), `LOAD_KEEP` (keep the work
 //! directory), `FHIR_EDGE_BASELINE` (path to another fhir-edge binary, e.g. a copy of the previous
 //! build: `compare` then runs it beside this build as peer "baseline" and prints the ratios).
 //!
@@ -1043,9 +1044,10 @@ fn tenants(s: &Settings) {
     }
     // Rewrite the whole table (every name changes) under load, time file rename -> new generation
     // visible on the admin listener (a rename is reloaded at once: no debounce window, no settle
-    // check), and count failed requests. Twice per table form: with wrk saturating the
-    // proxy's one core (the reload thread then gets about half of it) and with hey at half of the
-    // 100,000-tenant rate (the headroom a proxy is run with).
+    // check), and count failed requests. `LOAD_RELOADS` (3) reloads per load run, 1 s apart. Twice
+    // per table form: with wrk saturating the proxy's one core (the reload thread then gets about half
+    // of it) and with hey at half of the 100,000-tenant rate (the headroom a proxy is run with).
+    let reloads: usize = env_or("LOAD_RELOADS", "3").parse().unwrap();
     let half = (rates.get(1).copied().unwrap_or(1000.0) / 2.0).floor();
     let mut reload_round = 0;
     for (n, form, routes, tag, e) in edges.iter().skip(1) {
@@ -1055,11 +1057,11 @@ fn tenants(s: &Settings) {
             } else {
                 "half rate (hey)"
             };
-            reload_round += 1;
+            // Long enough for the reloads (YAML ones take seconds under load), then some.
+            let secs = s.seconds + 4 * reloads as u64;
             let load = {
                 let url = format!("http://127.0.0.1:{}{path}", e.port);
                 let token = token.clone();
-                let secs = s.seconds;
                 let s2 = s.clone();
                 std::thread::spawn(move || {
                     if saturating {
@@ -1071,36 +1073,45 @@ fn tenants(s: &Settings) {
             };
             std::thread::sleep(Duration::from_secs(s.seconds / 3));
             let gen_series = r#"fhir_edge_config_generation{file="routes"}"#;
-            let before = metric(e.admin, gen_series).unwrap_or(0.0);
             let tmp = e.dir.join("routes.yaml.new");
-            // Alternate the names so that every reload changes every tenant.
-            let prefix = if reload_round % 2 == 1 {
-                "renamed-"
-            } else {
-                "t"
-            };
-            std::fs::write(&tmp, routes(*n, up.port, prefix)).unwrap();
-            let t0 = Instant::now();
-            std::fs::rename(&tmp, e.dir.join("routes.yaml")).unwrap();
-            let mut visible = None;
-            while t0.elapsed() < Duration::from_secs(10) {
-                if metric(e.admin, gen_series).unwrap_or(0.0) > before {
-                    visible = Some(t0.elapsed());
-                    break;
+            let mut visible = Vec::new();
+            for _ in 0..reloads {
+                reload_round += 1;
+                let before = metric(e.admin, gen_series).unwrap_or(0.0);
+                // Alternate the names so that every reload changes every tenant.
+                let prefix = if reload_round % 2 == 1 {
+                    "renamed-"
+                } else {
+                    "t"
+                };
+                std::fs::write(&tmp, routes(*n, up.port, prefix)).unwrap();
+                let t0 = Instant::now();
+                std::fs::rename(&tmp, e.dir.join("routes.yaml")).unwrap();
+                while t0.elapsed() < Duration::from_secs(10) {
+                    if metric(e.admin, gen_series).unwrap_or(0.0) > before {
+                        visible.push(t0.elapsed().as_secs_f64());
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
                 }
-                std::thread::sleep(Duration::from_millis(5));
+                std::thread::sleep(Duration::from_secs(1));
             }
             let r = load.join().unwrap();
             let log = std::fs::read_to_string(s.dir.join(format!("fhir-edge-{tag}.log")))
                 .unwrap_or_default();
-            let line = log
+            let mut logged: Vec<&str> = log
                 .lines()
-                .rfind(|l| l.contains("routing table reloaded"))
-                .unwrap_or("(no reload logged)")
-                .to_string();
+                .filter(|l| l.contains("routing table reloaded"))
+                .filter_map(|l| l.rsplit_once(", ").map(|(_, ms)| ms.trim_end_matches(')')))
+                .collect();
+            logged.drain(..logged.len().saturating_sub(reloads));
+            let shown: Vec<String> = visible.iter().map(|v| format!("{v:.3}")).collect();
             println!(
-                "reload of {n} tenants ({form}), load {load_kind}: visible {:.3} s after the rename; log: {line}",
-                visible.map_or(f64::NAN, |d| d.as_secs_f64()),
+                "reload of {n} tenants ({form}), load {load_kind}: visible {} s after the rename ({} of {reloads} seen; median {:.3} s); as logged by the proxy: {}",
+                shown.join(" / "),
+                visible.len(),
+                median(visible.clone()),
+                logged.join(", ")
             );
             println!(
                 "  requests during that run: {:.0} req/s, {} errors, RSS after {:.1} MiB",
