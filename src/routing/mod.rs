@@ -288,6 +288,19 @@ fn build_route<'a>(
                     "only applies to https upstreams".into(),
                 ));
             }
+            if let Some(sni) = &spec.sni {
+                if !url.tls {
+                    return Err(err("sni", "sni", "only applies to https upstreams".into()));
+                }
+                if !is_host_name(sni) {
+                    return Err(err(
+                        "sni",
+                        "sni",
+                        "must be a DNS host name (labels of A-Z a-z 0-9 - _, at most 253 characters)"
+                            .into(),
+                    ));
+                }
+            }
             // Group 0 in the shared peer; each request's copy gets the tenant's group.
             let mut settings = defaults.peer_settings(0);
             settings.tls_verify = spec.tls_verify;
@@ -359,6 +372,25 @@ impl<'a> UpstreamKey<'a> {
             ca_file: spec.ca_file.as_deref(),
         }
     }
+}
+
+/// A DNS host name as TLS SNI carries it (RFC 6066 §3: no IP literals): dot-separated labels of 1-63
+/// letters, digits, `-` (not at either end) or `_` (seen in internal names), 253 characters at most,
+/// an optional final dot. Checked when the table loads so a typo, a control character or an address
+/// fails there, with the file and line, instead of on every request's TLS handshake.
+fn is_host_name(s: &str) -> bool {
+    let s = s.strip_suffix('.').unwrap_or(s);
+    !s.is_empty()
+        && s.len() <= 253
+        && s.parse::<std::net::IpAddr>().is_err()
+        && s.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 fn timeout(ms: u64) -> Result<Duration, String> {
@@ -457,16 +489,56 @@ mod tests {
         let a = t.get(&TenantId::parse(A).unwrap()).unwrap();
         let b = t.get(&TenantId::parse(B).unwrap()).unwrap();
         assert!(!Arc::ptr_eq(&a.upstream, &b.upstream));
-        // Field values cannot run into each other: an `sni` that spells another field's text is
-        // still only an `sni`.
         let t = load(&format!(
-            "tenants:\n  {A}:\n    name: a\n    upstream: http://127.0.0.1:9/r4\n    sni: \"x\\0c5\"\n\
-             \n  {B}:\n    name: b\n    upstream: http://127.0.0.1:9/r4\n    sni: x\n    connect_timeout_ms: 5\n"
+            "tenants:\n  {A}:\n    name: a\n    upstream: https://127.0.0.1:9/r4\n    sni: a.example\n\
+             \n  {B}:\n    name: b\n    upstream: https://127.0.0.1:9/r4\n    sni: b.example\n"
         ))
         .unwrap();
         let a = t.get(&TenantId::parse(A).unwrap()).unwrap();
         let b = t.get(&TenantId::parse(B).unwrap()).unwrap();
         assert!(!Arc::ptr_eq(&a.upstream, &b.upstream));
+    }
+
+    /// An `sni` is checked when the table loads. (A NUL in one once let an `sni` spell another tenant's
+    /// `sni` plus `connect_timeout_ms` in the shared-upstream key; the key is a struct of the fields
+    /// now, and such a value no longer loads at all.)
+    #[test]
+    fn sni_must_be_a_host_name_and_needs_an_https_upstream() {
+        let entry = |upstream: &str, sni: &str| {
+            load(&format!(
+                "tenants:\n  {A}:\n    name: a\n    upstream: {upstream}\n    sni: {sni}\n"
+            ))
+        };
+        for good in [
+            "fhir.contoso.example",
+            "fhir.contoso.example.",
+            "localhost",
+            "x_internal.corp",
+            "a-b.c1",
+        ] {
+            assert!(entry("https://127.0.0.1:9/", good).is_ok(), "{good}");
+        }
+        for bad in [
+            "\"x\\0c5\"",
+            "\"\"",
+            "\"fhir contoso\"",
+            "a..b",
+            "-a.example",
+            "a-.example",
+            "127.0.0.1",
+            "\"[::1]\"",
+            "\"::1\"",
+            "fhir.contoso.example:443",
+            "\"h\\u00e9.example\"",
+            &"a".repeat(64),
+            &["abc"; 64].join("."),
+        ] {
+            let e = entry("https://127.0.0.1:9/", bad).unwrap_err();
+            assert!(e.to_string().contains("sni"), "{bad}: {e}");
+            assert_eq!(e.0[0].line, Some(5), "{bad}: {e}");
+        }
+        let e = entry("http://127.0.0.1:9/", "fhir.contoso.example").unwrap_err();
+        assert!(e.to_string().contains("only applies to https"), "{e}");
     }
 
     #[test]
