@@ -7,7 +7,8 @@
 //! renaming it over the old one (a new inode), and Kubernetes ConfigMap volumes swap a `..data`
 //! symlink, so a watch on the file itself goes deaf after the first edit. A file (or `..data` link)
 //! *renamed into place* arrived whole, so it is reloaded at once. Any other change (an in-place write,
-//! a create, a delete) opens a short, fixed debounce window (a stream of writes cannot postpone the
+//! a create, a delete; also the directory and temporary link a ConfigMap update creates before its
+//! rename) opens a short, fixed debounce window (a stream of writes cannot postpone the
 //! reload forever), and the text must then read the same twice, [`SETTLE`] apart. Either way each file
 //! is read, and if its text changed it is built, validated as a whole and published with one
 //! `ArcSwap::store`.
