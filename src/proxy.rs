@@ -778,6 +778,15 @@ impl ProxyHttp for FhirEdge {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
+        // Counted before the error response goes out, so the count is there when the client
+        // sees the error.
+        if *e.esource() == ErrorSource::Upstream {
+            let tenant = ctx.route.as_ref().map_or(NO_TENANT, |r| r.label.as_str());
+            self.metrics
+                .upstream_errors
+                .with_label_values(&[tenant, upstream_error_kind(e)])
+                .inc();
+        }
         let outcome = ctx.outcome.or_else(|| error_outcome(e));
         let mut code = 0;
         if let Some(o) = outcome {
@@ -793,13 +802,6 @@ impl ProxyHttp for FhirEdge {
                     log::debug!("could not send the error response: {:?}", err.etype());
                 }
             }
-        }
-        if *e.esource() == ErrorSource::Upstream {
-            let tenant = ctx.route.as_ref().map_or(NO_TENANT, |r| r.label.as_str());
-            self.metrics
-                .upstream_errors
-                .with_label_values(&[tenant, upstream_error_kind(e)])
-                .inc();
         }
         let (tenant, name) = match &ctx.route {
             Some(r) => (r.tenant.to_string(), r.name.as_str()),

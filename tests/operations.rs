@@ -35,9 +35,16 @@ fn metric(metrics: &str, series: &str) -> f64 {
 fn the_admin_listener_serves_metrics_health_and_readiness_and_the_public_one_does_not() {
     let env = Env::start_with(|c| c.token = Some(default_token_section()));
     assert_eq!(env.fhir_status("/Patient/1", &token(TENANT_A)), 200);
-    let (status, text) = env.proxy.admin("/metrics");
+    let (status, _) = env.proxy.admin("/metrics");
     assert_eq!(status, 200);
-    assert!(text.contains("# TYPE fhir_edge_requests_total counter"));
+    // A counter vector prints its TYPE line once it has a series: after the logging phase.
+    let text = env
+        .proxy
+        .metrics_when(|m| m.contains("# TYPE fhir_edge_requests_total counter"));
+    assert!(
+        text.contains("# TYPE fhir_edge_requests_total counter"),
+        "{text}"
+    );
     assert!(text.contains("# TYPE fhir_edge_request_duration_seconds histogram"));
     assert!(text.contains("fhir_edge_build_info{version=\"0.1.0\"} 1"));
     assert_eq!(metric(&text, "fhir_edge_routing_tenants"), 2.0);
@@ -81,7 +88,20 @@ fn metrics_count_requests_failures_upstream_errors_tokens_and_reloads() {
         .logs()
         .contains("routing table rejected")));
 
-    let (_, m) = env.proxy.admin("/metrics");
+    let m = env.proxy.metrics_when(|m| {
+        metric(
+            m,
+            "fhir_edge_requests_total{method=\"read\",status=\"2xx\",tenant=\"tenant-a\"}",
+        ) >= 3.0
+            && metric(
+                m,
+                "fhir_edge_requests_total{method=\"read\",status=\"4xx\",tenant=\"none\"}",
+            ) >= 3.0
+            && metric(
+                m,
+                "fhir_edge_request_duration_seconds_count{tenant=\"tenant-a\"}",
+            ) >= 3.0
+    });
     assert_eq!(
         metric(
             &m,
@@ -215,7 +235,13 @@ fn a_hundred_thousand_unknown_tenants_add_no_series() {
         403
     );
     assert_eq!(env.fhir_status("/Patient/1", "x.y.z"), 401);
-    let before = series(&env.proxy.admin("/metrics").1);
+    let warmed = env.proxy.metrics_when(|m| {
+        metric(
+            m,
+            "fhir_edge_requests_total{method=\"read\",status=\"4xx\",tenant=\"none\"}",
+        ) == 2.0
+    });
+    let before = series(&warmed);
 
     let port = env.proxy.port;
     let workers: Vec<_> = (0..4)

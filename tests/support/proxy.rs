@@ -290,6 +290,18 @@ admin:
         (r.status, r.body_text())
     }
 
+    /// Polls `/metrics` (for up to 3 s) until `ready` holds, and returns the last text read.
+    /// Request counters are updated in Pingora's logging phase, which can run just after the
+    /// client has read its response, so a test that counts requests waits for them here.
+    pub fn metrics_when(&self, ready: impl Fn(&str) -> bool) -> String {
+        let mut text = String::new();
+        super::eventually(Duration::from_secs(3), || {
+            text = self.admin("/metrics").1;
+            ready(&text)
+        });
+        text
+    }
+
     pub fn clients_path(&self) -> PathBuf {
         self.dir.path().join("clients.yaml")
     }
