@@ -134,8 +134,9 @@ fn fnv1a_bytewise(text: &str) -> u64 {
     })
 }
 
-/// The reload's CPU work for a 100,000-tenant table written as JSON the way `benches/load.rs` writes
-/// it (~12 MB, every tenant on the same upstream): the change check and parse + validate + build.
+/// The reload's CPU work for a 100,000-tenant table written as JSON and as YAML the way
+/// `benches/load.rs` writes them (~12 MB and ~9 MB, every tenant on the same upstream): the change
+/// check, and parse + validate + build.
 fn bench_reload(c: &mut Criterion) {
     let mut tenants = serde_json::Map::new();
     for i in 0..100_000 {
@@ -157,6 +158,26 @@ fn bench_reload(c: &mut Criterion) {
     });
     g.bench_function("parse_validate_build_json", |b| {
         b.iter(|| RoutingTable::from_text(&path, black_box(&text), &defaults).unwrap())
+    });
+    // The same table as YAML, written the way `benches/load.rs` and most operators write it.
+    let mut yaml = String::from("tenants:\n");
+    for i in 0..100_000 {
+        yaml.push_str(&format!(
+            "  {}:\n    name: t{i}\n    upstream: \"http://127.0.0.1:8080/fhir\"\n",
+            tenant(i)
+        ));
+    }
+    let yaml_path = PathBuf::from("bench-routes.yaml");
+    g.bench_function("parse_validate_build_yaml", |b| {
+        b.iter(|| RoutingTable::from_text(&yaml_path, black_box(&yaml), &defaults).unwrap())
+    });
+    // Reading only (no validation or build): the fast reader against the general YAML parser it
+    // stands in for, on the same text.
+    g.bench_function("read_yaml_fast", |b| {
+        b.iter(|| fhir_edge::routing::read_routes_yaml(black_box(&yaml), false).unwrap())
+    });
+    g.bench_function("read_yaml_general", |b| {
+        b.iter(|| fhir_edge::routing::read_routes_yaml(black_box(&yaml), true).unwrap())
     });
     g.finish();
 }

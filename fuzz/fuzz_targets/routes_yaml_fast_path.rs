@@ -1,0 +1,13 @@
+//! Differential: whenever the routing table's fast YAML reader accepts a text, the general YAML
+//! parser must read exactly the same tenants and fields from it. A disagreement would load a
+//! different table depending on which reader ran, so it is a crash here.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    if let Err(disagreement) = fhir_edge::routing::check_fast_yaml(text) {
+        panic!("the fast YAML reader and the general parser disagree\n{disagreement}");
+    }
+});

@@ -1,0 +1,522 @@
+//! A fast reader for the routing table's usual YAML shape, with the general YAML parser as fallback.
+//!
+//! The general parser (`serde_yaml_ng`, libyaml underneath) first buffers every parser event of the
+//! document, about 1 KB per tenant, and only then builds the structs. For a 100,000-tenant file
+//! that is most of a reload's CPU time. Nearly every routing file is written the same way: block
+//! mappings with one key per line, and plain or simply quoted values. This reader handles exactly
+//! that subset and builds the structs in one pass over the lines.
+//!
+//! The rule that keeps it safe: it either produces what the general parser would produce for
+//! the same text, or it declines (`None`) and the general parser reads the file. It declines on
+//! anything it does not fully handle: tabs, document markers, directives, anchors, tags, flow
+//! collections, block scalars, multi-line scalars, escapes in quoted strings, plain values YAML
+//! could read as something other than a string (`yes`, `null`, `~`, numbers, ...), unknown or repeated
+//! fields, a tenant key that is not a GUID, unusual indentation, characters YAML treats as line
+//! breaks or refuses. Files that fail validation also go to the general parser, so its messages,
+//! with line and column, are the ones an operator sees. The fuzz target `routes_yaml_fast_path` and
+//! the unit tests below check the agreement.
+
+use std::collections::BTreeMap;
+
+use super::{RoutesFile, TenantSpec};
+use crate::problems::OrderedMap;
+use crate::tenant::TenantId;
+
+/// Reads `text` if it is in the handled subset; `None` means "use the general parser".
+pub(super) fn parse(text: &str) -> Option<RoutesFile> {
+    if !plain_text(text) {
+        return None;
+    }
+    let mut tenants: Vec<(String, TenantSpec)> = Vec::new();
+    let mut seen_top = false;
+    // Indentation of tenant keys, of their fields and of the current nested block.
+    let mut tenant_indent = 0;
+    let mut field_indent = 0;
+    let mut current: Option<Partial> = None;
+    let mut block = Block::None;
+    for raw in text.split('\n') {
+        let line = raw.strip_suffix('\r').unwrap_or(raw);
+        let body = line.trim_start_matches(' ');
+        if body.is_empty() || body.starts_with('#') {
+            continue;
+        }
+        let indent = line.len() - body.len();
+        if indent == 0 {
+            if seen_top || key_line(body)? != ("tenants", "") {
+                return None;
+            }
+            seen_top = true;
+            continue;
+        }
+        if !seen_top {
+            return None;
+        }
+        // A nested block (headers, link bases) takes every line indented deeper than the fields.
+        if field_indent > 0 && indent > field_indent {
+            let partial = current.as_mut()?;
+            match &mut block {
+                Block::None => return None,
+                Block::Headers(at) => {
+                    if *at == 0 {
+                        *at = indent;
+                    } else if *at != indent {
+                        return None;
+                    }
+                    let (name, value) = key_line(body)?;
+                    if !header_name(name) {
+                        return None;
+                    }
+                    let value = scalar(value)?;
+                    let headers = partial.upstream_headers.get_or_insert_with(BTreeMap::new);
+                    if headers.insert(name.to_string(), value).is_some() {
+                        return None;
+                    }
+                }
+                Block::Links(at) => {
+                    if *at == 0 {
+                        *at = indent;
+                    } else if *at != indent {
+                        return None;
+                    }
+                    let item = body.strip_prefix("- ")?;
+                    let value = scalar(item.trim_start_matches(' '))?;
+                    partial.link_bases.get_or_insert_with(Vec::new).push(value);
+                }
+            }
+            continue;
+        }
+        // Any other line ends an open block, which must have had at least one entry.
+        if !block.close(current.as_ref()) {
+            return None;
+        }
+        block = Block::None;
+        if tenant_indent == 0 {
+            tenant_indent = indent;
+        }
+        if indent == tenant_indent {
+            if let Some(done) = current.take() {
+                tenants.push(done.finish()?);
+            }
+            let (key, rest) = key_line(body)?;
+            if !rest.is_empty() || TenantId::parse(key).is_none() {
+                return None;
+            }
+            current = Some(Partial::new(key));
+            continue;
+        }
+        if field_indent == 0 && indent > tenant_indent {
+            field_indent = indent;
+        }
+        if indent != field_indent {
+            return None;
+        }
+        let partial = current.as_mut()?;
+        let (field, value) = key_line(body)?;
+        block = partial.set(field, value)?;
+    }
+    if !block.close(current.as_ref()) {
+        return None;
+    }
+    tenants.push(current?.finish()?);
+    Some(RoutesFile {
+        tenants: OrderedMap(tenants),
+    })
+}
+
+/// The nested block a field opened, with its indentation once its first line is seen.
+enum Block {
+    None,
+    Headers(usize),
+    Links(usize),
+}
+
+impl Block {
+    /// False when the block being closed had no entries (YAML reads that as null, which the
+    /// general parser refuses for these fields).
+    fn close(&self, current: Option<&Partial>) -> bool {
+        match self {
+            Block::None => true,
+            Block::Headers(_) => current.is_some_and(|p| p.upstream_headers.is_some()),
+            Block::Links(_) => current.is_some_and(|p| p.link_bases.is_some()),
+        }
+    }
+}
+
+/// One tenant's fields as read so far.
+struct Partial {
+    key: String,
+    name: Option<String>,
+    upstream: Option<String>,
+    tls_verify: Option<bool>,
+    ca_file: Option<String>,
+    sni: Option<String>,
+    connect_timeout_ms: Option<u64>,
+    read_timeout_ms: Option<u64>,
+    upstream_headers: Option<BTreeMap<String, String>>,
+    allow_writes: Option<bool>,
+    link_bases: Option<Vec<String>>,
+    /// Nested fields already opened (so a repeat is caught even before its first entry).
+    opened_headers: bool,
+    opened_links: bool,
+}
+
+impl Partial {
+    fn new(key: &str) -> Self {
+        Partial {
+            key: key.to_string(),
+            name: None,
+            upstream: None,
+            tls_verify: None,
+            ca_file: None,
+            sni: None,
+            connect_timeout_ms: None,
+            read_timeout_ms: None,
+            upstream_headers: None,
+            allow_writes: None,
+            link_bases: None,
+            opened_headers: false,
+            opened_links: false,
+        }
+    }
+
+    /// Sets one field from its line; `None` for an unknown or repeated field or a value outside
+    /// the subset. Returns the block the field opens.
+    fn set(&mut self, field: &str, value: &str) -> Option<Block> {
+        fn once<T>(slot: &mut Option<T>, value: Option<T>) -> Option<()> {
+            if slot.is_some() {
+                return None;
+            }
+            *slot = Some(value?);
+            Some(())
+        }
+        match field {
+            "name" => once(&mut self.name, scalar(value))?,
+            "upstream" => once(&mut self.upstream, scalar(value))?,
+            "ca_file" => once(&mut self.ca_file, scalar(value))?,
+            "sni" => once(&mut self.sni, scalar(value))?,
+            "tls_verify" => once(&mut self.tls_verify, boolean(value))?,
+            "allow_writes" => once(&mut self.allow_writes, boolean(value))?,
+            "connect_timeout_ms" => once(&mut self.connect_timeout_ms, integer(value))?,
+            "read_timeout_ms" => once(&mut self.read_timeout_ms, integer(value))?,
+            "upstream_headers" if value.is_empty() && !self.opened_headers => {
+                self.opened_headers = true;
+                return Some(Block::Headers(0));
+            }
+            "link_bases" if value.is_empty() && !self.opened_links => {
+                self.opened_links = true;
+                return Some(Block::Links(0));
+            }
+            _ => return None,
+        }
+        Some(Block::None)
+    }
+
+    fn finish(self) -> Option<(String, TenantSpec)> {
+        Some((
+            self.key,
+            TenantSpec {
+                name: self.name?,
+                upstream: self.upstream?,
+                tls_verify: self.tls_verify.unwrap_or(true),
+                ca_file: self.ca_file,
+                sni: self.sni,
+                connect_timeout_ms: self.connect_timeout_ms,
+                read_timeout_ms: self.read_timeout_ms,
+                upstream_headers: self.upstream_headers.unwrap_or_default(),
+                allow_writes: self.allow_writes.unwrap_or(false),
+                link_bases: self.link_bases.unwrap_or_default(),
+            },
+        ))
+    }
+}
+
+/// Splits `key: value` (or `key:` with nothing or only a comment after it) into the key and the
+/// value text, comment included. The key must be a plain run of name characters.
+fn key_line(body: &str) -> Option<(&str, &str)> {
+    let colon = body.find(':')?;
+    let (key, rest) = (&body[..colon], &body[colon + 1..]);
+    if key.is_empty()
+        || !key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return None;
+    }
+    if rest.is_empty() {
+        return Some((key, ""));
+    }
+    // `key:value` is one plain scalar in YAML, not a pair.
+    let value = rest.strip_prefix(' ')?.trim_start_matches(' ');
+    if value.starts_with('#') {
+        return Some((key, ""));
+    }
+    Some((key, value))
+}
+
+/// A string value: double-quoted without escapes, single-quoted without doubled quotes, or a plain
+/// scalar that YAML can only read as a string. A trailing ` # comment` is dropped.
+fn scalar(value: &str) -> Option<String> {
+    let b = value.as_bytes();
+    match b.first()? {
+        q @ (b'"' | b'\'') => {
+            let end = value[1..].find(*q as char)? + 1;
+            let content = &value[1..end];
+            if *q == b'"' && content.contains('\\') {
+                return None;
+            }
+            // `'it''s'` is an escaped quote; anything but spaces and a comment after it is an error.
+            if !after_quote(&value[end + 1..]) {
+                return None;
+            }
+            Some(content.to_string())
+        }
+        _ => {
+            let text = plain(value)?;
+            if !text.as_bytes()[0].is_ascii_alphabetic()
+                && !matches!(text.as_bytes()[0], b'/' | b'_')
+            {
+                return None;
+            }
+            if ambiguous(text) {
+                return None;
+            }
+            Some(text.to_string())
+        }
+    }
+}
+
+/// After a closing quote only spaces may follow, then optionally a comment after a space.
+fn after_quote(rest: &str) -> bool {
+    let trimmed = rest.trim_start_matches(' ');
+    trimmed.is_empty() || (trimmed.len() < rest.len() && trimmed.starts_with('#'))
+}
+
+/// The text of a plain scalar (comment and trailing spaces removed) when every character is one
+/// this reader accepts and the value cannot be read as anything but itself.
+fn plain(value: &str) -> Option<&str> {
+    let text = match value.find(" #") {
+        Some(i) => &value[..i],
+        None => value,
+    };
+    let text = text.trim_end_matches(' ');
+    if text.is_empty() || text.ends_with(':') || text.contains(": ") {
+        return None;
+    }
+    let ok = text.bytes().all(|b| {
+        b >= 0x80
+            || b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b' ' | b'-'
+                    | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'/'
+                    | b':'
+                    | b'%'
+                    | b'?'
+                    | b'&'
+                    | b'='
+                    | b'+'
+                    | b'@'
+                    | b'$'
+                    | b'('
+                    | b')'
+                    | b','
+                    | b';'
+            )
+    });
+    ok.then_some(text)
+}
+
+/// Plain words YAML 1.1 or 1.2 reads as null or a boolean.
+fn ambiguous(text: &str) -> bool {
+    const WORDS: [&str; 10] = [
+        "null", "true", "false", "yes", "no", "on", "off", "y", "n", "~",
+    ];
+    WORDS.iter().any(|w| text.eq_ignore_ascii_case(w))
+}
+
+fn boolean(value: &str) -> Option<bool> {
+    match plain(value)? {
+        "true" => Some(true),
+        "false" => Some(false),
+        _ => None,
+    }
+}
+
+/// A decimal without sign, underscores or leading zeros.
+fn integer(value: &str) -> Option<u64> {
+    let text = plain(value)?;
+    if !text.bytes().all(|b| b.is_ascii_digit()) || (text.len() > 1 && text.starts_with('0')) {
+        return None;
+    }
+    text.parse().ok()
+}
+
+/// Header names as written in the file: letters, digits, `-` and `_`, starting with a letter.
+fn header_name(name: &str) -> bool {
+    name.as_bytes()[0].is_ascii_alphabetic() && !ambiguous(name)
+}
+
+/// True when the text has no character that YAML reads as a line break or refuses outright, no
+/// tab, no byte order mark, and every carriage return starts a CRLF line end.
+fn plain_text(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            b'\n' | 0x20..=0x7e => {}
+            b'\r' => {
+                if bytes.get(i + 1) != Some(&b'\n') {
+                    return false;
+                }
+            }
+            0x80.. => {}
+            _ => return false,
+        }
+    }
+    if !text.is_ascii() {
+        // C1 controls (NEL among them), the Unicode line and paragraph separators, the BOM and the
+        // two non-characters YAML refuses.
+        return !text.chars().any(|c| {
+            matches!(
+                c,
+                '\u{80}'
+                    ..='\u{9f}' | '\u{2028}' | '\u{2029}' | '\u{feff}' | '\u{fffe}' | '\u{ffff}'
+            )
+        });
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fast reader's result, checked against the general parser's.
+    fn agreed(text: &str) -> Option<RoutesFile> {
+        if let Err(e) = super::super::check_fast_yaml(text) {
+            panic!("disagreement on:\n{text}\n{e}");
+        }
+        parse(text)
+    }
+
+    const GUID_A: &str = "145f4184-1b0b-41c7-ba24-b3c1291bfda1";
+
+    #[test]
+    fn the_shipped_table_and_the_usual_shapes_take_the_fast_path() {
+        let shipped = include_str!("../../conf/routes.yaml");
+        assert_eq!(agreed(shipped).map(|f| f.tenants.0.len()), Some(2));
+        let every_field = format!(
+            "# comment\ntenants:   # trailing\n\n  {GUID_A}:  # the tenant\n    name: Hôpital Saint-Jean (north)\n    \
+             upstream: 'https://fhir.example/r4?x=1&y=2' # c\n    tls_verify: false\n    ca_file: \"ca/h.pem\"\n    \
+             sni: fhir.example\n    connect_timeout_ms: 250\n    read_timeout_ms: 0\n    upstream_headers:\n      \
+             Authorization: \"Bearer ${{TOKEN}}\"\n      X-Api-Key: abc\n    allow_writes: true\n    link_bases:\n      \
+             - https://a.example/fhir\n      -   \"http://b.example\"\n  # between tenants\n  \
+             3C2F9D6E-8A41-4B7E-9F0D-2A6C5E1B7D34:\n    name: \"\"\n    upstream: http://x:1/\n"
+        );
+        let f = agreed(&every_field).expect("fast path");
+        assert_eq!(f.tenants.0.len(), 2);
+        let (_, a) = &f.tenants.0[0];
+        assert_eq!(a.name, "Hôpital Saint-Jean (north)");
+        assert_eq!(a.upstream_headers.len(), 2);
+        assert_eq!(a.link_bases, ["https://a.example/fhir", "http://b.example"]);
+        assert!(!a.tls_verify && a.allow_writes);
+        let crlf = every_field.replace('\n', "\r\n");
+        assert_eq!(agreed(&crlf), Some(f));
+    }
+
+    #[test]
+    fn anything_outside_the_subset_goes_to_the_general_parser() {
+        let base = format!("tenants:\n  {GUID_A}:\n    upstream: \"http://x/\"\n");
+        assert!(agreed(&format!("{base}    name: a\n")).is_some());
+        let declined = [
+            // Values YAML reads as something else, or that this reader does not unescape or fold.
+            "    name: yes\n",
+            "    name: ~\n",
+            "    name: 123\n",
+            "    name: \"a\\u0041\"\n",
+            "    name: 'it''s'\n",
+            "    name: &anchor a\n",
+            "    name: !!str a\n",
+            "    name: [a]\n",
+            "    name: |\n      a\n",
+            "    name: a\n      continued\n",
+            "    name: \"a\"x\n",
+            "    name: a: b\n",
+            "    name: a#b\n",
+            "    name:\n",
+            "    name: a\n    name: b\n",
+            "    name: a\n    tls_verify: True\n",
+            "    name: a\n    connect_timeout_ms: 0100\n",
+            "    name: a\n    connect_timeout_ms: 1_000\n",
+            "    name: a\n    connect_timeout_ms: 99999999999999999999\n",
+            "    name: a\n    upstream_headers:\n",
+            "    name: a\n    upstream_headers: {}\n",
+            "    name: a\n    upstream_headers:\n      on: x\n",
+            "    name: a\n    upstream_headers:\n      A: x\n      A: y\n",
+            "    name: a\n    link_bases:\n    - http://a/\n",
+            "    name: a\n    link_bases:\n      -http://a/\n",
+            // Structure and characters.
+            "    name: a\n    unknown: x\n",
+            "    name: a\nother: 1\n",
+            "    name: a\ntenants:\n",
+            "    name: a\n---\n",
+            "    name: a\n   ca_file: x\n",
+            "    name: a\n\t\n",
+            "    name: a\n# a line separator \u{2028}  sni: x\n",
+            "    name: a\n# a NEL \u{85}\n",
+            "    name: a\n# a lone carriage return \r    sni: x\n",
+        ];
+        for extra in declined {
+            let text = format!("{base}{extra}");
+            assert!(agreed(&text).is_none(), "took the fast path:\n{text}");
+        }
+        assert!(agreed(&format!("\u{feff}{base}    name: a\n")).is_none());
+        assert!(agreed("tenants:\n  not-a-guid:\n    name: a\n    upstream: x\n").is_none());
+        assert!(agreed(&format!("tenants:\n  {GUID_A}:\n    name: a\n")).is_none());
+        assert!(agreed(&format!("tenants:\n  {GUID_A}:\n")).is_none());
+        assert!(agreed("").is_none());
+    }
+
+    /// A tenant given twice is kept twice (validation reports it), exactly as the general parser does.
+    #[test]
+    fn a_repeated_tenant_key_is_kept_for_validation_to_report() {
+        let one = format!("  {GUID_A}:\n    name: a\n    upstream: x\n");
+        let f = agreed(&format!("tenants:\n{one}{one}")).expect("fast path");
+        assert_eq!(f.tenants.0.len(), 2);
+    }
+
+    /// Every one-character edit of a table that uses every field: whatever the fast reader accepts,
+    /// the general parser must read the same way.
+    #[test]
+    fn single_character_edits_never_make_the_two_readers_disagree() {
+        let text = format!(
+            "tenants:\n  {GUID_A}:\n    name: a b # c\n    upstream: \"http://x:1/\"\n    tls_verify: true\n    \
+             read_timeout_ms: 12\n    upstream_headers:\n      X-K: 'v'\n    link_bases:\n      - /p\n"
+        );
+        let inserts = [
+            " ", "\n", "#", ":", "-", "'", "\"", "\\", "&", "*", "!", "|", ">", "{", "[", "?", ",",
+            "0", "%", "@", "`", "\r", "\t", "\u{85}", "~", "é",
+        ];
+        let mut accepted = 0;
+        for i in 0..=text.len() {
+            if !text.is_char_boundary(i) {
+                continue;
+            }
+            for s in inserts {
+                let mut t = text.clone();
+                t.insert_str(i, s);
+                accepted += usize::from(agreed(&t).is_some());
+            }
+            if i < text.len() {
+                let mut t = text.clone();
+                t.remove(i);
+                accepted += usize::from(agreed(&t).is_some());
+            }
+        }
+        // Many edits are harmless (a space in a value, a digit in a number): those must still be
+        // accepted, or the fast path would be too timid to matter.
+        assert!(accepted > 100, "only {accepted} edits took the fast path");
+    }
+}
