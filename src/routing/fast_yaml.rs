@@ -34,7 +34,14 @@ pub(super) fn parse(text: &str) -> Option<RoutesFile> {
     let mut field_indent = 0;
     let mut current: Option<Partial> = None;
     let mut block = Block::None;
-    for raw in text.split('\n') {
+    let mut rest = text;
+    while !rest.is_empty() {
+        // A byte loop: lines are short, and `split` pays a searcher's setup on every one.
+        let (raw, next) = match rest.bytes().position(|b| b == b'\n') {
+            Some(i) => (&rest[..i], &rest[i + 1..]),
+            None => (rest, ""),
+        };
+        rest = next;
         let line = raw.strip_suffix('\r').unwrap_or(raw);
         let body = line.trim_start_matches(' ');
         if body.is_empty() || body.starts_with('#') {
@@ -233,15 +240,14 @@ impl Partial {
 /// Splits `key: value` (or `key:` with nothing or only a comment after it) into the key and the
 /// value text, comment included. The key must be a plain run of name characters.
 fn key_line(body: &str) -> Option<(&str, &str)> {
-    let colon = body.find(':')?;
-    let (key, rest) = (&body[..colon], &body[colon + 1..]);
-    if key.is_empty()
-        || !key
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
+    // The first byte that is not a name character must be the colon.
+    let colon = body
+        .bytes()
+        .position(|b| !(b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))?;
+    if colon == 0 || body.as_bytes()[colon] != b':' {
         return None;
     }
+    let (key, rest) = (&body[..colon], &body[colon + 1..]);
     if rest.is_empty() {
         return Some((key, ""));
     }
@@ -294,16 +300,36 @@ fn after_quote(rest: &str) -> bool {
 /// The text of a plain scalar (comment and trailing spaces removed) when every character is one
 /// this reader accepts and the value cannot be read as anything but itself.
 fn plain(value: &str) -> Option<&str> {
-    let text = match value.find(" #") {
-        Some(i) => &value[..i],
-        None => value,
-    };
-    let text = text.trim_end_matches(' ');
-    if text.is_empty() || text.ends_with(':') || text.contains(": ") {
+    let b = value.as_bytes();
+    let mut end = b.len();
+    for (i, &c) in b.iter().enumerate() {
+        match c {
+            // A comment starts at a `#` after a space; any other `#` is refused.
+            b'#' if i > 0 && b[i - 1] == b' ' => {
+                end = i;
+                break;
+            }
+            // `: ` inside a plain value is a mapping in YAML (an error here).
+            b':' if b.get(i + 1) == Some(&b' ') => return None,
+            _ if !PLAIN[usize::from(c)] => return None,
+            _ => {}
+        }
+    }
+    let text = value[..end].trim_end_matches(' ');
+    if text.is_empty() || text.ends_with(':') {
         return None;
     }
-    let ok = text.bytes().all(|b| {
-        b >= 0x80
+    Some(text)
+}
+
+/// Bytes a plain value may contain: letters, digits, these punctuation marks, space, and any byte
+/// of a non-ASCII character (the whole text was checked for characters YAML refuses).
+const PLAIN: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        t[i] = b >= 0x80
             || b.is_ascii_alphanumeric()
             || matches!(
                 b,
@@ -324,13 +350,17 @@ fn plain(value: &str) -> Option<&str> {
                     | b')'
                     | b','
                     | b';'
-            )
-    });
-    ok.then_some(text)
-}
+            );
+        i += 1;
+    }
+    t
+};
 
 /// Plain words YAML 1.1 or 1.2 reads as null or a boolean.
 fn ambiguous(text: &str) -> bool {
+    if text.len() > 5 {
+        return false;
+    }
     const WORDS: [&str; 10] = [
         "null", "true", "false", "yes", "no", "on", "off", "y", "n", "~",
     ];
