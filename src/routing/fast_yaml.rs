@@ -162,9 +162,6 @@ struct Partial {
     upstream_headers: Option<BTreeMap<String, String>>,
     allow_writes: Option<bool>,
     link_bases: Option<Vec<String>>,
-    /// Nested fields already opened (so a repeat is caught even before its first entry).
-    opened_headers: bool,
-    opened_links: bool,
 }
 
 impl Partial {
@@ -181,8 +178,6 @@ impl Partial {
             upstream_headers: None,
             allow_writes: None,
             link_bases: None,
-            opened_headers: false,
-            opened_links: false,
         }
     }
 
@@ -205,12 +200,12 @@ impl Partial {
             "allow_writes" => once(&mut self.allow_writes, boolean(value))?,
             "connect_timeout_ms" => once(&mut self.connect_timeout_ms, integer(value))?,
             "read_timeout_ms" => once(&mut self.read_timeout_ms, integer(value))?,
-            "upstream_headers" if value.is_empty() && !self.opened_headers => {
-                self.opened_headers = true;
+            // A repeat finds the first block's entries, or the parse already declined when that
+            // block closed empty.
+            "upstream_headers" if value.is_empty() && self.upstream_headers.is_none() => {
                 return Some(Block::Headers(0));
             }
-            "link_bases" if value.is_empty() && !self.opened_links => {
-                self.opened_links = true;
+            "link_bases" if value.is_empty() && self.link_bases.is_none() => {
                 return Some(Block::Links(0));
             }
             _ => return None,
@@ -298,7 +293,7 @@ fn after_quote(rest: &str) -> bool {
 }
 
 /// The text of a plain scalar (comment and trailing spaces removed) when every character is one
-/// this reader accepts and the value cannot be read as anything but itself.
+/// this reader accepts. Whether YAML reads it as a string, a boolean or a number is for the caller.
 fn plain(value: &str) -> Option<&str> {
     let b = value.as_bytes();
     let mut end = b.len();
@@ -485,6 +480,8 @@ mod tests {
             "    name: a\n    upstream_headers: {}\n",
             "    name: a\n    upstream_headers:\n      on: x\n",
             "    name: a\n    upstream_headers:\n      A: x\n      A: y\n",
+            "    name: a\n    upstream_headers:\n      A: x\n    upstream_headers:\n      B: y\n",
+            "    name: a\n    link_bases:\n    link_bases:\n      - /a\n",
             "    name: a\n    link_bases:\n    - http://a/\n",
             "    name: a\n    link_bases:\n      -http://a/\n",
             // Structure and characters.
