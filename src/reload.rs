@@ -20,7 +20,7 @@ use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::{ArcSwap, Guard};
@@ -53,6 +53,11 @@ pub struct Live<T: Loadable> {
     /// Hash of the text last read, whether it was accepted or rejected: unchanged text is neither
     /// rebuilt nor reported again.
     seen_hash: AtomicU64,
+    /// One reload at a time. The hash above is recorded before the text is built, so without this
+    /// a second reload (the self-service endpoint's own, racing the watcher's) could find the text
+    /// "unchanged" and return while the first is still building it: the caller would then answer
+    /// before its change serves (a new secret refused, a deleted one still accepted).
+    reloading: Mutex<()>,
     /// Successful loads, starting at 1 for the load at start-up.
     pub generation: AtomicU64,
     pub failures: AtomicU64,
@@ -84,6 +89,7 @@ impl<T: Loadable> Live<T> {
             path,
             ctx,
             seen_hash: AtomicU64::new(hash_text(&text)),
+            reloading: Mutex::new(()),
             generation: AtomicU64::new(1),
             failures: AtomicU64::new(0),
             last_success: AtomicU64::new(unix_now()),
@@ -102,8 +108,14 @@ impl<T: Loadable> Live<T> {
     /// One reload attempt (blocking: file I/O, and DNS for the routing table). With `force`, unchanged
     /// text is rebuilt too (re-resolving upstream host names). With `settle`, changed text is used only
     /// if it reads the same again [`SETTLE`] later; only a reload caused by nothing but renames skips
-    /// that.
+    /// that. Returns only once what it read is the value being served (or was rejected), also when
+    /// another reload of the same file was in progress.
     pub fn reload(&self, force: bool, settle: bool) -> ReloadOutcome {
+        // A panic in a loader cannot leave the guarded `()` inconsistent.
+        let _one_at_a_time = self
+            .reloading
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let started = std::time::Instant::now();
         let text = match std::fs::read_to_string(&self.path) {
             Ok(t) => t,
@@ -406,7 +418,59 @@ impl BackgroundService for Reloader {
 
 #[cfg(test)]
 mod tests {
-    use super::{classify, hash_text, Change, Seen};
+    use super::{classify, hash_text, Change, Live, Loadable, ReloadOutcome, Seen};
+    use crate::problems::Problems;
+    use std::path::Path;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// A file whose value takes the context's time to build.
+    struct Slow(String);
+
+    impl Loadable for Slow {
+        type Context = Duration;
+        const WHAT: &'static str = "slow file";
+        fn from_text(_: &Path, text: &str, build_time: &Duration) -> Result<Self, Problems> {
+            std::thread::sleep(*build_time);
+            Ok(Slow(text.to_string()))
+        }
+        fn summary(&self) -> String {
+            String::new()
+        }
+    }
+
+    /// The self-service endpoint renames clients.yaml into place and reloads it itself, while the
+    /// watcher reloads the same rename. Whichever returns second must not return before the new
+    /// text serves: the endpoint's reply promises that the new secret works (or the old one no
+    /// longer does). Stop 11's CI machine caught the endpoint answering first under load.
+    #[test]
+    fn a_reload_returns_only_once_what_it_read_is_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, "one").unwrap();
+        let live =
+            Arc::new(Live::<Slow>::load_file(path.clone(), Duration::from_millis(400)).unwrap());
+        let tmp = dir.path().join("f.new");
+        std::fs::write(&tmp, "two").unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        let watcher = {
+            let live = Arc::clone(&live);
+            std::thread::spawn(move || live.reload(false, false))
+        };
+        // The watcher's reload has read "two" and is building it.
+        std::thread::sleep(Duration::from_millis(100));
+        let own = live.reload(false, false);
+        assert_eq!(
+            live.load().0,
+            "two",
+            "a reload returned ({own:?}) before the text it read was served"
+        );
+        let first = watcher.join().unwrap();
+        assert!(
+            [first, own].contains(&ReloadOutcome::Applied),
+            "one of the two applied the change"
+        );
+    }
     use notify::event::{
         AccessKind, AccessMode, CreateKind, DataChange, EventKind, ModifyKind, RemoveKind,
         RenameMode,
