@@ -329,14 +329,8 @@ fn tenant_labels_follow_the_configured_mode() {
         assert_eq!(env.fhir_status("/Patient/1", &token(TENANT_A)), 200);
         let s =
             format!("fhir_edge_requests_total{{method=\"read\",status=\"2xx\",tenant=\"{want}\"}}");
-        // Requests are counted in Pingora's logging phase, which can run just after the client has
-        // read the response.
-        let mut m = String::new();
-        let counted = crate::support::eventually(Duration::from_secs(3), || {
-            m = env.proxy.admin("/metrics").1;
-            metric(&m, &s) == 1.0
-        });
-        assert!(counted, "{mode}: {m}");
+        let m = env.proxy.metrics_when(|m| metric(m, &s) == 1.0);
+        assert_eq!(metric(&m, &s), 1.0, "{mode}: {m}");
     }
 }
 
