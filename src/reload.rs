@@ -420,6 +420,12 @@ impl BackgroundService for Reloader {
 mod tests {
     use super::{classify, hash_text, Change, Live, Loadable, ReloadOutcome, Seen};
     use crate::problems::Problems;
+    use notify::event::{
+        AccessKind, AccessMode, CreateKind, DataChange, EventKind, ModifyKind, RemoveKind,
+        RenameMode,
+    };
+    use std::collections::BTreeSet;
+    use std::ffi::OsString;
     use std::path::Path;
     use std::sync::Arc;
     use std::time::Duration;
@@ -471,12 +477,6 @@ mod tests {
             "one of the two applied the change"
         );
     }
-    use notify::event::{
-        AccessKind, AccessMode, CreateKind, DataChange, EventKind, ModifyKind, RemoveKind,
-        RenameMode,
-    };
-    use std::collections::BTreeSet;
-    use std::ffi::OsString;
 
     fn event(kind: EventKind, paths: &[&str]) -> notify::Event {
         paths
