@@ -12,7 +12,8 @@
 //! (64), `PROXY_CPUS` ("1"), `CLIENT_CPUS` ("0"), `UNIQUE_TOKENS` (5000), `LOAD_RELOADS` (3 timed
 //! reloads per load run in `tenants`), `LOAD_KEEP` (keep the work
 //! directory), `FHIR_EDGE_BASELINE` (path to another fhir-edge binary, e.g. a copy of the previous
-//! build: `compare` then runs it beside this build as peer "baseline" and prints the ratios).
+//! build: `compare` then runs it beside this build as peer "baseline" and prints the ratios, and
+//! `tenants` adds it with the 100,000-tenant YAML table as a fifth proxy).
 //!
 //! Machines like the 2-core build VMs drift by ±20 % from one run to the next, so every case runs
 //! `LOAD_ROUNDS` times, interleaved with the others (all peers stay up side by side), and the table
@@ -21,7 +22,9 @@
 //! How it runs: the proxy under test (fhir-edge, nginx or HAProxy, one worker per proxy CPU) is pinned
 //! to `PROXY_CPUS`; the load generator and the upstream (nginx serving a static ~2 KB FHIR Bundle) share
 //! `CLIENT_CPUS`. "direct" is the load generator against the upstream alone: the most this client and
-//! upstream can do, the limit for any proxy. Peer configs: `benches/load/`.
+//! upstream can do, the limit for any proxy. "pingora bare" is this executable running a Pingora
+//! proxy that only forwards (`benches/load/floor.rs`): the framework's own cost, the floor for
+//! fhir-edge. Peer configs: `benches/load/`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
@@ -34,6 +37,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::json;
+
+#[path = "load/floor.rs"]
+mod floor;
+
+// The same allocator as the fhir-edge binary, for the floor proxy this executable also runs.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const ISSUER: &str = "https://issuer.bench/";
 const AUDIENCE: &str = "fhir-edge-bench";
@@ -576,6 +587,29 @@ fn start_nginx_proxy(s: &Settings, up: &Upstream) -> (Proc, u16) {
     (p, port)
 }
 
+/// The bare Pingora proxy (`floor.rs`), run by this executable: `chunked` re-frames responses.
+fn start_floor(s: &Settings, up: &Upstream, chunked: bool) -> (Proc, u16) {
+    let port = free_port();
+    let framing = if chunked { "chunked" } else { "plain" };
+    let exe = std::env::current_exe().unwrap();
+    let mut p = spawn(
+        s,
+        &format!("pingora-floor-{framing}"),
+        &s.proxy_cpus,
+        &[
+            exe.display().to_string(),
+            "floor".into(),
+            format!("127.0.0.1:{port}"),
+            format!("127.0.0.1:{}", up.port),
+            s.threads.to_string(),
+            framing.into(),
+        ],
+        &[],
+    );
+    wait_ready(&mut p, port, "/fhir/Patient", None, s);
+    (p, port)
+}
+
 fn start_haproxy(s: &Settings, up: &Upstream) -> (Proc, u16) {
     let port = free_port();
     let mut map = String::new();
@@ -781,6 +815,9 @@ fn compare(s: &Settings) {
     // All peers run side by side (idle ones cost nothing), so rounds can interleave them.
     let (_nginx, nginx_port) = start_nginx_proxy(s, &up);
     let (_haproxy, haproxy_port) = start_haproxy(s, &up);
+    // The framework floor: Pingora doing nothing but forward, as is and re-framed chunked.
+    let (_floor, floor_port) = start_floor(s, &up, false);
+    let (_floor_chunked, floor_chunked_port) = start_floor(s, &up, true);
     // A 100-entry token cache against thousands of tokens used in turn: the per-request rows miss
     // (the hits are counted and printed), the one-token rows hit.
     let edge = start_fhir_edge(s, &up, TENANTS, 100, "compare");
@@ -835,6 +872,20 @@ fn compare(s: &Settings) {
             tokens: "per-request",
             port: nginx_port,
             auth: Auth::PerRequest(tokens.files["RS256"].clone()),
+            admin: None,
+        },
+        Case {
+            peer: "pingora bare".into(),
+            tokens: "-",
+            port: floor_port,
+            auth: Auth::One(None),
+            admin: None,
+        },
+        Case {
+            peer: "pingora bare, chunked".into(),
+            tokens: "-",
+            port: floor_chunked_port,
+            auth: Auth::One(None),
             admin: None,
         },
     ];
@@ -929,6 +980,20 @@ fn compare(s: &Settings) {
         }
     }
 
+    println!(
+        "\nAgainst bare Pingora (the framework floor, same run): chunked re-framing alone {:.2}x the floor;",
+        find("pingora bare, chunked", "-") / find("pingora bare", "-")
+    );
+    for a in ALGS {
+        let e = find(&format!("fhir-edge {}", a.name), "one");
+        println!(
+            "  {} one token: fhir-edge / bare = {:.2}, fhir-edge / bare chunked = {:.2}",
+            a.name,
+            e / find("pingora bare", "-"),
+            e / find("pingora bare, chunked", "-")
+        );
+    }
+
     if baseline.is_some() {
         println!("\nThis build against FHIR_EDGE_BASELINE (same run, same config):");
         for a in ALGS {
@@ -999,20 +1064,28 @@ fn tenants(s: &Settings) {
     let token = mint(&key, ALGS[0], 7, 0);
     let path = "/fhir/Patient?family=Synthetic&_count=2";
     type Routes = fn(usize, u16, &str) -> String;
-    let cases: [(usize, &str, Routes); 4] = [
-        (10, "YAML", routes_yaml),
-        (100_000, "YAML", routes_yaml),
-        (100_000, "JSON", routes_json),
+    let mut cases: Vec<(usize, &str, Routes, Option<String>)> = vec![
+        (10, "YAML", routes_yaml, None),
+        (100_000, "YAML", routes_yaml, None),
+        (100_000, "JSON", routes_json, None),
         // The same YAML behind a `---` document marker, which the fast reader declines: the
         // general YAML parser's figures in the same run, as the baseline for the fast reader's.
-        (100_000, "YAML, general parser", routes_yaml_general),
+        (100_000, "YAML, general parser", routes_yaml_general, None),
     ];
-    // All three side by side, so the rounds can be interleaved.
+    // Another build (e.g. the previous commit's) with the same YAML table, to judge a change.
+    if let Ok(bin) = std::env::var("FHIR_EDGE_BASELINE") {
+        cases.push((100_000, "YAML, baseline build", routes_yaml, Some(bin)));
+    }
+    // All side by side, so the rounds can be interleaved.
     let mut edges = Vec::new();
-    for (n, form, routes) in cases {
+    for (n, form, routes, bin) in cases {
         let tag = format!("t{n}-{}", form.replace([' ', ','], ""));
         let started = Instant::now();
-        let e = start_fhir_edge_with(s, routes(n, up.port, "t"), 10_000, &tag);
+        let table = routes(n, up.port, "t");
+        let e = match &bin {
+            Some(bin) => start_fhir_edge_bin(s, bin, table, 10_000, &tag),
+            None => start_fhir_edge_with(s, table, 10_000, &tag),
+        };
         let boot = started.elapsed();
         assert_eq!(status(e.port, path, Some(&token)), Some(200));
         println!(
@@ -1044,7 +1117,7 @@ fn tenants(s: &Settings) {
         );
         rates.push(r.rps);
     }
-    if let [small, yaml, json, general] = rates.as_slice() {
+    if let [small, yaml, json, general, ..] = rates.as_slice() {
         println!(
             "100,000 / 10 tenants throughput ratio: {:.3} (YAML table), {:.3} (JSON table), {:.3} (YAML, general parser)",
             yaml / small,
@@ -1196,6 +1269,17 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
+    if let [mode, listen, upstream, threads, framing] = modes.as_slice() {
+        if mode == "floor" {
+            floor::run(
+                listen,
+                upstream,
+                threads.parse().unwrap(),
+                framing == "chunked",
+            );
+            return;
+        }
+    }
     for tool in ["wrk", "hey", "nginx", "haproxy", "taskset"] {
         let found = Command::new("sh")
             .arg("-c")
