@@ -684,7 +684,7 @@ impl ProxyHttp for FhirEdge {
         if let Some(t) = ctx.upstream_start {
             self.metrics
                 .upstream_duration
-                .with_label_values(&[&route.label])
+                .with_label_values(&[&*route.label])
                 .observe(t.elapsed().as_secs_f64());
         }
         let rw = &route.upstream.rewrites;
@@ -781,7 +781,7 @@ impl ProxyHttp for FhirEdge {
         // Counted before the error response goes out, so the count is there when the client
         // sees the error.
         if *e.esource() == ErrorSource::Upstream {
-            let tenant = ctx.route.as_ref().map_or(NO_TENANT, |r| r.label.as_str());
+            let tenant = ctx.route.as_ref().map_or(NO_TENANT, |r| &*r.label);
             self.metrics
                 .upstream_errors
                 .with_label_values(&[tenant, upstream_error_kind(e)])
@@ -804,7 +804,7 @@ impl ProxyHttp for FhirEdge {
             }
         }
         let (tenant, name) = match &ctx.route {
-            Some(r) => (r.tenant.to_string(), r.name.as_str()),
+            Some(r) => (r.tenant.to_string(), &*r.name),
             None => ("-".to_string(), "-"),
         };
         // Only the error's type and source: its context strings can quote raw message bytes.
@@ -846,7 +846,7 @@ impl ProxyHttp for FhirEdge {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         let status = session.response_written().map_or(0, |h| h.status.as_u16());
-        let label = ctx.route.as_ref().map_or(NO_TENANT, |r| r.label.as_str());
+        let label = ctx.route.as_ref().map_or(NO_TENANT, |r| &*r.label);
         let elapsed = ctx.start.elapsed();
         let bytes_out = session.as_downstream().body_bytes_sent();
         let m = &self.metrics;
@@ -888,7 +888,7 @@ impl ProxyHttp for FhirEdge {
             status,
             upstream_status: ctx.upstream_status,
             tenant: tenant.as_deref(),
-            tenant_name: ctx.route.as_ref().map(|r| r.name.as_str()),
+            tenant_name: ctx.route.as_ref().map(|r| &*r.name),
             // The client, never `sub`: an external issuer's `sub` may name a person.
             client_id: ctx
                 .client_id

@@ -41,9 +41,22 @@ pub trait Loadable: Send + Sync + Sized + 'static {
     /// For log lines: "routing table", "client registry".
     const WHAT: &'static str;
     fn from_text(path: &Path, text: &str, ctx: &Self::Context) -> Result<Self, Problems>;
+    /// [`Loadable::from_text`], also handing back what the build leaves behind (the parsed file), so
+    /// a reload frees it after the new value is published rather than before: freeing the ~300,000
+    /// strings a 100,000-tenant table parses into is part of no request's wait.
+    fn from_text_keeping_leftovers(
+        path: &Path,
+        text: &str,
+        ctx: &Self::Context,
+    ) -> Result<(Self, Leftovers), Problems> {
+        Self::from_text(path, text, ctx).map(|value| (value, None))
+    }
     /// For log lines: "3 tenants".
     fn summary(&self) -> String;
 }
+
+/// What a build leaves behind for the reload to free once the new value serves.
+pub type Leftovers = Option<Box<dyn Send>>;
 
 /// The current value of a hot-reloaded file, plus reload bookkeeping.
 pub struct Live<T: Loadable> {
@@ -145,8 +158,8 @@ impl<T: Loadable> Live<T> {
             return ReloadOutcome::Unsettled;
         }
         self.seen_hash.store(hash, Ordering::Relaxed);
-        match T::from_text(&self.path, &text, &self.ctx) {
-            Ok(value) => {
+        match T::from_text_keeping_leftovers(&self.path, &text, &self.ctx) {
+            Ok((value, leftovers)) => {
                 let summary = value.summary();
                 // One swap: every reader sees either the old value or the new one, whole.
                 let old = self.current.swap(Arc::new(value));
@@ -157,8 +170,10 @@ impl<T: Loadable> Live<T> {
                     T::WHAT,
                     started.elapsed().as_millis()
                 );
-                // Freeing a large old table takes a while; the new one is already serving.
+                // Freeing a large old table, and the parsed file, takes a while; the new table is
+                // already serving.
                 drop(old);
+                drop(leftovers);
                 ReloadOutcome::Applied
             }
             Err(problems) => {

@@ -18,7 +18,7 @@ use crate::config::RouteDefaults;
 use crate::fasthash::TableHash;
 use crate::metrics::TenantLabel;
 use crate::problems::{whole_file, OrderedMap, Problems, Source};
-use crate::reload::Loadable;
+use crate::reload::{Leftovers, Loadable};
 use crate::tenant::TenantId;
 use crate::upstream::{read_ca_file, Upstream, UpstreamUrl};
 
@@ -29,7 +29,7 @@ mod fast_yaml;
 pub struct Route {
     pub tenant: TenantId,
     /// Operator-chosen label for logs and metrics (never PHI).
-    pub name: String,
+    pub name: Arc<str>,
     /// Shared by every tenant whose upstream settings are identical (built once per table load), so
     /// a table of 100,000 tenants on a few servers holds a few peers. Pooling stays per tenant through
     /// `group_key`, which `upstream_peer` sets on its copy of the peer.
@@ -39,8 +39,9 @@ pub struct Route {
     /// Extra headers sent upstream (credentials for the hospital's server, for instance).
     pub upstream_headers: Vec<(HeaderName, HeaderValue)>,
     pub allow_writes: bool,
-    /// This tenant's value of metric `tenant` labels (name, GUID or `none`, per `admin.tenant_label`).
-    pub label: String,
+    /// This tenant's value of metric `tenant` labels (name, GUID or `none`, per `admin.tenant_label`):
+    /// the same allocation as `name`, or as every other tenant's `none`, where it can be.
+    pub label: Arc<str>,
 }
 
 /// An immutable, validated routing table.
@@ -56,6 +57,15 @@ impl Loadable for RoutingTable {
 
     fn from_text(path: &Path, text: &str, defaults: &RouteDefaults) -> Result<Self, Problems> {
         RoutingTable::from_text(path, text, defaults)
+    }
+
+    fn from_text_keeping_leftovers(
+        path: &Path,
+        text: &str,
+        defaults: &RouteDefaults,
+    ) -> Result<(Self, Leftovers), Problems> {
+        let (table, file) = RoutingTable::build(path, text, defaults)?;
+        Ok((table, Some(Box::new(file))))
     }
 
     fn summary(&self) -> String {
@@ -83,6 +93,15 @@ impl RoutingTable {
         text: &str,
         defaults: &RouteDefaults,
     ) -> Result<RoutingTable, Problems> {
+        RoutingTable::build(path, text, defaults).map(|(table, _file)| table)
+    }
+
+    /// The table and the parsed file it was built from.
+    fn build(
+        path: &Path,
+        text: &str,
+        defaults: &RouteDefaults,
+    ) -> Result<(RoutingTable, RoutesFile), Problems> {
         if text.trim().is_empty() {
             return Err(whole_file(
                 path,
@@ -121,6 +140,7 @@ impl RoutingTable {
         let mut names: HashMap<&str, TenantId, TableHash> =
             HashMap::with_capacity_and_hasher(n, TableHash::default());
         let mut shared: HashMap<UpstreamKey, Arc<Upstream>, TableHash> = HashMap::default();
+        let no_label: Arc<str> = Arc::from(crate::metrics::NO_TENANT);
         for (raw, spec) in &file.tenants.0 {
             // Only needed for messages: built when there is one.
             let key = || format!("tenants.{raw}");
@@ -143,7 +163,7 @@ impl RoutingTable {
                     format!("name `{}` is already used by tenant {first}", spec.name),
                 );
             }
-            match build_route(tenant, spec, dir, defaults, &mut shared) {
+            match build_route(tenant, spec, dir, defaults, &mut shared, &no_label) {
                 Ok(route) => {
                     routes.insert(tenant, Arc::new(route));
                 }
@@ -157,8 +177,10 @@ impl RoutingTable {
                 }
             }
         }
+        // `names` and `shared` borrow from `file`.
+        drop((names, shared));
         src.finish()?;
-        Ok(RoutingTable { routes })
+        Ok((RoutingTable { routes }, file))
     }
 }
 
@@ -256,6 +278,7 @@ fn build_route<'a>(
     dir: &Path,
     defaults: &RouteDefaults,
     shared: &mut HashMap<UpstreamKey<'a>, Arc<Upstream>, TableHash>,
+    no_label: &Arc<str>,
 ) -> Result<Route, (&'static str, String, String)> {
     let err = |field: &'static str, needle: &str, m: String| (field, needle.to_string(), m);
     if spec.name.is_empty()
@@ -365,18 +388,19 @@ fn build_route<'a>(
             built
         }
     };
+    let name: Arc<str> = Arc::from(spec.name.as_str());
     Ok(Route {
         tenant,
-        name: spec.name.clone(),
+        label: match defaults.tenant_label {
+            TenantLabel::Name => Arc::clone(&name),
+            TenantLabel::Guid => Arc::from(tenant.to_string()),
+            TenantLabel::Off => Arc::clone(no_label),
+        },
+        name,
         upstream,
         group_key: group_key(tenant),
         upstream_headers,
         allow_writes: spec.allow_writes,
-        label: match defaults.tenant_label {
-            TenantLabel::Name => spec.name.clone(),
-            TenantLabel::Guid => tenant.to_string(),
-            TenantLabel::Off => crate::metrics::NO_TENANT.to_string(),
-        },
     })
 }
 
@@ -584,7 +608,7 @@ mod tests {
         let t = load(&json).unwrap();
         assert_eq!(t.len(), 2);
         let b = t.get(&TenantId::parse(B).unwrap()).unwrap();
-        assert_eq!((b.name.as_str(), b.allow_writes), ("b", true));
+        assert_eq!((&*b.name, b.allow_writes), ("b", true));
         assert_eq!(b.upstream.base_path, "/r5");
         // Unknown keys are refused in JSON as in YAML, with the YAML parser's key path.
         let bad = json.replace("allow_writes", "allow_writez");
@@ -606,7 +630,7 @@ mod tests {
         ))
         .unwrap();
         let r = t.get(&TenantId::parse(A).unwrap()).unwrap();
-        assert_eq!(r.name, "contoso");
+        assert_eq!(&*r.name, "contoso");
         assert_eq!(r.upstream.base_path, "/r4");
         assert_eq!(r.upstream.host, "127.0.0.1:9");
     }
