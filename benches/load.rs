@@ -30,7 +30,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -40,6 +40,11 @@ use serde_json::json;
 
 #[path = "load/floor.rs"]
 mod floor;
+// The tests' port picker: below the ephemeral range and never the same port twice, so a peer cannot
+// lose its port to another peer's (or wrk's) socket between the check and its own bind.
+#[path = "../tests/support/ports.rs"]
+mod ports;
+use ports::free_port;
 
 // The same allocator as the fhir-edge binary, for the floor proxy this executable also runs.
 #[cfg(feature = "mimalloc")]
@@ -66,13 +71,6 @@ fn keys_dir() -> PathBuf {
 
 fn tenant(i: usize) -> String {
     format!("{:08x}-0000-4000-8000-{:012x}", i + 1, i + 1)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap()
 }
 
 fn fill(template: &str, vars: &[(&str, String)]) -> String {
