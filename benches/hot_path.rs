@@ -39,6 +39,7 @@ fn key(name: &str) -> Vec<u8> {
 }
 
 fn verifier() -> Verifier {
+    auth::install_crypto();
     let secret = key("hs256.secret");
     let keys = vec![
         (
@@ -77,6 +78,7 @@ fn tenant(i: usize) -> String {
 }
 
 fn encoding_key(kid: &str) -> EncodingKey {
+    auth::install_crypto();
     match kid {
         "rs1" => EncodingKey::from_rsa_pem(&key("rs256.pem")).unwrap(),
         "es1" => EncodingKey::from_ec_pem(&key("es256.pem")).unwrap(),
@@ -292,8 +294,54 @@ fn bench_decision(c: &mut Criterion) {
     g.finish();
 }
 
+/// jsonwebtoken's own aws-lc-rs provider (parses the key on every call) beside fhir-edge's (keys
+/// parsed once; `src/auth/parsed_keys.rs`), signature only, interleaved in one run.
+#[cfg(feature = "aws-lc")]
+fn bench_key_handling(c: &mut Criterion) {
+    use jsonwebtoken::crypto::{aws_lc::DEFAULT_PROVIDER, CryptoProvider};
+    assert!(auth::install_crypto());
+    let ours = CryptoProvider::try_get_default().unwrap();
+    let mut g = c.benchmark_group("jwt_key_handling/aws_lc_rs");
+    let msg = b"eyJhbGciOiJSUzI1NiIsInR5cCI6ImF0K2p3dCJ9.eyJzY29wZSI6InN5c3RlbS8qLnJlYWQifQ";
+    let rs_pub = DecodingKey::from_rsa_pem(&key("rs256.pub.pem")).unwrap();
+    let es_pub = DecodingKey::from_ec_pem(&key("es256.pub.pem")).unwrap();
+    for (alg, kid, dec) in [
+        (Algorithm::RS256, "rs1", &rs_pub),
+        (Algorithm::ES256, "es1", &es_pub),
+    ] {
+        let enc = encoding_key(kid);
+        let sig = (DEFAULT_PROVIDER.signer_factory)(&alg, &enc)
+            .unwrap()
+            .try_sign(msg)
+            .unwrap();
+        for (name, p) in [("jsonwebtoken", &DEFAULT_PROVIDER), ("parsed_once", ours)] {
+            g.bench_function(format!("verify/{alg:?}/{name}"), |b| {
+                b.iter(|| {
+                    (p.verifier_factory)(&alg, dec)
+                        .unwrap()
+                        .verify(black_box(msg), &sig)
+                        .unwrap()
+                })
+            });
+            g.bench_function(format!("sign/{alg:?}/{name}"), |b| {
+                b.iter(|| {
+                    (p.signer_factory)(&alg, &enc)
+                        .unwrap()
+                        .try_sign(black_box(msg))
+                        .unwrap()
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+#[cfg(not(feature = "aws-lc"))]
+fn bench_key_handling(_: &mut Criterion) {}
+
 criterion_group!(
     benches,
+    bench_key_handling,
     bench_verify,
     bench_sign,
     bench_scope,

@@ -120,6 +120,8 @@ enum ClientsAction {
 }
 
 fn main() -> ExitCode {
+    // Before anything can touch jsonwebtoken (which would settle on its own provider for good).
+    fhir_edge::auth::install_crypto();
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Run {
         config: PathBuf::from(DEFAULT_CONFIG),
@@ -181,6 +183,14 @@ fn run(config: PathBuf, opts: RunOptions) -> anyhow::Result<ExitCode> {
             t.clients_file.display()
         );
     }
+    log::info!(
+        "JWT crypto: {}",
+        if fhir_edge::auth::install_crypto() {
+            "aws-lc-rs, RSA and ECDSA keys parsed once per thread"
+        } else {
+            "jsonwebtoken's default provider"
+        }
+    );
     let server = server::build(settings, opts).context("cannot start")?;
     server.run_forever()
 }

@@ -9,6 +9,8 @@
 pub mod bearer;
 pub mod cache;
 pub mod jwt;
+#[cfg(feature = "aws-lc")]
+pub mod parsed_keys;
 pub mod scope;
 
 use std::sync::Arc;
@@ -18,6 +20,21 @@ use http::HeaderMap;
 use crate::tenant::TenantId;
 pub use cache::TokenCache;
 pub use jwt::{Claims, Verifier, VerifyKey};
+
+/// Makes jsonwebtoken use fhir-edge's crypto provider, which keeps RSA and ECDSA keys parsed (see
+/// [`parsed_keys`]). It must run before anything else in the process uses jsonwebtoken; `main` calls it
+/// first, and the constructors of verifiers and signing keys call it too (it is idempotent). Returns
+/// whether the provider is in use (never with the `rust-crypto` backend).
+pub fn install_crypto() -> bool {
+    #[cfg(feature = "aws-lc")]
+    {
+        parsed_keys::install()
+    }
+    #[cfg(not(feature = "aws-lc"))]
+    {
+        false
+    }
+}
 
 /// Why a request was not authenticated. Each variant is one bounded label value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
