@@ -1207,27 +1207,47 @@ fn tenants(s: &Settings) {
 fn token_rate(s: &Settings) {
     println!("\n== token endpoint: client_credentials, client_secret_post, ES256 tokens");
     let up = start_upstream(s);
-    let e = start_fhir_edge(s, &up, TENANTS, 10_000, "token");
-    let out = Command::new(env!("CARGO_BIN_EXE_fhir-edge"))
-        .args(["clients", "--config"])
-        .arg(e.dir.join("fhir-edge.yaml"))
-        .args(["--json", "add", "--name", "bench", "--all-tenants"])
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|_| panic!("clients add: {}", String::from_utf8_lossy(&out.stderr)));
-    let id = v["client_id"].as_str().unwrap().to_string();
-    let secret = v["client_secret"].as_str().unwrap().to_string();
-    // Wait for the registry reload.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while metric(e.admin, "fhir_edge_clients_registered").unwrap_or(0.0) < 1.0
-        && Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(20));
+    // With `FHIR_EDGE_BASELINE`, that build runs beside this one, rounds interleaved.
+    let mut edges = vec![(
+        "this build",
+        start_fhir_edge(s, &up, TENANTS, 10_000, "token"),
+    )];
+    if let Ok(bin) = std::env::var("FHIR_EDGE_BASELINE") {
+        let routes = routes_yaml(TENANTS, up.port, "t");
+        edges.push((
+            "FHIR_EDGE_BASELINE",
+            start_fhir_edge_bin(s, &bin, routes, 10_000, "token-baseline"),
+        ));
     }
     let lua = manifest().join("benches/load/token-request.lua");
-    let url = format!("http://127.0.0.1:{}/fhir/token", e.port);
-    let run = |secs: u64| {
+    let mut peers = Vec::new();
+    for (name, e) in &edges {
+        // The clients CLI of the build being measured writes its own registry.
+        let bin = if *name == "this build" {
+            env!("CARGO_BIN_EXE_fhir-edge").to_string()
+        } else {
+            std::env::var("FHIR_EDGE_BASELINE").unwrap()
+        };
+        let out = Command::new(bin)
+            .args(["clients", "--config"])
+            .arg(e.dir.join("fhir-edge.yaml"))
+            .args(["--json", "add", "--name", "bench", "--all-tenants"])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|_| panic!("clients add: {}", String::from_utf8_lossy(&out.stderr)));
+        let id = v["client_id"].as_str().unwrap().to_string();
+        let secret = v["client_secret"].as_str().unwrap().to_string();
+        // Wait for the registry reload.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while metric(e.admin, "fhir_edge_clients_registered").unwrap_or(0.0) < 1.0
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        peers.push((*name, e, id, secret));
+    }
+    let run = |port: u16, id: &str, secret: &str, secs: u64| {
         let out = Command::new("taskset")
             .arg("-c")
             .arg(&s.client_cpus)
@@ -1240,25 +1260,44 @@ fn token_rate(s: &Settings) {
                 "-s",
             ])
             .arg(&lua)
-            .arg(&url)
-            .env("CLIENT_ID", &id)
-            .env("CLIENT_SECRET", &secret)
+            .arg(format!("http://127.0.0.1:{port}/fhir/token"))
+            .env("CLIENT_ID", id)
+            .env("CLIENT_SECRET", secret)
             .env("SCOPE", tenant(3))
             .output()
             .unwrap();
         parse_wrk(&String::from_utf8_lossy(&out.stdout))
     };
-    run(2);
-    let r = run(s.seconds);
-    let issued = metric(
-        e.admin,
-        &format!(r#"fhir_edge_tokens_issued_total{{client="{id}"}}"#),
-    )
-    .unwrap_or(0.0);
-    println!(
-        "token endpoint on {} proxy CPU(s): {:.0} tokens/s ({:.0} per core), p99 {:.2} ms, errors {}, tokens issued in all {issued:.0}",
-        s.threads, r.rps, r.rps / s.threads as f64, r.p99_ms, r.errors
-    );
+    let mut results: Vec<Vec<Run>> = peers.iter().map(|_| Vec::new()).collect();
+    for (_, e, id, secret) in &peers {
+        run(e.port, id, secret, 2);
+    }
+    for _ in 0..s.rounds {
+        for (i, (_, e, id, secret)) in peers.iter().enumerate() {
+            results[i].push(run(e.port, id, secret, s.seconds));
+        }
+    }
+    let mut rates = Vec::new();
+    for ((name, e, id, _), rs) in peers.iter().zip(&results) {
+        let rps = median(rs.iter().map(|r| r.rps).collect());
+        let p99 = median(rs.iter().map(|r| r.p99_ms).collect());
+        let errors: u64 = rs.iter().map(|r| r.errors).sum();
+        let issued = metric(
+            e.admin,
+            &format!(r#"fhir_edge_tokens_issued_total{{client="{id}"}}"#),
+        )
+        .unwrap_or(0.0);
+        println!(
+            "{name}: token endpoint on {} proxy CPU(s): {rps:.0} tokens/s ({:.0} per core; median of {} rounds), p99 {p99:.2} ms, errors {errors}, tokens issued in all {issued:.0}",
+            s.threads,
+            rps / s.threads as f64,
+            rs.len()
+        );
+        rates.push(rps);
+    }
+    if let [this, baseline] = rates[..] {
+        println!("this build / FHIR_EDGE_BASELINE: {:.2}", this / baseline);
+    }
 }
 
 fn main() {
