@@ -100,25 +100,59 @@ fn signing_alg(alg: Algorithm) -> Option<SigningAlg> {
 /// A small FIFO map: lookups are a scan of at most [`PER_THREAD`] entries.
 struct Recent<K, V>(Vec<(K, V)>);
 
-impl<K: PartialEq, V: Clone> Recent<K, V> {
+impl<K, V: Clone> Recent<K, V> {
     const fn new() -> Self {
         Recent(Vec::new())
     }
 
-    fn get_or_try_insert(&mut self, key: K, make: impl FnOnce() -> Option<V>) -> Option<V> {
-        if let Some((_, v)) = self.0.iter().find(|(k, _)| *k == key) {
+    /// The value of the entry whose key `is`; else `make`s one and keeps it under `key()`.
+    fn get_or_try_insert(
+        &mut self,
+        is: impl Fn(&K) -> bool,
+        key: impl FnOnce() -> K,
+        make: impl FnOnce() -> Option<V>,
+    ) -> Option<V> {
+        if let Some((_, v)) = self.0.iter().find(|(k, _)| is(k)) {
             return Some(v.clone());
         }
         let v = make()?;
         if self.0.len() >= PER_THREAD {
             self.0.remove(0);
         }
-        self.0.push((key, v.clone()));
+        self.0.push((key(), v.clone()));
         Some(v)
     }
 }
 
-type PublicKeys = Recent<(Algorithm, Box<[u8]>), Arc<ParsedPublicKey>>;
+/// A public key as jsonwebtoken holds it. The two forms never compare equal to each other.
+enum PublicForm {
+    Der(Box<[u8]>),
+    Components(Box<[u8]>, Box<[u8]>),
+}
+
+impl PublicForm {
+    fn of(kind: &DecodingKeyKind) -> PublicForm {
+        match kind {
+            DecodingKeyKind::SecretOrDer(der) => PublicForm::Der(der.as_slice().into()),
+            DecodingKeyKind::RsaModulusExponent { n, e } => {
+                PublicForm::Components(n.as_slice().into(), e.as_slice().into())
+            }
+        }
+    }
+
+    fn is(&self, kind: &DecodingKeyKind) -> bool {
+        match (self, kind) {
+            (PublicForm::Der(a), DecodingKeyKind::SecretOrDer(b)) => a[..] == b[..],
+            (
+                PublicForm::Components(n, e),
+                DecodingKeyKind::RsaModulusExponent { n: n2, e: e2 },
+            ) => n[..] == n2[..] && e[..] == e2[..],
+            _ => false,
+        }
+    }
+}
+
+type PublicKeys = Recent<(Algorithm, PublicForm), Arc<ParsedPublicKey>>;
 
 enum KeyPair {
     Rsa(&'static dyn RsaEncoding, Arc<RsaKeyPair>),
@@ -147,26 +181,23 @@ fn parsed_public(alg: Algorithm, key: &DecodingKey) -> Option<Arc<ParsedPublicKe
     if key.family() != alg.family() {
         return None;
     }
-    // The cache key says which form the bytes are in, so that the two forms can never be confused.
-    let id: Box<[u8]> = match key.kind() {
-        DecodingKeyKind::SecretOrDer(der) => [&[0u8][..], der].concat().into(),
-        DecodingKeyKind::RsaModulusExponent { n, e } => {
-            let n_len = u32::try_from(n.len()).ok()?.to_be_bytes();
-            [&[1u8][..], &n_len, n, e].concat().into()
-        }
-    };
+    let kind = key.kind();
     PUBLIC.with(|cache| {
-        cache.borrow_mut().get_or_try_insert((alg, id), || {
-            let parsed = match key.kind() {
-                DecodingKeyKind::SecretOrDer(der) => ParsedPublicKey::new(verification, der),
-                // A JWK's modulus and exponent (and fhir-edge's own RSA signing keys): as PKCS#1 DER,
-                // which aws-lc-rs parses for RSA algorithms.
-                DecodingKeyKind::RsaModulusExponent { n, e } => {
-                    ParsedPublicKey::new(verification, rsa_public_der(n, e)?)
-                }
-            };
-            parsed.ok().map(Arc::new)
-        })
+        cache.borrow_mut().get_or_try_insert(
+            |(a, form)| *a == alg && form.is(kind),
+            || (alg, PublicForm::of(kind)),
+            || {
+                let parsed = match kind {
+                    DecodingKeyKind::SecretOrDer(der) => ParsedPublicKey::new(verification, der),
+                    // A JWK's modulus and exponent (and fhir-edge's own RSA signing keys): as PKCS#1
+                    // DER, which aws-lc-rs parses for RSA algorithms.
+                    DecodingKeyKind::RsaModulusExponent { n, e } => {
+                        ParsedPublicKey::new(verification, rsa_public_der(n, e)?)
+                    }
+                };
+                parsed.ok().map(Arc::new)
+            },
+        )
     })
 }
 
@@ -190,16 +221,18 @@ fn parsed_private(alg: Algorithm, key: &EncodingKey) -> Option<KeyPair> {
     let mut id = [0u8; 32];
     id.copy_from_slice(digest(&SHA256, bytes).as_ref());
     PRIVATE.with(|cache| {
-        cache
-            .borrow_mut()
-            .get_or_try_insert((alg, id), || match signing {
+        cache.borrow_mut().get_or_try_insert(
+            |k| *k == (alg, id),
+            || (alg, id),
+            || match signing {
                 SigningAlg::Rsa(enc) => RsaKeyPair::from_der(bytes)
                     .ok()
                     .map(|k| KeyPair::Rsa(enc, Arc::new(k))),
                 SigningAlg::Ecdsa(a) => EcdsaKeyPair::from_pkcs8(a, bytes)
                     .ok()
                     .map(|k| KeyPair::Ecdsa(Arc::new(k))),
-            })
+            },
+        )
     })
 }
 
