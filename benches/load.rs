@@ -12,8 +12,9 @@
 //! (64), `PROXY_CPUS` ("1"), `CLIENT_CPUS` ("0"), `UNIQUE_TOKENS` (5000), `LOAD_RELOADS` (3 timed
 //! reloads per load run in `tenants`), `LOAD_KEEP` (keep the work
 //! directory), `FHIR_EDGE_BASELINE` (path to another fhir-edge binary, e.g. a copy of the previous
-//! build: `compare` then runs it beside this build as peer "baseline" and prints the ratios, and
-//! `tenants` adds it with the 100,000-tenant YAML table as a fifth proxy).
+//! build: `compare` then runs it beside this build as peer "baseline" and prints the ratios,
+//! `tenants` adds it with the 100,000-tenant YAML table as a fifth proxy, and `token` measures both
+//! token endpoints in interleaved rounds).
 //!
 //! Machines like the 2-core build VMs drift by ±20 % from one run to the next, so every case runs
 //! `LOAD_ROUNDS` times, interleaved with the others (all peers stay up side by side), and the table
