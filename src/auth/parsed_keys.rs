@@ -7,8 +7,9 @@
 //! parse the private key on every token too (for RSA with the full key check). This provider is
 //! jsonwebtoken's own aws-lc-rs provider with one change: RSA (RS*, PS*) and ECDSA (ES256, ES384)
 //! keys are parsed on first use by each thread and kept, and the same aws-lc-rs algorithms verify and
-//! sign with them. HMAC and EdDSA keys, RSA keys given as modulus and exponent, and keys that do not
-//! parse go to jsonwebtoken's provider unchanged (which reports their errors as before).
+//! sign with them (an RSA public key given as modulus and exponent, as JWKs give it, is parsed from
+//! the PKCS#1 DER of the two). HMAC and EdDSA keys, and keys that do not parse, go to jsonwebtoken's
+//! provider unchanged (which reports their errors as before).
 //! jsonwebtoken still does everything else: the header, `alg` pinning, base64 and claims validation.
 //!
 //! The cache is per thread, bounded, and keyed by the key itself: a public key by its bytes, a private
@@ -57,11 +58,6 @@ pub fn install() -> bool {
         Ok(()) => true,
         Err(current) => std::ptr::eq(current, ours),
     }
-}
-
-/// Whether jsonwebtoken is using this provider.
-pub fn installed() -> bool {
-    CryptoProvider::try_get_default().is_some_and(|p| std::ptr::eq(p, provider()))
 }
 
 fn verification_alg(alg: Algorithm) -> Option<&'static dyn VerificationAlgorithm> {
