@@ -1211,24 +1211,18 @@ fn token_rate(s: &Settings) {
     // With `FHIR_EDGE_BASELINE`, that build runs beside this one, rounds interleaved.
     let mut edges = vec![(
         "this build",
+        env!("CARGO_BIN_EXE_fhir-edge").to_string(),
         start_fhir_edge(s, &up, TENANTS, 10_000, "token"),
     )];
     if let Ok(bin) = std::env::var("FHIR_EDGE_BASELINE") {
         let routes = routes_yaml(TENANTS, up.port, "t");
-        edges.push((
-            "FHIR_EDGE_BASELINE",
-            start_fhir_edge_bin(s, &bin, routes, 10_000, "token-baseline"),
-        ));
+        let e = start_fhir_edge_bin(s, &bin, routes, 10_000, "token-baseline");
+        edges.push(("FHIR_EDGE_BASELINE", bin, e));
     }
     let lua = manifest().join("benches/load/token-request.lua");
     let mut peers = Vec::new();
-    for (name, e) in &edges {
-        // The clients CLI of the build being measured writes its own registry.
-        let bin = if *name == "this build" {
-            env!("CARGO_BIN_EXE_fhir-edge").to_string()
-        } else {
-            std::env::var("FHIR_EDGE_BASELINE").unwrap()
-        };
+    for (name, bin, e) in &edges {
+        // Each build's own clients CLI registers its client.
         let out = Command::new(bin)
             .args(["clients", "--config"])
             .arg(e.dir.join("fhir-edge.yaml"))
