@@ -446,6 +446,14 @@ mod tests {
         assert!(Arc::ptr_eq(&a, &b));
         // The same bytes under another algorithm are another entry.
         let c = parsed_public(Algorithm::PS256, &rs_dec).unwrap();
+        // An RSA key as modulus and exponent (a JWK, or fhir-edge's own RS256 signing key) is parsed
+        // too, as another entry than the same key in DER.
+        let own = crate::token::keys::SigningKey::from_pem(
+            std::str::from_utf8(&fixture("rs256.pem")).unwrap(),
+        )
+        .unwrap();
+        let from_components = parsed_public(Algorithm::RS256, &own.decoding).unwrap();
+        assert!(!Arc::ptr_eq(&a, &from_components));
         assert!(!Arc::ptr_eq(&a, &c));
         let KeyPair::Rsa(_, p) = parsed_private(Algorithm::RS256, &rs_enc).unwrap() else {
             panic!("an RSA key pair")
@@ -459,6 +467,9 @@ mod tests {
         let msg = b"header.payload";
         for _ in 0..PER_THREAD + 4 {
             let (enc, dec) = new_es256_key();
+            // fhir-edge's own keys (built from the public point) take the parsed path too.
+            assert!(parsed_public(Algorithm::ES256, &dec).is_some());
+            assert!(parsed_private(Algorithm::ES256, &enc).is_some());
             let sig = new_signer(&Algorithm::ES256, &enc)
                 .unwrap()
                 .try_sign(msg)
