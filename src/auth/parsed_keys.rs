@@ -417,25 +417,25 @@ mod tests {
         let es_enc = EncodingKey::from_ec_pem(&fixture("es256.pem")).unwrap();
         let es_dec = DecodingKey::from_ec_pem(&fixture("es256.pub.pem")).unwrap();
         for (alg, dec) in [(Algorithm::ES256, &rs_dec), (Algorithm::RS256, &es_dec)] {
-            let ours = new_verifier(&alg, dec)
-                .err()
-                .map(|e| format!("{:?}", e.kind()));
-            let theirs = (DEFAULT_PROVIDER.verifier_factory)(&alg, dec)
-                .err()
-                .map(|e| format!("{:?}", e.kind()));
-            assert!(ours.is_some());
-            assert_eq!(ours, theirs);
+            assert_same_refusal(
+                new_verifier(&alg, dec),
+                (DEFAULT_PROVIDER.verifier_factory)(&alg, dec),
+            );
         }
         for (alg, enc) in [(Algorithm::ES256, &rs_enc), (Algorithm::PS256, &es_enc)] {
-            let ours = new_signer(&alg, enc)
-                .err()
-                .map(|e| format!("{:?}", e.kind()));
-            let theirs = (DEFAULT_PROVIDER.signer_factory)(&alg, enc)
-                .err()
-                .map(|e| format!("{:?}", e.kind()));
-            assert!(ours.is_some());
-            assert_eq!(ours, theirs);
+            assert_same_refusal(
+                new_signer(&alg, enc),
+                (DEFAULT_PROVIDER.signer_factory)(&alg, enc),
+            );
         }
+    }
+
+    /// Both refused, with the same error kind.
+    fn assert_same_refusal<T>(ours: Result<T, Error>, theirs: Result<T, Error>) {
+        let kind = |r: Result<T, Error>| r.err().map(|e| format!("{:?}", e.kind()));
+        let (ours, theirs) = (kind(ours), kind(theirs));
+        assert!(ours.is_some());
+        assert_eq!(ours, theirs);
     }
 
     #[test]
