@@ -145,26 +145,27 @@ pub fn whole_file(path: &Path, message: impl Into<String>) -> Problems {
 /// A YAML mapping read in file order with duplicate keys kept, so validation can report a key given
 /// twice (also in two spellings) instead of a map silently keeping the last one. Written back as a
 /// mapping in the same order.
+/// The keys are `String`s unless the file's reader can borrow them from its text (`K = Cow<str>`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OrderedMap<V>(pub Vec<(String, V)>);
+pub struct OrderedMap<V, K = String>(pub Vec<(K, V)>);
 
-impl<V> Default for OrderedMap<V> {
+impl<V, K> Default for OrderedMap<V, K> {
     fn default() -> Self {
         OrderedMap(Vec::new())
     }
 }
 
-impl<'de, V: Deserialize<'de>> Deserialize<'de> for OrderedMap<V> {
+impl<'de, V: Deserialize<'de>, K: Deserialize<'de>> Deserialize<'de> for OrderedMap<V, K> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V2<V>(std::marker::PhantomData<V>);
-        impl<'de, V: Deserialize<'de>> Visitor<'de> for V2<V> {
-            type Value = OrderedMap<V>;
+        struct V2<V, K>(std::marker::PhantomData<(V, K)>);
+        impl<'de, V: Deserialize<'de>, K: Deserialize<'de>> Visitor<'de> for V2<V, K> {
+            type Value = OrderedMap<V, K>;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a mapping")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
                 let mut v = Vec::new();
-                while let Some(entry) = m.next_entry::<String, V>()? {
+                while let Some(entry) = m.next_entry::<K, V>()? {
                     v.push(entry);
                 }
                 Ok(OrderedMap(v))
@@ -174,7 +175,7 @@ impl<'de, V: Deserialize<'de>> Deserialize<'de> for OrderedMap<V> {
     }
 }
 
-impl<V: Serialize> Serialize for OrderedMap<V> {
+impl<V: Serialize, K: Serialize> Serialize for OrderedMap<V, K> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_map(self.0.iter().map(|(k, v)| (k, v)))
     }

@@ -41,22 +41,23 @@ pub trait Loadable: Send + Sync + Sized + 'static {
     /// For log lines: "routing table", "client registry".
     const WHAT: &'static str;
     fn from_text(path: &Path, text: &str, ctx: &Self::Context) -> Result<Self, Problems>;
-    /// [`Loadable::from_text`], also handing back what the build leaves behind (the parsed file), so
-    /// a reload frees it after the new value is published rather than before: freeing the ~300,000
-    /// strings a 100,000-tenant table parses into is part of no request's wait.
-    fn from_text_keeping_leftovers(
+    /// [`Loadable::from_text`], also handing back what the build leaves behind (the parsed file,
+    /// which may borrow from `text`), so a reload frees it after the new value is published rather
+    /// than before: freeing what a 100,000-tenant table parses into is part of no request's wait.
+    fn from_text_keeping_leftovers<'t>(
         path: &Path,
-        text: &str,
+        text: &'t str,
         ctx: &Self::Context,
-    ) -> Result<(Self, Leftovers), Problems> {
+    ) -> Result<(Self, Leftovers<'t>), Problems> {
         Self::from_text(path, text, ctx).map(|value| (value, None))
     }
     /// For log lines: "3 tenants".
     fn summary(&self) -> String;
 }
 
-/// What a build leaves behind for the reload to free once the new value serves.
-pub type Leftovers = Option<Box<dyn Send>>;
+/// What a build leaves behind for the reload to free once the new value serves (it may borrow from
+/// the file's text, which the reload keeps until then).
+pub type Leftovers<'t> = Option<Box<dyn Send + 't>>;
 
 /// The current value of a hot-reloaded file, plus reload bookkeeping.
 pub struct Live<T: Loadable> {
@@ -158,7 +159,8 @@ impl<T: Loadable> Live<T> {
             return ReloadOutcome::Unsettled;
         }
         self.seen_hash.store(hash, Ordering::Relaxed);
-        match T::from_text_keeping_leftovers(&self.path, &text, &self.ctx) {
+        let built = T::from_text_keeping_leftovers(&self.path, &text, &self.ctx);
+        match built {
             Ok((value, leftovers)) => {
                 let summary = value.summary();
                 // One swap: every reader sees either the old value or the new one, whole.

@@ -16,18 +16,23 @@
 //! with line and column, are the ones an operator sees. The fuzz target `routes_yaml_fast_path` and
 //! the unit tests below check the agreement.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use super::{RoutesFile, TenantSpec};
 use crate::problems::OrderedMap;
 use crate::tenant::TenantId;
 
-/// Reads `text` if it is in the handled subset; `None` means "use the general parser".
-pub(super) fn parse(text: &str) -> Option<RoutesFile> {
+/// Reads `text` if it is in the handled subset; `None` means "use the general parser". Every string
+/// in the result is a slice of `text` (the subset has no escapes), so nothing is copied.
+pub(super) fn parse(text: &str) -> Option<RoutesFile<'_>> {
     if !plain_text(text) {
         return None;
     }
-    let mut tenants: Vec<(String, TenantSpec)> = Vec::new();
+    // Every tenant takes at least three lines (its key, `name`, `upstream`), so a third of the line
+    // count is room enough: the vector is never regrown.
+    let lines = text.bytes().filter(|&b| b == b'\n').count();
+    let mut tenants: Vec<(Cow<str>, TenantSpec)> = Vec::with_capacity(lines / 3 + 1);
     let mut seen_top = false;
     // Indentation of tenant keys, of their fields and of the current nested block.
     let mut tenant_indent = 0;
@@ -75,7 +80,7 @@ pub(super) fn parse(text: &str) -> Option<RoutesFile> {
                     }
                     let value = scalar(value)?;
                     let headers = partial.upstream_headers.get_or_insert_with(BTreeMap::new);
-                    if headers.insert(name.to_string(), value).is_some() {
+                    if headers.insert(Cow::Borrowed(name), value).is_some() {
                         return None;
                     }
                 }
@@ -149,25 +154,25 @@ impl Block {
     }
 }
 
-/// One tenant's fields as read so far.
-struct Partial {
-    key: String,
-    name: Option<String>,
-    upstream: Option<String>,
+/// One tenant's fields as read so far (slices of the text).
+struct Partial<'t> {
+    key: &'t str,
+    name: Option<Cow<'t, str>>,
+    upstream: Option<Cow<'t, str>>,
     tls_verify: Option<bool>,
-    ca_file: Option<String>,
-    sni: Option<String>,
+    ca_file: Option<Cow<'t, str>>,
+    sni: Option<Cow<'t, str>>,
     connect_timeout_ms: Option<u64>,
     read_timeout_ms: Option<u64>,
-    upstream_headers: Option<BTreeMap<String, String>>,
+    upstream_headers: Option<BTreeMap<Cow<'t, str>, Cow<'t, str>>>,
     allow_writes: Option<bool>,
-    link_bases: Option<Vec<String>>,
+    link_bases: Option<Vec<Cow<'t, str>>>,
 }
 
-impl Partial {
-    fn new(key: &str) -> Self {
+impl<'t> Partial<'t> {
+    fn new(key: &'t str) -> Self {
         Partial {
-            key: key.to_string(),
+            key,
             name: None,
             upstream: None,
             tls_verify: None,
@@ -183,7 +188,7 @@ impl Partial {
 
     /// Sets one field from its line; `None` for an unknown or repeated field or a value outside
     /// the subset. Returns the block the field opens.
-    fn set(&mut self, field: &str, value: &str) -> Option<Block> {
+    fn set(&mut self, field: &str, value: &'t str) -> Option<Block> {
         fn once<T>(slot: &mut Option<T>, value: Option<T>) -> Option<()> {
             if slot.is_some() {
                 return None;
@@ -213,9 +218,9 @@ impl Partial {
         Some(Block::None)
     }
 
-    fn finish(self) -> Option<(String, TenantSpec)> {
+    fn finish(self) -> Option<(Cow<'t, str>, TenantSpec<'t>)> {
         Some((
-            self.key,
+            Cow::Borrowed(self.key),
             TenantSpec {
                 name: self.name?,
                 upstream: self.upstream?,
@@ -256,7 +261,7 @@ fn key_line(body: &str) -> Option<(&str, &str)> {
 
 /// A string value: double-quoted without escapes, single-quoted without doubled quotes, or a plain
 /// scalar that YAML can only read as a string. A trailing ` # comment` is dropped.
-fn scalar(value: &str) -> Option<String> {
+fn scalar(value: &str) -> Option<Cow<'_, str>> {
     let b = value.as_bytes();
     match b.first()? {
         q @ (b'"' | b'\'') => {
@@ -269,7 +274,7 @@ fn scalar(value: &str) -> Option<String> {
             if !after_quote(&value[end + 1..]) {
                 return None;
             }
-            Some(content.to_string())
+            Some(Cow::Borrowed(content))
         }
         _ => {
             let text = plain(value)?;
@@ -281,7 +286,7 @@ fn scalar(value: &str) -> Option<String> {
             if ambiguous(text) {
                 return None;
             }
-            Some(text.to_string())
+            Some(Cow::Borrowed(text))
         }
     }
 }
@@ -481,7 +486,7 @@ mod tests {
     }
 
     /// The fast reader's result, checked against the general parser's.
-    fn agreed(text: &str) -> Option<RoutesFile> {
+    fn agreed(text: &str) -> Option<RoutesFile<'_>> {
         if let Err(e) = super::super::check_fast_yaml(text) {
             panic!("disagreement on:\n{text}\n{e}");
         }
@@ -511,6 +516,35 @@ mod tests {
         assert!(!a.tls_verify && a.allow_writes);
         let crlf = every_field.replace('\n', "\r\n");
         assert_eq!(agreed(&crlf), Some(f));
+    }
+
+    #[test]
+    fn every_string_is_a_slice_of_the_text_not_a_copy() {
+        let text = format!(
+            "tenants:\n  {GUID_A}:\n    name: north\n    upstream: 'https://fhir.example/r4'\n    \
+             sni: \"fhir.example\"\n    ca_file: ca.pem\n    upstream_headers:\n      X-Key: abc\n    \
+             link_bases:\n      - https://a.example/fhir\n"
+        );
+        let f = agreed(&text).expect("fast path");
+        let within = |s: &Cow<str>| {
+            let range = text.as_bytes().as_ptr_range();
+            matches!(s, Cow::Borrowed(b) if range.contains(&b.as_ptr()))
+        };
+        let (key, spec) = &f.tenants.0[0];
+        let (header, value) = spec.upstream_headers.iter().next().expect("one header");
+        for s in [
+            key,
+            &spec.name,
+            &spec.upstream,
+            header,
+            value,
+            &spec.link_bases[0],
+        ] {
+            assert!(within(s), "{s:?} was copied");
+        }
+        for s in [&spec.sni, &spec.ca_file] {
+            assert!(s.as_ref().is_some_and(within), "{s:?} was copied");
+        }
     }
 
     #[test]
@@ -572,7 +606,8 @@ mod tests {
     #[test]
     fn a_repeated_tenant_key_is_kept_for_validation_to_report() {
         let one = format!("  {GUID_A}:\n    name: a\n    upstream: x\n");
-        let f = agreed(&format!("tenants:\n{one}{one}")).expect("fast path");
+        let text = format!("tenants:\n{one}{one}");
+        let f = agreed(&text).expect("fast path");
         assert_eq!(f.tenants.0.len(), 2);
     }
 
