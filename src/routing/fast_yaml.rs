@@ -19,7 +19,7 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
-use super::{RoutesFile, TenantSpec};
+use super::{MoreSpec, RoutesFile, TenantSpec};
 use crate::problems::OrderedMap;
 use crate::tenant::TenantId;
 
@@ -225,13 +225,16 @@ impl<'t> Partial<'t> {
                 name: self.name?,
                 upstream: self.upstream?,
                 tls_verify: self.tls_verify.unwrap_or(true),
-                ca_file: self.ca_file,
-                sni: self.sni,
-                connect_timeout_ms: self.connect_timeout_ms,
-                read_timeout_ms: self.read_timeout_ms,
-                upstream_headers: self.upstream_headers.unwrap_or_default(),
                 allow_writes: self.allow_writes.unwrap_or(false),
-                link_bases: self.link_bases.unwrap_or_default(),
+                more: MoreSpec {
+                    ca_file: self.ca_file,
+                    sni: self.sni,
+                    connect_timeout_ms: self.connect_timeout_ms,
+                    read_timeout_ms: self.read_timeout_ms,
+                    upstream_headers: self.upstream_headers.unwrap_or_default(),
+                    link_bases: self.link_bases.unwrap_or_default(),
+                }
+                .boxed(),
             },
         ))
     }
@@ -511,8 +514,11 @@ mod tests {
         assert_eq!(f.tenants.0.len(), 2);
         let (_, a) = &f.tenants.0[0];
         assert_eq!(a.name, "Hôpital Saint-Jean (north)");
-        assert_eq!(a.upstream_headers.len(), 2);
-        assert_eq!(a.link_bases, ["https://a.example/fhir", "http://b.example"]);
+        assert_eq!(a.more().upstream_headers.len(), 2);
+        assert_eq!(
+            a.more().link_bases,
+            ["https://a.example/fhir", "http://b.example"]
+        );
         assert!(!a.tls_verify && a.allow_writes);
         let crlf = every_field.replace('\n', "\r\n");
         assert_eq!(agreed(&crlf), Some(f));
@@ -531,18 +537,19 @@ mod tests {
             matches!(s, Cow::Borrowed(b) if range.contains(&b.as_ptr()))
         };
         let (key, spec) = &f.tenants.0[0];
-        let (header, value) = spec.upstream_headers.iter().next().expect("one header");
+        let more = spec.more();
+        let (header, value) = more.upstream_headers.iter().next().expect("one header");
         for s in [
             key,
             &spec.name,
             &spec.upstream,
             header,
             value,
-            &spec.link_bases[0],
+            &more.link_bases[0],
         ] {
             assert!(within(s), "{s:?} was copied");
         }
-        for s in [&spec.sni, &spec.ca_file] {
+        for s in [&more.sni, &more.ca_file] {
             assert!(s.as_ref().is_some_and(within), "{s:?} was copied");
         }
     }
