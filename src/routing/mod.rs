@@ -243,7 +243,8 @@ struct TenantSpec<'t> {
     more: Option<Box<MoreSpec<'t>>>,
 }
 
-#[derive(Debug, PartialEq, Default)]
+/// The fields few tenants set; [`NO_MORE`] is the value with all of them at their defaults.
+#[derive(Debug, PartialEq)]
 struct MoreSpec<'t> {
     ca_file: Option<Cow<'t, str>>,
     sni: Option<Cow<'t, str>>,
