@@ -52,6 +52,7 @@ pub mod deadline;
 pub mod discovery;
 pub mod fasthash;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod outcome;
 pub mod pct;

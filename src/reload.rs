@@ -13,8 +13,9 @@
 //! is read, and if its text changed it is built, validated as a whole and published with one
 //! `ArcSwap::store`.
 //! A file that is missing, unreadable, empty or invalid leaves the last good value in place and is
-//! logged (the loaders' messages never quote secret values). A slow poll catches events the kernel
-//! dropped. The watcher is created inside the background service, after Pingora may have forked.
+//! logged (the loaders' messages never quote secret values). After a large file (a 100,000-tenant
+//! table) the memory it was built into is handed back to the OS at once ([`crate::memory`]). A slow
+//! poll catches events the kernel dropped. The watcher is created inside the background service, after Pingora may have forked.
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
@@ -98,11 +99,16 @@ impl<T: Loadable> Live<T> {
         let text = std::fs::read_to_string(&path)
             .map_err(|e| whole_file(&path, format!("cannot read: {e}")))?;
         let value = T::from_text(&path, &text, &ctx)?;
+        let seen_hash = AtomicU64::new(hash_text(&text));
+        if text.len() >= crate::memory::LARGE_TEXT {
+            drop(text);
+            crate::memory::release_freed();
+        }
         Ok(Live {
             current: ArcSwap::from_pointee(value),
             path,
             ctx,
-            seen_hash: AtomicU64::new(hash_text(&text)),
+            seen_hash,
             reloading: Mutex::new(()),
             generation: AtomicU64::new(1),
             failures: AtomicU64::new(0),
@@ -159,8 +165,7 @@ impl<T: Loadable> Live<T> {
             return ReloadOutcome::Unsettled;
         }
         self.seen_hash.store(hash, Ordering::Relaxed);
-        let built = T::from_text_keeping_leftovers(&self.path, &text, &self.ctx);
-        match built {
+        let outcome = match T::from_text_keeping_leftovers(&self.path, &text, &self.ctx) {
             Ok((value, leftovers)) => {
                 let summary = value.summary();
                 // One swap: every reader sees either the old value or the new one, whole.
@@ -186,7 +191,13 @@ impl<T: Loadable> Live<T> {
                 );
                 ReloadOutcome::Rejected
             }
+        };
+        // What a large file was built into (accepted or not) is garbage now.
+        if text.len() >= crate::memory::LARGE_TEXT {
+            drop(text);
+            crate::memory::release_freed();
         }
+        outcome
     }
 }
 
