@@ -14,8 +14,9 @@
 //! `ArcSwap::store`.
 //! A file that is missing, unreadable, empty or invalid leaves the last good value in place and is
 //! logged (the loaders' messages never quote secret values). After a large file (a 100,000-tenant
-//! table) the memory it was built into is handed back to the OS at once ([`crate::memory`]). A slow
-//! poll catches events the kernel dropped. The watcher is created inside the background service, after Pingora may have forked.
+//! table) the memory it was built into is handed back to the OS: at once at start, and once reloads
+//! have been quiet for [`RELEASE_AFTER`] ([`crate::memory`]). A slow poll catches events the kernel
+//! dropped. The watcher is created inside the background service, after Pingora may have forked.
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
@@ -92,6 +93,11 @@ pub enum ReloadOutcome {
 
 /// How long a changed file must stay unchanged before it is used.
 const SETTLE: Duration = Duration::from_millis(25);
+
+/// How long after the last reload of a large file its garbage is handed back to the OS (a burst of
+/// reloads reuses it meanwhile). Shorter than tokio's 10 s keep-alive of idle blocking threads, so the
+/// release most likely runs on the thread whose heap holds the freed pages.
+pub const RELEASE_AFTER: Duration = Duration::from_secs(3);
 
 impl<T: Loadable> Live<T> {
     /// Loads the file for the first time; failure means the proxy must not start.
@@ -192,10 +198,10 @@ impl<T: Loadable> Live<T> {
                 ReloadOutcome::Rejected
             }
         };
-        // What a large file was built into (accepted or not) is garbage now.
+        // What a large file was built into (accepted or not) is garbage now; the reloader hands it
+        // back to the OS once reloads have gone quiet.
         if text.len() >= crate::memory::LARGE_TEXT {
-            drop(text);
-            crate::memory::release_freed();
+            crate::memory::mark_garbage();
         }
         outcome
     }
@@ -404,6 +410,8 @@ impl BackgroundService for Reloader {
         };
         let mut next_poll = Instant::now() + poll;
         let mut pending: Option<Instant> = None;
+        // When to hand a large reload's garbage back to the OS (moved on by every reload).
+        let mut release: Option<Instant> = None;
         ready.notify_ready();
         loop {
             let wake = pending.unwrap_or(next_poll);
@@ -429,6 +437,18 @@ impl BackgroundService for Reloader {
                     if self.reload_all(true, true).await {
                         pending = Some(Instant::now() + self.debounce);
                     }
+                    release = release_time(release);
+                }
+                _ = async {
+                    match release {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    release = None;
+                    if let Err(e) = tokio::task::spawn_blocking(crate::memory::release_marked).await {
+                        log::error!("memory release task failed: {e}");
+                    }
                 }
                 _ = tokio::time::sleep_until(wake) => {
                     if pending.take().is_none() {
@@ -438,9 +458,19 @@ impl BackgroundService for Reloader {
                     if self.reload_all(false, settle).await {
                         pending = Some(Instant::now() + self.debounce);
                     }
+                    release = release_time(release);
                 }
             }
         }
+    }
+}
+
+/// After a reload: a release [`RELEASE_AFTER`] from now if a large file left garbage, else `current`.
+fn release_time(current: Option<Instant>) -> Option<Instant> {
+    if crate::memory::is_marked() {
+        Some(Instant::now() + RELEASE_AFTER)
+    } else {
+        current
     }
 }
 
