@@ -668,10 +668,19 @@ fn start_haproxy(s: &Settings, up: &Upstream) -> (Proc, u16) {
 }
 
 fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// The most the process has ever had resident (`VmHWM`): what a memory limit must allow.
+fn peak_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmHWM:")
+}
+
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
@@ -1088,9 +1097,10 @@ fn tenants(s: &Settings) {
         let boot = started.elapsed();
         assert_eq!(status(e.port, path, Some(&token)), Some(200));
         println!(
-            "{n:>7} tenants ({form}): serving {:.2} s after start, RSS {:.1} MiB",
+            "{n:>7} tenants ({form}): serving {:.2} s after start, RSS {:.1} MiB (peak {:.1} MiB)",
             boot.as_secs_f64(),
-            rss_kib(e.proc.pid()) as f64 / 1024.0
+            rss_kib(e.proc.pid()) as f64 / 1024.0,
+            peak_kib(e.proc.pid()) as f64 / 1024.0
         );
         edges.push((n, form, routes, tag, e));
     }
@@ -1196,10 +1206,11 @@ fn tenants(s: &Settings) {
                 logged.join(", ")
             );
             println!(
-                "  requests during that run: {:.0} req/s, {} errors, RSS after {:.1} MiB",
+                "  requests during that run: {:.0} req/s, {} errors, RSS after {:.1} MiB (peak so far {:.1} MiB)",
                 r.rps,
                 r.errors,
-                rss_kib(e.proc.pid()) as f64 / 1024.0
+                rss_kib(e.proc.pid()) as f64 / 1024.0,
+                peak_kib(e.proc.pid()) as f64 / 1024.0
             );
         }
     }
