@@ -241,15 +241,11 @@ fn a_rejected_file_is_reported_once_not_in_a_loop() {
 /// `VmHWM` (peak) and `VmRSS` (now) of a process, in KiB.
 #[cfg(feature = "mimalloc")]
 fn peak_and_rss_kib(pid: u32) -> (u64, u64) {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmHWM:"), field("VmRSS:"))
+    use crate::support::proc_status_kib;
+    (
+        proc_status_kib(pid, "VmHWM:"),
+        proc_status_kib(pid, "VmRSS:"),
+    )
 }
 
 /// A large table is built into memory that is garbage a moment later (the text, the parsed file, and

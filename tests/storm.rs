@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use jsonwebtoken::Algorithm;
 
 use crate::support::tokens::{claims, sign_with};
-use crate::support::{Proxy, ProxyConfig, StubUpstream};
+use crate::support::{proc_status_kib, Proxy, ProxyConfig, StubUpstream};
 
 const STABLE: usize = 16;
 const CHURNING: usize = 16;
@@ -65,12 +65,7 @@ fn table(
 }
 
 fn rss_kib(pid: u32) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+    proc_status_kib(pid, "VmRSS:")
 }
 
 fn fds(pid: u32) -> usize {

@@ -32,6 +32,16 @@ pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// A `KiB` field of `/proc/{pid}/status` (`"VmRSS:"`, `"VmHWM:"`), 0 when it cannot be read.
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// A GET through the proxy with a bearer token on a fresh connection, for polling loops.
 pub fn status_with_token(proxy: &Proxy, path: &str, token: &str) -> (u16, String) {
     let r = raw::get(proxy.port, path, Some(&format!("Bearer {token}")));
