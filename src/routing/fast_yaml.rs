@@ -19,7 +19,7 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
-use super::{MoreSpec, RoutesFile, TenantSpec};
+use super::{MoreSpec, RoutesFile, TenantKey, TenantSpec};
 use crate::problems::OrderedMap;
 use crate::tenant::TenantId;
 
@@ -32,7 +32,7 @@ pub(super) fn parse(text: &str) -> Option<RoutesFile<'_>> {
     // Every tenant takes at least three lines (its key, `name`, `upstream`), so a third of the line
     // count is room enough: the vector is never regrown.
     let lines = text.bytes().filter(|&b| b == b'\n').count();
-    let mut tenants: Vec<(Cow<str>, TenantSpec)> = Vec::with_capacity(lines / 3 + 1);
+    let mut tenants: Vec<(TenantKey, TenantSpec)> = Vec::with_capacity(lines / 3 + 1);
     let mut seen_top = false;
     // Indentation of tenant keys, of their fields and of the current nested block.
     let mut tenant_indent = 0;
@@ -218,9 +218,9 @@ impl<'t> Partial<'t> {
         Some(Block::None)
     }
 
-    fn finish(self) -> Option<(Cow<'t, str>, TenantSpec<'t>)> {
+    fn finish(self) -> Option<(TenantKey<'t>, TenantSpec<'t>)> {
         Some((
-            Cow::Borrowed(self.key),
+            TenantKey(Cow::Borrowed(self.key)),
             TenantSpec {
                 name: self.name?,
                 upstream: self.upstream?,
@@ -540,7 +540,7 @@ mod tests {
         let more = spec.more();
         let (header, value) = more.upstream_headers.iter().next().expect("one header");
         for s in [
-            key,
+            &key.0,
             &spec.name,
             &spec.upstream,
             header,

@@ -228,7 +228,49 @@ pub fn read_routes_yaml(text: &str, general: bool) -> Option<usize> {
 #[serde(deny_unknown_fields)]
 struct RoutesFile<'t> {
     #[serde(borrow)]
-    tenants: OrderedMap<TenantSpec<'t>, Cow<'t, str>>,
+    tenants: OrderedMap<TenantSpec<'t>, TenantKey<'t>>,
+}
+
+/// A tenant's key as written. `Cow<str>`'s own `Deserialize` always copies, and serde's `borrow`
+/// attribute cannot reach map keys, so this borrows from the text wherever the reader can (serde_json,
+/// for a key without escapes; the fast YAML reader, always): 100,000 fewer allocations (~5 MB) when a
+/// large JSON table loads.
+#[derive(Debug, PartialEq)]
+struct TenantKey<'t>(Cow<'t, str>);
+
+impl std::ops::Deref for TenantKey<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for TenantKey<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<'de: 't, 't> Deserialize<'de> for TenantKey<'t> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> serde::de::Visitor<'de> for KeyVisitor {
+            type Value = TenantKey<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a tenant GUID")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(TenantKey(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(TenantKey(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok(TenantKey(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(KeyVisitor)
+    }
 }
 
 /// One tenant's entry. The fields few tenants set are boxed, so that the list of 100,000 entries
@@ -700,6 +742,29 @@ mod tests {
                 "{A}": {{"name": "b", "upstream": "http://127.0.0.1:9/r4"}}}}}}"#
         );
         assert!(load(&dup).is_err());
+    }
+
+    #[test]
+    fn json_keys_are_slices_of_the_text_unless_escaped() {
+        // The second key spells its first character as `\u0032` ("2"): serde_json must copy it, and
+        // it must still read as the same GUID.
+        let escaped = format!("\\u0032{}", &B[1..]);
+        let json = format!(
+            r#"{{"tenants": {{"{A}": {{"name": "a", "upstream": "http://127.0.0.1:9/r4"}},
+                "{escaped}": {{"name": "b", "upstream": "http://127.0.0.1:9/r4"}}}}}}"#
+        );
+        let file: RoutesFile = serde_json::from_str(&json).unwrap();
+        let range = json.as_bytes().as_ptr_range();
+        let [(a, _), (b, _)] = file.tenants.0.as_slice() else {
+            panic!("two tenants expected")
+        };
+        assert!(
+            matches!(&a.0, Cow::Borrowed(k) if range.contains(&k.as_ptr())),
+            "{a:?} was copied"
+        );
+        assert!(matches!(&b.0, Cow::Owned(_)), "{b:?}");
+        assert_eq!((&**a, &**b), (A, B));
+        assert_eq!(load(&json).unwrap().len(), 2);
     }
 
     #[test]
