@@ -222,8 +222,9 @@ pub fn read_routes_yaml(text: &str, general: bool) -> Option<usize> {
 /// The parsed file. Its strings borrow from the file's text where the reader allows: always with
 /// the fast YAML reader (it declines escapes, so every value is a slice of the text), for values
 /// without escapes with serde_json (tenant keys too, through [`TenantKey`]; `upstream_headers` names
-/// are still copied), never with the general YAML parser. A 100,000-tenant table the fast reader takes then parses into no string allocations at
-/// all instead of ~300,000 (~10 MB of fresh memory a reload no longer touches).
+/// are still copied), never with the general YAML parser. A 100,000-tenant table the fast reader
+/// takes then parses into no string allocations at all instead of ~300,000 (~10 MB of fresh memory a
+/// reload no longer touches).
 #[derive(Deserialize, Debug, PartialEq)]
 #[serde(deny_unknown_fields)]
 struct RoutesFile<'t> {
