@@ -593,7 +593,7 @@ impl ProxyHttp for FhirEdge {
         match &ctx.route {
             Some(r) => {
                 let mut peer = r.upstream.peer.clone();
-                peer.group_key = r.group_key;
+                peer.group_key = r.group_key();
                 Ok(Box::new(peer))
             }
             None => Error::e_explain(ErrorType::InternalError, "no upstream decided"),

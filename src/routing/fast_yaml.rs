@@ -30,9 +30,11 @@ pub(super) fn parse(text: &str) -> Option<RoutesFile<'_>> {
         return None;
     }
     // Every tenant takes at least three lines (its key, `name`, `upstream`), so a third of the line
-    // count is room enough: the vector is never regrown.
+    // count is room enough: the vector is never regrown. (A file of blank lines or comments reserves
+    // no more than its size allows.)
     let lines = text.bytes().filter(|&b| b == b'\n').count();
-    let mut tenants: Vec<(TenantKey, TenantSpec)> = Vec::with_capacity(lines / 3 + 1);
+    let mut tenants: Vec<(TenantKey, TenantSpec)> =
+        Vec::with_capacity(super::list_capacity(text, lines / 3 + 1));
     let mut seen_top = false;
     // Indentation of tenant keys, of their fields and of the current nested block.
     let mut tenant_indent = 0;
