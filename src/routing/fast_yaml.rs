@@ -26,15 +26,33 @@ use crate::tenant::TenantId;
 /// Reads `text` if it is in the handled subset; `None` means "use the general parser". Every string
 /// in the result is a slice of `text` (the subset has no escapes), so nothing is copied.
 pub(super) fn parse(text: &str) -> Option<RoutesFile<'_>> {
+    let mut tenants = Vec::with_capacity(super::list_capacity(text, tenant_estimate(text)));
+    each(text, |key, spec| tenants.push((key, spec)))?;
+    Some(RoutesFile {
+        tenants: OrderedMap(tenants),
+    })
+}
+
+/// An estimate of the tenants in `text`, for reserving room: the lines ending in a colon (each
+/// tenant's key line, plus `tenants:` and any header or link-base block). Exact for the usual shape
+/// however many fields each entry sets; a line such as `key:  # comment` is not counted, so room may
+/// still have to grow.
+pub(super) fn tenant_estimate(text: &str) -> usize {
+    let bytes = text.as_bytes();
+    let colon_lf = |w: &[u8]| w[2] == b'\n' && (w[1] == b':' || (w[1] == b'\r' && w[0] == b':'));
+    bytes.windows(3).filter(|w| colon_lf(w)).count()
+}
+
+/// Reads `text` if it is in the handled subset, handing each tenant's entry to `add` in file order as
+/// soon as it is read. `None` means "use the general parser", and may come after some entries were
+/// handed over: whoever receives them must then discard what it built from them.
+pub(super) fn each<'t>(
+    text: &'t str,
+    mut add: impl FnMut(TenantKey<'t>, TenantSpec<'t>),
+) -> Option<()> {
     if !plain_text(text) {
         return None;
     }
-    // Every tenant takes at least three lines (its key, `name`, `upstream`), so a third of the line
-    // count is room enough: the vector is never regrown. (A file of blank lines or comments reserves
-    // no more than its size allows.)
-    let lines = text.bytes().filter(|&b| b == b'\n').count();
-    let mut tenants: Vec<(TenantKey, TenantSpec)> =
-        Vec::with_capacity(super::list_capacity(text, lines / 3 + 1));
     let mut seen_top = false;
     // Indentation of tenant keys, of their fields and of the current nested block.
     let mut tenant_indent = 0;
@@ -109,7 +127,8 @@ pub(super) fn parse(text: &str) -> Option<RoutesFile<'_>> {
         }
         if indent == tenant_indent {
             if let Some(done) = current.take() {
-                tenants.push(done.finish()?);
+                let (key, spec) = done.finish()?;
+                add(key, spec);
             }
             let (key, rest) = key_line(body)?;
             if !rest.is_empty() || TenantId::parse(key).is_none() {
@@ -131,10 +150,9 @@ pub(super) fn parse(text: &str) -> Option<RoutesFile<'_>> {
     if !block.close(current.as_ref()) {
         return None;
     }
-    tenants.push(current?.finish()?);
-    Some(RoutesFile {
-        tenants: OrderedMap(tenants),
-    })
+    let (key, spec) = current?.finish()?;
+    add(key, spec);
+    Some(())
 }
 
 /// The nested block a field opened, with its indentation once its first line is seen.
@@ -499,6 +517,20 @@ mod tests {
     }
 
     const GUID_A: &str = "145f4184-1b0b-41c7-ba24-b3c1291bfda1";
+
+    #[test]
+    fn the_estimate_counts_key_lines_with_lf_or_crlf() {
+        let text = "tenants:\n  00000000-0000-0000-0000-000000000001:\n    name: a\n    upstream: http://h/\n\
+                    \n  00000000-0000-0000-0000-000000000002: # two\n    name: b\n    upstream: http://h/\n\
+                    \n  00000000-0000-0000-0000-000000000003:\n    name: c\n    upstream: http://h/\n\
+                    \n    upstream_headers:\n      X-A: 'v:'\n";
+        // `tenants:`, two of the three keys (one has a comment after it) and the header block.
+        assert_eq!(tenant_estimate(text), 4);
+        assert_eq!(tenant_estimate(&text.replace('\n', "\r\n")), 4);
+        let mut n = 0;
+        assert!(each(text, |_, _| n += 1).is_some());
+        assert_eq!(n, 3);
+    }
 
     #[test]
     fn the_shipped_table_and_the_usual_shapes_take_the_fast_path() {

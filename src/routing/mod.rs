@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hashbrown::hash_table::{Entry, HashTable};
+use hashbrown::HashTable;
 use http::header::{HeaderName, HeaderValue};
 use serde::Deserialize;
 
@@ -74,8 +74,7 @@ impl Loadable for RoutingTable {
         text: &'t str,
         defaults: &RouteDefaults,
     ) -> Result<(Self, Leftovers<'t>), Problems> {
-        let (table, file) = RoutingTable::build(path, text, defaults)?;
-        Ok((table, Some(Box::new(file))))
+        RoutingTable::build(path, text, defaults)
     }
 
     fn summary(&self) -> String {
@@ -106,107 +105,177 @@ impl RoutingTable {
         RoutingTable::build(path, text, defaults).map(|(table, _file)| table)
     }
 
-    /// The table and the parsed file it was built from.
+    /// The table, and what is left of the parsed file (a reload frees it once the table serves).
     fn build<'t>(
         path: &Path,
         text: &'t str,
         defaults: &RouteDefaults,
-    ) -> Result<(RoutingTable, RoutesFile<'t>), Problems> {
+    ) -> Result<(RoutingTable, Leftovers<'t>), Problems> {
         if text.trim().is_empty() {
             return Err(whole_file(
                 path,
                 "file is empty (refusing to drop every tenant)",
             ));
         }
-        let mut src = Source::new(path, text);
         // A table written as JSON (which is YAML too) is parsed by serde_json straight into the
         // structs, and one in the usual YAML shape by `fast_yaml`: both several times faster than
         // the general YAML parser and without its per-event buffer, which for 100,000 tenants is
         // ~100 MB. Anything they decline goes to the general parser, whose messages (with key
         // paths and positions) are the ones reported.
-        let quick = if text.trim_start().starts_with('{') {
-            read_json(text)
-        } else {
-            fast_yaml::parse(text)
-        };
-        let file: RoutesFile<'t> = match quick.map_or_else(|| serde_yaml_ng::from_str(text), Ok) {
-            Ok(f) => f,
-            Err(e) => {
-                src.yaml_error(&e);
-                return Err(Problems(src.problems));
+        if text.trim_start().starts_with('{') {
+            if let Some(file) = read_json(text) {
+                let table = Builder::from_list(path, text, defaults, &file)?;
+                return Ok((table, Some(Box::new(file))));
             }
+        } else {
+            // The fast reader hands over each entry as it reads it, so no list of 100,000 parsed
+            // entries (8.8 MB) exists at any point. If it declines part-way, what was built so far is
+            // dropped and the general parser reads the file from the start.
+            let mut builder = Builder::new(path, text, defaults, fast_yaml::tenant_estimate(text));
+            if fast_yaml::each(text, |key, spec| builder.add(&key, &spec)).is_some() {
+                return builder.finish().map(|table| (table, None));
+            }
+        }
+        match serde_yaml_ng::from_str::<RoutesFile>(text) {
+            Ok(file) => {
+                let table = Builder::from_list(path, text, defaults, &file)?;
+                Ok((table, Some(Box::new(file))))
+            }
+            Err(e) => {
+                let mut src = Source::new(path, text);
+                src.yaml_error(&e);
+                Err(Problems(src.problems))
+            }
+        }
+    }
+}
+
+/// Validates and builds a table one entry at a time, in file order, from whichever reader read
+/// the file. Nothing in it borrows from an entry, so entries can be dropped as soon as they are added.
+struct Builder<'p> {
+    src: Source<'p>,
+    dir: &'p Path,
+    defaults: &'p RouteDefaults,
+    entries: usize,
+    routes: HashMap<TenantId, Arc<Route>, TableHash>,
+    /// Names in use, by the route that uses each (a slot is one pointer).
+    names: HashTable<Arc<Route>>,
+    /// Names of entries that failed to build (only ever filled for a file that is rejected anyway),
+    /// so a later entry reusing one is still reported.
+    failed_names: HashMap<Box<str>, TenantId, TableHash>,
+    /// One upstream per distinct set of the fields it is built from.
+    shared: HashTable<(SharedKey, Arc<Upstream>)>,
+    no_label: Arc<str>,
+}
+
+fn name_hash(name: &str) -> u64 {
+    TableHash::default().hash_one(name)
+}
+
+impl<'p> Builder<'p> {
+    /// A builder with room for `estimate` tenants.
+    fn new(path: &'p Path, text: &'p str, defaults: &'p RouteDefaults, estimate: usize) -> Self {
+        let estimate = list_capacity(text, estimate);
+        Builder {
+            src: Source::new(path, text),
+            dir: path.parent().unwrap_or(Path::new(".")),
+            defaults,
+            entries: 0,
+            routes: HashMap::with_capacity_and_hasher(estimate, TableHash::default()),
+            names: HashTable::with_capacity(estimate),
+            failed_names: HashMap::default(),
+            shared: HashTable::new(),
+            no_label: Arc::from(crate::metrics::NO_TENANT),
+        }
+    }
+
+    /// The table from a parsed file's list.
+    fn from_list(
+        path: &'p Path,
+        text: &'p str,
+        defaults: &'p RouteDefaults,
+        file: &RoutesFile<'_>,
+    ) -> Result<RoutingTable, Problems> {
+        let mut builder = Builder::new(path, text, defaults, file.tenants.0.len());
+        for (key, spec) in &file.tenants.0 {
+            builder.add(key, spec);
+        }
+        builder.finish()
+    }
+
+    fn add(&mut self, raw: &str, spec: &TenantSpec<'_>) {
+        self.entries += 1;
+        let src = &mut self.src;
+        // Only needed for messages: built when there is one.
+        let key = || format!("tenants.{raw}");
+        let Some(tenant) = TenantId::parse(raw) else {
+            src.at(raw, key(), "is not a tenant GUID in 8-4-4-4-12 form");
+            return;
         };
-        if file.tenants.0.is_empty() {
+        if self.routes.contains_key(&tenant) {
             src.at(
+                raw,
+                key(),
+                format!("tenant {tenant} appears twice (GUIDs are case-insensitive)"),
+            );
+            return;
+        }
+        let hash = name_hash(&spec.name);
+        let first = self
+            .names
+            .find(hash, |r| *r.name == *spec.name)
+            .map(|r| r.tenant)
+            .or_else(|| self.failed_names.get(&*spec.name).copied());
+        if let Some(first) = first {
+            src.at(
+                &spec.name,
+                format!("{}.name", key()),
+                format!("name `{}` is already used by tenant {first}", spec.name),
+            );
+        }
+        let built = build_route(
+            tenant,
+            spec,
+            self.dir,
+            self.defaults,
+            &mut self.shared,
+            &self.no_label,
+        );
+        match built {
+            Ok(route) => {
+                let route = Arc::new(route);
+                if first.is_none() {
+                    self.names
+                        .insert_unique(hash, Arc::clone(&route), |r| name_hash(&r.name));
+                }
+                self.routes.insert(tenant, route);
+            }
+            Err((field, needle, message)) => {
+                if first.is_none() {
+                    self.failed_names.insert(spec.name.as_ref().into(), tenant);
+                }
+                let needle = if needle.is_empty() {
+                    raw.to_string()
+                } else {
+                    needle
+                };
+                src.at(&needle, format!("{}.{field}", key()), message)
+            }
+        }
+    }
+
+    fn finish(mut self) -> Result<RoutingTable, Problems> {
+        if self.entries == 0 {
+            self.src.at(
                 "tenants",
                 "tenants",
                 "no tenants (refusing to drop every tenant)",
             );
-            return Err(Problems(src.problems));
         }
-        let dir = path.parent().unwrap_or(Path::new("."));
-        let n = file.tenants.0.len();
-        let mut routes = HashMap::with_capacity_and_hasher(n, TableHash::default());
-        // Names already used, as positions in the file's list (eight bytes a slot rather than 32
-        // for a name and its tenant: ~3 MB less for 100,000 tenants, at start and in every reload).
-        let entries = &file.tenants.0;
-        let name_hash = |name: &str| TableHash::default().hash_one(name);
-        let mut names: HashTable<usize> = HashTable::with_capacity(n);
-        let mut shared: HashMap<UpstreamKey, Arc<Upstream>, TableHash> = HashMap::default();
-        let no_label: Arc<str> = Arc::from(crate::metrics::NO_TENANT);
-        for (i, (raw, spec)) in entries.iter().enumerate() {
-            // Only needed for messages: built when there is one.
-            let key = || format!("tenants.{raw}");
-            let Some(tenant) = TenantId::parse(raw) else {
-                src.at(raw, key(), "is not a tenant GUID in 8-4-4-4-12 form");
-                continue;
-            };
-            if routes.contains_key(&tenant) {
-                src.at(
-                    raw,
-                    key(),
-                    format!("tenant {tenant} appears twice (GUIDs are case-insensitive)"),
-                );
-                continue;
-            }
-            match names.entry(
-                name_hash(&spec.name),
-                |&j| entries[j].1.name == spec.name,
-                |&j| name_hash(&entries[j].1.name),
-            ) {
-                Entry::Vacant(slot) => {
-                    slot.insert(i);
-                }
-                Entry::Occupied(first) => {
-                    // Only tenants with a valid, first-seen GUID are recorded, so this parses.
-                    let first = &entries[*first.get()].0;
-                    let first =
-                        TenantId::parse(first).map_or_else(|| first.to_string(), |t| t.to_string());
-                    src.at(
-                        &spec.name,
-                        format!("{}.name", key()),
-                        format!("name `{}` is already used by tenant {first}", spec.name),
-                    );
-                }
-            }
-            match build_route(tenant, spec, dir, defaults, &mut shared, &no_label) {
-                Ok(route) => {
-                    routes.insert(tenant, Arc::new(route));
-                }
-                Err((field, needle, message)) => {
-                    let needle = if needle.is_empty() {
-                        raw.to_string()
-                    } else {
-                        needle
-                    };
-                    src.at(&needle, format!("{}.{field}", key()), message)
-                }
-            }
-        }
-        // `names` and `shared` borrow from `file`.
-        drop((names, shared));
-        src.finish()?;
-        Ok((RoutingTable { routes }, file))
+        self.src.finish()?;
+        Ok(RoutingTable {
+            routes: self.routes,
+        })
     }
 }
 
@@ -503,12 +572,12 @@ const RESERVED_HEADERS: &[&str] = &[
 ];
 
 /// Builds one route; on failure returns (field, text to locate, message).
-fn build_route<'a>(
+fn build_route(
     tenant: TenantId,
-    spec: &'a TenantSpec<'a>,
+    spec: &TenantSpec<'_>,
     dir: &Path,
     defaults: &RouteDefaults,
-    shared: &mut HashMap<UpstreamKey<'a>, Arc<Upstream>, TableHash>,
+    shared: &mut HashTable<(SharedKey, Arc<Upstream>)>,
     no_label: &Arc<str>,
 ) -> Result<Route, (&'static str, String, String)> {
     let err = |field: &'static str, needle: &str, m: String| (field, needle.to_string(), m);
@@ -565,8 +634,9 @@ fn build_route<'a>(
     // Everything the upstream is built from, as written; tenants that agree on all of it share one
     // (and only the first of them pays for parsing, validating and resolving it).
     let key = UpstreamKey::of(spec);
-    let upstream = match shared.get(&key) {
-        Some(u) => Arc::clone(u),
+    let hash = TableHash::default().hash_one(&key);
+    let upstream = match shared.find(hash, |(k, _)| k.is(&key)) {
+        Some((_, u)) => Arc::clone(u),
         None => {
             let url = UpstreamUrl::parse(&spec.upstream)
                 .map_err(|m| err("upstream", &spec.upstream, m))?;
@@ -616,7 +686,9 @@ fn build_route<'a>(
             let built = Upstream::build(&url, addr, &settings)
                 .map_err(|m| err("upstream", &spec.upstream, m))?;
             let built = Arc::new(built);
-            shared.insert(key, Arc::clone(&built));
+            shared.insert_unique(hash, (key.to_shared(hash), Arc::clone(&built)), |(k, _)| {
+                k.hash
+            });
             built
         }
     };
@@ -635,10 +707,11 @@ fn build_route<'a>(
     })
 }
 
-/// The fields of a tenant's entry that its [`Upstream`] is built from, borrowed from the parsed file:
-/// tenants whose entries agree on all of them share one upstream. Compared field by field, so no
-/// value can pass for another field's (a joined string could: YAML strings may hold a NUL).
-#[derive(PartialEq, Eq, Hash)]
+/// The fields of a tenant's entry that its [`Upstream`] is built from, borrowed from the entry:
+/// tenants whose entries agree on all of them share one upstream. Compared field by field
+/// ([`SharedKey::is`]), so no value can pass for another field's (a joined string could: YAML
+/// strings may hold a NUL).
+#[derive(Hash)]
 struct UpstreamKey<'a> {
     upstream: &'a str,
     tls_verify: bool,
@@ -660,6 +733,52 @@ impl<'a> UpstreamKey<'a> {
             read_timeout_ms: more.read_timeout_ms,
             link_bases: &more.link_bases,
             ca_file: more.ca_file.as_deref(),
+        }
+    }
+}
+
+/// An [`UpstreamKey`] kept by the table builder after the entry it came from is gone (one per distinct
+/// upstream, so a handful of small allocations per table), with its hash.
+struct SharedKey {
+    upstream: Box<str>,
+    tls_verify: bool,
+    sni: Option<Box<str>>,
+    connect_timeout_ms: Option<u64>,
+    read_timeout_ms: Option<u64>,
+    link_bases: Box<[Box<str>]>,
+    ca_file: Option<Box<str>>,
+    hash: u64,
+}
+
+impl SharedKey {
+    /// Field by field, as [`UpstreamKey`]'s derived equality.
+    fn is(&self, k: &UpstreamKey<'_>) -> bool {
+        *self.upstream == *k.upstream
+            && self.tls_verify == k.tls_verify
+            && self.sni.as_deref() == k.sni
+            && self.connect_timeout_ms == k.connect_timeout_ms
+            && self.read_timeout_ms == k.read_timeout_ms
+            && self.link_bases.len() == k.link_bases.len()
+            && self
+                .link_bases
+                .iter()
+                .zip(k.link_bases)
+                .all(|(a, b)| **a == **b)
+            && self.ca_file.as_deref() == k.ca_file
+    }
+}
+
+impl UpstreamKey<'_> {
+    fn to_shared(&self, hash: u64) -> SharedKey {
+        SharedKey {
+            upstream: self.upstream.into(),
+            tls_verify: self.tls_verify,
+            sni: self.sni.map(Into::into),
+            connect_timeout_ms: self.connect_timeout_ms,
+            read_timeout_ms: self.read_timeout_ms,
+            link_bases: self.link_bases.iter().map(|b| (**b).into()).collect(),
+            ca_file: self.ca_file.map(Into::into),
+            hash,
         }
     }
 }
@@ -896,6 +1015,18 @@ mod tests {
             "{message}"
         );
         assert!(!message.contains("`other`"), "{message}");
+        // Also when the first entry with the name is itself broken: both are reported.
+        let text = format!(
+            "tenants:\n{}{}",
+            entry(B, "shared").replace("http://", "ftp://"),
+            entry(C, "shared")
+        );
+        let message = load(&text).unwrap_err().to_string();
+        assert!(
+            message.contains(&format!("tenants.{B}.upstream"))
+                && message.contains(&format!("name `shared` is already used by tenant {B}")),
+            "{message}"
+        );
         // Distinct names, however many, are not reported; names differing in case are distinct.
         let many: String = (0..2000)
             .map(|i| {
@@ -952,6 +1083,28 @@ mod tests {
             list_capacity(&braces, 100_002),
             braces.len() / MIN_ENTRY_BYTES + 1
         );
+    }
+
+    #[test]
+    fn a_file_the_fast_reader_declines_part_way_is_built_afresh_by_the_general_parser() {
+        // The fast reader hands over the first two entries, then declines the escape in the third:
+        // nothing from the first attempt may survive (it would read as each tenant appearing twice).
+        const C: &str = "00000000-0000-0000-0000-00000000000c";
+        let text = format!(
+            "tenants:\n  {A}:\n    name: a\n    upstream: http://127.0.0.1:9/r4\n\
+             \n  {B}:\n    name: b\n    upstream: http://127.0.0.1:9/r4\n\
+             \n  {C}:\n    name: \"c\\x63\"\n    upstream: http://127.0.0.1:9/r4\n"
+        );
+        let mut handed = 0;
+        assert!(fast_yaml::each(&text, |_, _| handed += 1).is_none());
+        assert_eq!(handed, 2);
+        let t = load(&text).unwrap();
+        assert_eq!(t.len(), 3);
+        let c = t.get(&TenantId::parse(C).unwrap()).unwrap();
+        assert_eq!(&*c.name, "cc");
+        // All three share one upstream, built once by the general parser's pass.
+        let a = t.get(&TenantId::parse(A).unwrap()).unwrap();
+        assert!(Arc::ptr_eq(&a.upstream, &c.upstream));
     }
 
     #[test]
