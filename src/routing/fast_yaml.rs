@@ -34,9 +34,9 @@ pub(super) fn parse(text: &str) -> Option<RoutesFile<'_>> {
 }
 
 /// An estimate of the tenants in `text`, for reserving room: the lines ending in a colon (each
-/// tenant's key line, plus `tenants:` and any header or link-base block). Exact for the usual shape
-/// however many fields each entry sets; a line such as `key:  # comment` is not counted, so room may
-/// still have to grow.
+/// tenant's key line, plus `tenants:` and any header or link-base block). In the usual shape that is
+/// the tenant count plus one, however many fields each entry sets; a line such as `key:  # comment`
+/// is not counted, so room may still have to grow.
 pub(super) fn tenant_estimate(text: &str) -> usize {
     let bytes = text.as_bytes();
     let colon_lf = |w: &[u8]| w[2] == b'\n' && (w[1] == b':' || (w[1] == b'\r' && w[0] == b':'));
