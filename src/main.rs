@@ -120,6 +120,8 @@ enum ClientsAction {
 }
 
 fn main() -> ExitCode {
+    // Before the runtime's threads and the routing table allocate (src/memory.rs says why).
+    fhir_edge::memory::disable_huge_pages();
     // Before anything can touch jsonwebtoken (which would settle on its own provider for good).
     fhir_edge::auth::install_crypto();
     let cli = Cli::parse();

@@ -14,6 +14,8 @@
 //!   at once after every reload made 100k reloads under load ~11 % slower (median) in the harness.
 //!
 //! For the small files most deployments have there is nothing worth the call.
+//!
+//! Separately, [`disable_huge_pages`] keeps the kernel from backing the process with 2 MiB pages.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -57,3 +59,31 @@ fn collect() {
     // library's tests), it collects mimalloc's empty heap: harmless.
     unsafe { libmimalloc_sys::mi_collect(true) }
 }
+
+/// Turns transparent huge pages off for this process (Linux), unless the operator has set
+/// `MIMALLOC_ALLOW_THP`, mimalloc's own switch for the same thing: `0` turns them off just like this,
+/// `1` keeps them.
+///
+/// mimalloc asks the kernel for huge pages on its memory (`madvise(MADV_HUGEPAGE)`), so on a system whose
+/// THP mode is `madvise` (Debian's and Ubuntu's default) or `always`, a page fault zeroes and makes
+/// resident 2 MiB at a time, used or not. A proxy's memory is many small allocations spread over
+/// per-thread heaps: the huge pages were ~8–10 MiB of resident memory at every point (load harness,
+/// 100,000 tenants: 30 vs 39 MiB after start, 68 vs 77 MiB at the peak of a reload; 10 tenants 13 vs
+/// 23 MiB), with no throughput difference measurable. Call it first thing in `main`: the setting
+/// covers every later page fault of the process (and is inherited by any child it starts).
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+pub fn disable_huge_pages() {
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
+        return;
+    }
+    let (on, unused): (libc::c_ulong, libc::c_ulong) = (1, 0);
+    // SAFETY: `prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)` passes integers only, reads and writes no memory
+    // of ours, and only sets a flag on this process's memory descriptor. A kernel without it (before
+    // 3.15) answers EINVAL, and the process runs as before: nothing to handle.
+    let _ = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, on, unused, unused, unused) };
+}
+
+/// Transparent huge pages are a Linux feature: nothing to turn off elsewhere.
+#[cfg(not(target_os = "linux"))]
+pub fn disable_huge_pages() {}

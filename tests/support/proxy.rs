@@ -45,6 +45,8 @@ pub struct ProxyConfig {
     /// `server.reload_debounce_ms` (100 unless a test needs to tell a debounced reload from an
     /// immediate one).
     pub reload_debounce_ms: u64,
+    /// Extra environment variables for the proxy process.
+    pub env: Vec<(String, String)>,
 }
 
 /// A token endpoint with the fixture ES256 signing key, 5-minute tokens, and a failed-auth limit of 5
@@ -71,6 +73,7 @@ impl ProxyConfig {
             top: String::new(),
             admin: String::new(),
             reload_debounce_ms: 100,
+            env: Vec::new(),
         }
     }
 }
@@ -192,6 +195,7 @@ admin:
             .arg("run")
             .arg("--config")
             .arg(dir.path().join("fhir-edge.yaml"))
+            .envs(cfg.env.iter().map(|(k, v)| (k, v)))
             .stdout(out)
             .stderr(log)
             .spawn()
