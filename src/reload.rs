@@ -10,8 +10,10 @@
 //! a create, a delete; also the directory and temporary link a ConfigMap update creates before its
 //! rename) opens a short, fixed debounce window (a stream of writes cannot postpone the
 //! reload forever), and the text must then read the same twice, [`SETTLE`] apart. Either way each file
-//! is read, and if its text changed it is built, validated as a whole and published with one
-//! `ArcSwap::store`.
+//! is hashed as it is read, and if its text changed it is built, validated as a whole and published
+//! with one `ArcSwap::store`. A loader that can build from the file as it streams by ([`FileBlocks`]:
+//! the routing table in its usual YAML shape) never holds the whole text; the others get it whole.
+//! What is built must hash the same as what was checked, or the read counts as unsettled.
 //! A file that is missing, unreadable, empty or invalid leaves the last good value in place and is
 //! logged (the loaders' messages never quote secret values). After a large file (a 100,000-tenant
 //! table) the memory it was built into is handed back to the OS: at once at start, and once reloads
@@ -20,6 +22,8 @@
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
+use std::fs::File;
+use std::io::{self, Read, Seek};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -52,6 +56,18 @@ pub trait Loadable: Send + Sync + Sized + 'static {
         ctx: &Self::Context,
     ) -> Result<(Self, Leftovers<'t>), Problems> {
         Self::from_text(path, text, ctx).map(|value| (value, None))
+    }
+    /// Builds the value from the file as it is read, piece by piece, without ever holding its whole
+    /// text: what a 100,000-tenant routing table needs to stay within its memory budget during a
+    /// reload. `None` (the default) declines, for any reason, and the file is then read whole and
+    /// built with [`Loadable::from_text_keeping_leftovers`]; so a loader returns `Some` only for a
+    /// value that one would build too, and leaves every problem to it to report.
+    fn from_blocks(
+        _path: &Path,
+        _blocks: &mut FileBlocks<'_>,
+        _ctx: &Self::Context,
+    ) -> Option<Self> {
+        None
     }
     /// For log lines: "3 tenants".
     fn summary(&self) -> String;
@@ -102,12 +118,25 @@ pub const RELEASE_AFTER: Duration = Duration::from_secs(3);
 impl<T: Loadable> Live<T> {
     /// Loads the file for the first time; failure means the proxy must not start.
     pub fn load_file(path: PathBuf, ctx: T::Context) -> Result<Live<T>, Problems> {
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| whole_file(&path, format!("cannot read: {e}")))?;
-        let value = T::from_text(&path, &text, &ctx)?;
-        let seen_hash = AtomicU64::new(hash_text(&text));
-        if text.len() >= crate::memory::LARGE_TEXT {
-            drop(text);
+        let cannot_read = |e: io::Error| whole_file(&path, format!("cannot read: {e}"));
+        let mut file = File::open(&path).map_err(cannot_read)?;
+        let streamed = {
+            let mut blocks = FileBlocks::new(&mut file);
+            T::from_blocks(&path, &mut blocks, &ctx).map(|value| (value, blocks.finish()))
+        };
+        let (value, hash, len) = match streamed {
+            Some((value, Ok((hash, len)))) => (value, hash, len),
+            _ => {
+                let mut text = String::new();
+                file.rewind()
+                    .and_then(|()| file.read_to_string(&mut text))
+                    .map_err(cannot_read)?;
+                let value = T::from_text(&path, &text, &ctx)?;
+                (value, hash_text(&text), text.len())
+            }
+        };
+        let seen_hash = AtomicU64::new(hash);
+        if len >= crate::memory::LARGE_TEXT {
             crate::memory::release_freed();
         }
         Ok(Live {
@@ -143,19 +172,23 @@ impl<T: Loadable> Live<T> {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let started = std::time::Instant::now();
-        let text = match std::fs::read_to_string(&self.path) {
-            Ok(t) => t,
-            Err(e) => {
-                self.failures.fetch_add(1, Ordering::Relaxed);
-                log::warn!(
-                    "{} {} unreadable ({e}); keeping the last good one",
-                    T::WHAT,
-                    self.path.display()
-                );
-                return ReloadOutcome::Rejected;
-            }
+        let unreadable = |e: io::Error| {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+            log::warn!(
+                "{} {} unreadable ({e}); keeping the last good one",
+                T::WHAT,
+                self.path.display()
+            );
+            ReloadOutcome::Rejected
         };
-        let hash = hash_text(&text);
+        // The file is hashed first, as it streams by: most events leave it unchanged, and a large
+        // file is then neither built nor held in memory.
+        let (mut file, hash, len) = match File::open(&self.path)
+            .and_then(|mut f| file_hash(&mut f).map(|(h, n)| (f, h, n)))
+        {
+            Ok(read) => read,
+            Err(e) => return unreadable(e),
+        };
         if self.seen_hash.load(Ordering::Relaxed) == hash && !force {
             log::debug!("{} {} unchanged", T::WHAT, self.path.display());
             return ReloadOutcome::Unchanged;
@@ -165,13 +198,51 @@ impl<T: Loadable> Live<T> {
         // (A file renamed into place cannot be caught half-written: rename(2) is atomic.)
         if settle && {
             std::thread::sleep(SETTLE);
-            std::fs::read_to_string(&self.path).ok().as_deref() != Some(text.as_str())
+            File::open(&self.path)
+                .and_then(|mut f| file_hash(&mut f))
+                .ok()
+                .map(|(h, _)| h)
+                != Some(hash)
         } {
             log::debug!("{} {} is still changing", T::WHAT, self.path.display());
             return ReloadOutcome::Unsettled;
         }
+        // Built as the file streams by where the loader can (the same open file: a rename since
+        // cannot mix two files), from its whole text otherwise. Either way what was built must be
+        // what was hashed: a write in between makes this an unsettled read, tried again shortly.
+        let streamed = file.rewind().ok().and_then(|()| {
+            let mut blocks = FileBlocks::new(&mut file);
+            T::from_blocks(&self.path, &mut blocks, &self.ctx).map(|value| (value, blocks.finish()))
+        });
+        let changed = || {
+            log::debug!(
+                "{} {} changed while it was read",
+                T::WHAT,
+                self.path.display()
+            );
+            if len >= crate::memory::LARGE_TEXT {
+                crate::memory::mark_garbage();
+            }
+            ReloadOutcome::Unsettled
+        };
+        let mut text = String::new();
+        let built = match streamed {
+            Some((value, Ok((read, _)))) if read == hash => Ok((value, None)),
+            Some(_) => return changed(),
+            None => {
+                if let Err(e) = file.rewind().and_then(|()| file.read_to_string(&mut text)) {
+                    return unreadable(e);
+                }
+                if hash_text(&text) != hash {
+                    return changed();
+                }
+                T::from_text_keeping_leftovers(&self.path, &text, &self.ctx)
+            }
+        };
+        // Recorded whether the text is accepted or rejected: a rejected file is not reported again
+        // until it changes.
         self.seen_hash.store(hash, Ordering::Relaxed);
-        let outcome = match T::from_text_keeping_leftovers(&self.path, &text, &self.ctx) {
+        let outcome = match built {
             Ok((value, leftovers)) => {
                 let summary = value.summary();
                 // One swap: every reader sees either the old value or the new one, whole.
@@ -200,7 +271,7 @@ impl<T: Loadable> Live<T> {
         };
         // What a large file was built into (accepted or not) is garbage now; the reloader hands it
         // back to the OS once reloads have gone quiet.
-        if text.len() >= crate::memory::LARGE_TEXT {
+        if len >= crate::memory::LARGE_TEXT {
             crate::memory::mark_garbage();
         }
         outcome
@@ -210,7 +281,196 @@ impl<T: Loadable> Live<T> {
 /// Change detection for file text (not security: only the operator writes these files). Eight bytes
 /// per step: byte-wise FNV-1a took ~20 ms of a 100,000-tenant reload (12 MB), this takes ~3 ms.
 pub fn hash_text(text: &str) -> u64 {
-    crate::fasthash::mix_bytes(0xcbf2_9ce4_8422_2325, text.as_bytes())
+    let mut hash = TextHash::default();
+    hash.update(text.as_bytes());
+    hash.finish()
+}
+
+/// [`hash_text`] of text that arrives in pieces: the same value however it is cut.
+pub struct TextHash {
+    h: u64,
+    /// Bytes of a word not yet complete.
+    pending: [u8; 8],
+    filled: usize,
+    len: u64,
+}
+
+impl Default for TextHash {
+    fn default() -> Self {
+        TextHash {
+            h: 0xcbf2_9ce4_8422_2325,
+            pending: [0; 8],
+            filled: 0,
+            len: 0,
+        }
+    }
+}
+
+impl TextHash {
+    pub fn update(&mut self, mut bytes: &[u8]) {
+        use crate::fasthash::mix;
+        self.len += bytes.len() as u64;
+        if self.filled > 0 {
+            let take = bytes.len().min(8 - self.filled);
+            self.pending[self.filled..self.filled + take].copy_from_slice(&bytes[..take]);
+            self.filled += take;
+            bytes = &bytes[take..];
+            if self.filled < 8 {
+                return;
+            }
+            self.h = mix(self.h, u64::from_le_bytes(self.pending));
+            self.filled = 0;
+        }
+        let mut words = bytes.chunks_exact(8);
+        for word in &mut words {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(word);
+            self.h = mix(self.h, u64::from_le_bytes(w));
+        }
+        let tail = words.remainder();
+        self.pending[..tail.len()].copy_from_slice(tail);
+        self.filled = tail.len();
+    }
+
+    /// The zero-padded tail last, with the length (so "abc" and "abc\0" differ).
+    pub fn finish(&self) -> u64 {
+        let mut tail = [0u8; 8];
+        tail[..self.filled].copy_from_slice(&self.pending[..self.filled]);
+        crate::fasthash::mix(self.h ^ self.len, u64::from_le_bytes(tail))
+    }
+}
+
+/// The hash and length of what `file` holds from where it is read to its end, read in blocks.
+fn file_hash(file: &mut File) -> io::Result<(u64, usize)> {
+    let mut blocks = FileBlocks::new(file);
+    while blocks.next_bytes()?.is_some() {}
+    blocks.finish()
+}
+
+/// How much of a file is read at a time: large enough that a 10 MB file is ~40 reads, small enough
+/// to stay in cache while it is parsed.
+const BLOCK: usize = 256 << 10;
+
+/// A file read as consecutive runs of whole lines, each at most the buffer's size ([`BLOCK`], grown
+/// to hold the longest line met); only the last may lack its line end. Together they are the file, byte for byte,
+/// and [`FileBlocks::finish`] gives [`hash_text`] of it. A loader's [`Loadable::from_blocks`] reads
+/// through them, and may [`FileBlocks::rewind`] to read them again (one pass to size a table, one
+/// to build it).
+pub struct FileBlocks<'f> {
+    file: &'f mut File,
+    buf: Vec<u8>,
+    /// `buf[start..end]` is read but not yet handed out.
+    start: usize,
+    end: usize,
+    eof: bool,
+    /// Bytes handed out since the start or the last rewind.
+    read: usize,
+    hash: TextHash,
+}
+
+impl<'f> FileBlocks<'f> {
+    /// Blocks of `file` from where it is positioned.
+    pub fn new(file: &'f mut File) -> Self {
+        Self::with_block_size(file, BLOCK)
+    }
+
+    fn with_block_size(file: &'f mut File, size: usize) -> Self {
+        FileBlocks {
+            file,
+            buf: vec![0; size.max(1)],
+            start: 0,
+            end: 0,
+            eof: false,
+            read: 0,
+            hash: TextHash::default(),
+        }
+    }
+
+    /// The next run of whole lines, `None` at the end of the file; an error for a read that fails or
+    /// for text that is not UTF-8.
+    pub fn next_block(&mut self) -> io::Result<Option<&str>> {
+        match self.next_bytes()? {
+            None => Ok(None),
+            Some(bytes) => std::str::from_utf8(bytes).map(Some).map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "stream did not contain valid UTF-8",
+                )
+            }),
+        }
+    }
+
+    /// The next run of whole lines as bytes, neither checked nor hashed: for a quick pass (sizing
+    /// what a second pass builds), which must be followed by [`FileBlocks::rewind`].
+    pub fn skim(&mut self) -> io::Result<Option<&[u8]>> {
+        self.cut_block(false)
+    }
+
+    fn next_bytes(&mut self) -> io::Result<Option<&[u8]>> {
+        self.cut_block(true)
+    }
+
+    fn cut_block(&mut self, hash: bool) -> io::Result<Option<&[u8]>> {
+        // What was read past the last block's line end moves to the front.
+        self.buf.copy_within(self.start..self.end, 0);
+        self.end -= self.start;
+        self.start = 0;
+        loop {
+            if !self.eof {
+                if self.end == self.buf.len() {
+                    // A line longer than the buffer (rare: a file is short lines).
+                    self.buf.resize(self.buf.len() * 2, 0);
+                }
+                match self.file.read(&mut self.buf[self.end..]) {
+                    Ok(0) => self.eof = true,
+                    Ok(n) => self.end += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            let cut = if self.eof {
+                self.end
+            } else {
+                match self.buf[..self.end].iter().rposition(|&b| b == b'\n') {
+                    Some(i) => i + 1,
+                    None => continue,
+                }
+            };
+            if cut == 0 {
+                return Ok(None);
+            }
+            self.start = cut;
+            self.read += cut;
+            let block = &self.buf[..cut];
+            if hash {
+                self.hash.update(block);
+            }
+            return Ok(Some(block));
+        }
+    }
+
+    /// Back to the start of the file, to read it again.
+    pub fn rewind(&mut self) -> io::Result<()> {
+        self.file.rewind()?;
+        self.start = 0;
+        self.end = 0;
+        self.eof = false;
+        self.read = 0;
+        self.hash = TextHash::default();
+        Ok(())
+    }
+
+    /// Bytes handed out since the start (or the last rewind).
+    pub fn read_so_far(&self) -> usize {
+        self.read
+    }
+
+    /// Reads what is left and gives the hash and length of everything since the start (or the last
+    /// rewind): [`hash_text`] of the file, as it was read.
+    pub fn finish(mut self) -> io::Result<(u64, usize)> {
+        while self.next_bytes()?.is_some() {}
+        Ok((self.hash.finish(), self.read_so_far()))
+    }
 }
 
 fn unix_now() -> u64 {
@@ -476,7 +736,10 @@ fn release_time(current: Option<Instant>) -> Option<Instant> {
 
 #[cfg(test)]
 mod tests {
-    use super::{classify, hash_text, Change, Live, Loadable, ReloadOutcome, Seen};
+    use super::{
+        classify, hash_text, Change, File, FileBlocks, Live, Loadable, ReloadOutcome, Seen,
+        TextHash,
+    };
     use crate::problems::Problems;
     use notify::event::{
         AccessKind, AccessMode, CreateKind, DataChange, EventKind, ModifyKind, RemoveKind,
@@ -534,6 +797,112 @@ mod tests {
             [first, own].contains(&ReloadOutcome::Applied),
             "one of the two applied the change"
         );
+    }
+
+    /// A file built from its blocks where it can be, from its whole text otherwise; the context is a
+    /// write to make to the file while its first block is being built.
+    struct Streamed(String);
+
+    impl Loadable for Streamed {
+        type Context = std::sync::Mutex<Option<(std::path::PathBuf, &'static str)>>;
+        const WHAT: &'static str = "streamed file";
+        fn from_text(_: &Path, text: &str, _: &Self::Context) -> Result<Self, Problems> {
+            Ok(Streamed(format!("whole: {text}")))
+        }
+        fn from_blocks(
+            _: &Path,
+            blocks: &mut FileBlocks<'_>,
+            write: &Self::Context,
+        ) -> Option<Self> {
+            let mut all = String::new();
+            while let Some(block) = blocks.next_block().ok()? {
+                all.push_str(block);
+                if let Some((path, text)) = write.lock().unwrap().take() {
+                    std::fs::write(path, text).unwrap();
+                }
+            }
+            Some(Streamed(all))
+        }
+        fn summary(&self) -> String {
+            String::new()
+        }
+    }
+
+    /// A file written in place while it is being built is not used: what was built is not what was
+    /// hashed (part old, part new). The reload says so, the last value stays, and the next reload
+    /// builds the new text.
+    #[test]
+    fn a_file_written_while_it_is_built_is_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, "one\n").unwrap();
+        let live = Live::<Streamed>::load_file(path.clone(), Default::default()).unwrap();
+        assert_eq!(live.load().0, "one\n", "built from its blocks");
+        std::fs::write(&path, "two\n").unwrap();
+        *live.ctx.lock().unwrap() = Some((path.clone(), "three three\n"));
+        assert_eq!(live.reload(false, false), ReloadOutcome::Unsettled);
+        assert_eq!(live.load().0, "one\n", "a torn read was served");
+        assert_eq!(live.reload(false, false), ReloadOutcome::Applied);
+        assert_eq!(live.load().0, "three three\n");
+        assert_eq!(live.reload(false, false), ReloadOutcome::Unchanged);
+    }
+
+    /// Blocks are whole lines, together the file byte for byte, whatever the block size (a line
+    /// longer than a block comes whole too), and their hash is the whole text's.
+    #[test]
+    fn file_blocks_are_whole_lines_that_make_up_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let text = "a\nbb\n\nccc ccc ccc ccc\r\nd\néé\nno line end";
+        std::fs::write(&path, text).unwrap();
+        for size in [1, 2, 3, 5, 8, 64] {
+            let mut file = File::open(&path).unwrap();
+            let mut blocks = FileBlocks::with_block_size(&mut file, size);
+            let mut got = Vec::new();
+            while let Some(b) = blocks.next_block().unwrap() {
+                got.push(b.to_string());
+            }
+            assert_eq!(got.concat(), text, "block size {size}");
+            for b in &got[..got.len() - 1] {
+                assert!(b.ends_with('\n'), "block size {size}: {b:?}");
+            }
+            assert_eq!(blocks.read_so_far(), text.len());
+            blocks.rewind().unwrap();
+            let mut again = String::new();
+            while let Some(b) = blocks.skim().unwrap() {
+                again.push_str(std::str::from_utf8(b).unwrap());
+            }
+            assert_eq!(again, text, "skimmed after a rewind");
+            blocks.rewind().unwrap();
+            let first = blocks.next_block().unwrap().unwrap().to_string();
+            assert!(text.starts_with(&first), "rewound");
+            assert_eq!(blocks.finish().unwrap(), (hash_text(text), text.len()));
+        }
+        std::fs::write(&path, b"ok\n\xff\n").unwrap();
+        let mut file = File::open(&path).unwrap();
+        let mut blocks = FileBlocks::with_block_size(&mut file, 3);
+        assert_eq!(blocks.next_block().unwrap(), Some("ok\n"));
+        assert!(blocks.next_block().is_err(), "not UTF-8");
+    }
+
+    #[test]
+    fn the_text_hash_is_the_same_however_the_text_is_cut() {
+        let text: Vec<u8> = (0..100u8).collect();
+        let whole = {
+            let mut h = TextHash::default();
+            h.update(&text);
+            h.finish()
+        };
+        for a in 0..text.len() {
+            for b in [a, a + 1, a + 7, a + 9, text.len()] {
+                let b = b.min(text.len());
+                let mut h = TextHash::default();
+                h.update(&text[..a]);
+                h.update(&text[a..b]);
+                h.update(&text[b..]);
+                assert_eq!(h.finish(), whole, "cut at {a} and {b}");
+            }
+        }
     }
 
     fn event(kind: EventKind, paths: &[&str]) -> notify::Event {

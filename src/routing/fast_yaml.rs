@@ -26,8 +26,24 @@ use crate::tenant::TenantId;
 /// Reads `text` if it is in the handled subset; `None` means "use the general parser". Every string
 /// in the result is a slice of `text` (the subset has no escapes), so nothing is copied.
 pub(super) fn parse(text: &str) -> Option<RoutesFile<'_>> {
-    let mut tenants = Vec::with_capacity(super::list_capacity(text, tenant_estimate(text)));
+    let mut tenants = Vec::with_capacity(super::list_capacity(text.len(), tenant_estimate(text)));
     each(text, |key, spec| tenants.push((key, spec)))?;
+    Some(RoutesFile {
+        tenants: OrderedMap(tenants),
+    })
+}
+
+/// [`parse`], with the text fed to a [`Reader`] one line at a time: for the differential checks
+/// (`check_fast_yaml`), which must find the same as reading it whole.
+pub(super) fn parse_line_by_line(text: &str) -> Option<RoutesFile<'_>> {
+    let mut tenants = Vec::new();
+    let mut reader = Reader::new().detach();
+    for line in text.split_inclusive('\n') {
+        let mut piece = reader;
+        piece.feed(line, |key, spec| tenants.push((key, spec)))?;
+        reader = piece.detach();
+    }
+    reader.end(|key, spec| tenants.push((key, spec)))?;
     Some(RoutesFile {
         tenants: OrderedMap(tenants),
     })
@@ -38,7 +54,11 @@ pub(super) fn parse(text: &str) -> Option<RoutesFile<'_>> {
 /// the tenant count plus one, however many fields each entry sets; a line such as `key:  # comment`
 /// is not counted, so room may still have to grow.
 pub(super) fn tenant_estimate(text: &str) -> usize {
-    let bytes = text.as_bytes();
+    tenant_estimate_bytes(text.as_bytes())
+}
+
+/// [`tenant_estimate`] of raw bytes (a block of a file being read).
+pub(super) fn tenant_estimate_bytes(bytes: &[u8]) -> usize {
     let colon_lf = |w: &[u8]| w[2] == b'\n' && (w[1] == b':' || (w[1] == b'\r' && w[0] == b':'));
     bytes.windows(3).filter(|w| colon_lf(w)).count()
 }
@@ -50,109 +70,159 @@ pub(super) fn each<'t>(
     text: &'t str,
     mut add: impl FnMut(TenantKey<'t>, TenantSpec<'t>),
 ) -> Option<()> {
-    if !plain_text(text) {
-        return None;
+    let mut reader = Reader::new();
+    reader.feed(text, &mut add)?;
+    reader.end(add)
+}
+
+/// [`each`] for a file read in pieces: [`Reader::feed`] takes the pieces in order, each a run of whole
+/// lines (only the last may lack its line end), and [`Reader::end`] hands over the last entry. Where
+/// the pieces are cut makes no difference to what is handed over or declined: everything the reader
+/// knows between lines is kept here. Between two pieces that do not live equally long (blocks of a
+/// file, read into one buffer), [`Reader::detach`] copies the entry still open (a few short strings),
+/// so the piece can go.
+pub(super) struct Reader<'t> {
+    seen_top: bool,
+    /// Indentation of tenant keys, of their fields and of the current nested block.
+    tenant_indent: usize,
+    field_indent: usize,
+    current: Option<Partial<'t>>,
+    block: Block,
+}
+
+impl<'t> Reader<'t> {
+    pub(super) fn new() -> Self {
+        Reader {
+            seen_top: false,
+            tenant_indent: 0,
+            field_indent: 0,
+            current: None,
+            block: Block::None,
+        }
     }
-    let mut seen_top = false;
-    // Indentation of tenant keys, of their fields and of the current nested block.
-    let mut tenant_indent = 0;
-    let mut field_indent = 0;
-    let mut current: Option<Partial> = None;
-    let mut block = Block::None;
-    let mut rest = text;
-    while !rest.is_empty() {
-        // A byte loop: lines are short, and `split` pays a searcher's setup on every one.
-        let (raw, next) = match rest.bytes().position(|b| b == b'\n') {
-            Some(i) => (&rest[..i], &rest[i + 1..]),
-            None => (rest, ""),
-        };
-        rest = next;
-        let line = raw.strip_suffix('\r').unwrap_or(raw);
-        let body = line.trim_start_matches(' ');
-        if body.is_empty() || body.starts_with('#') {
-            continue;
-        }
-        let indent = line.len() - body.len();
-        if indent == 0 {
-            if seen_top || key_line(body)? != ("tenants", "") {
-                return None;
-            }
-            seen_top = true;
-            continue;
-        }
-        if !seen_top {
+
+    /// Reads the next piece, handing over every entry that ends in it; `None`: use the general parser.
+    pub(super) fn feed(
+        &mut self,
+        text: &'t str,
+        mut add: impl FnMut(TenantKey<'t>, TenantSpec<'t>),
+    ) -> Option<()> {
+        if !plain_text(text) {
             return None;
         }
-        // A nested block (headers, link bases) takes every line indented deeper than the fields.
-        if field_indent > 0 && indent > field_indent {
+        let mut current = self.current.take();
+        let mut rest = text;
+        while !rest.is_empty() {
+            // A byte loop: lines are short, and `split` pays a searcher's setup on every one.
+            let (raw, next) = match rest.bytes().position(|b| b == b'\n') {
+                Some(i) => (&rest[..i], &rest[i + 1..]),
+                None => (rest, ""),
+            };
+            rest = next;
+            let line = raw.strip_suffix('\r').unwrap_or(raw);
+            let body = line.trim_start_matches(' ');
+            if body.is_empty() || body.starts_with('#') {
+                continue;
+            }
+            let indent = line.len() - body.len();
+            if indent == 0 {
+                if self.seen_top || key_line(body)? != ("tenants", "") {
+                    return None;
+                }
+                self.seen_top = true;
+                continue;
+            }
+            if !self.seen_top {
+                return None;
+            }
+            // A nested block (headers, link bases) takes every line indented deeper than the fields.
+            if self.field_indent > 0 && indent > self.field_indent {
+                let partial = current.as_mut()?;
+                match &mut self.block {
+                    Block::None => return None,
+                    Block::Headers(at) => {
+                        if *at == 0 {
+                            *at = indent;
+                        } else if *at != indent {
+                            return None;
+                        }
+                        let (name, value) = key_line(body)?;
+                        if !header_name(name) {
+                            return None;
+                        }
+                        let value = scalar(value)?;
+                        let headers = partial.upstream_headers.get_or_insert_with(BTreeMap::new);
+                        if headers.insert(Cow::Borrowed(name), value).is_some() {
+                            return None;
+                        }
+                    }
+                    Block::Links(at) => {
+                        if *at == 0 {
+                            *at = indent;
+                        } else if *at != indent {
+                            return None;
+                        }
+                        let item = body.strip_prefix("- ")?;
+                        let value = scalar(item.trim_start_matches(' '))?;
+                        partial.link_bases.get_or_insert_with(Vec::new).push(value);
+                    }
+                }
+                continue;
+            }
+            // Any other line ends an open block, which must have had at least one entry.
+            if !self.block.close(current.as_ref()) {
+                return None;
+            }
+            self.block = Block::None;
+            if self.tenant_indent == 0 {
+                self.tenant_indent = indent;
+            }
+            if indent == self.tenant_indent {
+                if let Some(done) = current.take() {
+                    let (key, spec) = done.finish()?;
+                    add(key, spec);
+                }
+                let (key, rest) = key_line(body)?;
+                if !rest.is_empty() || TenantId::parse(key).is_none() {
+                    return None;
+                }
+                current = Some(Partial::new(key));
+                continue;
+            }
+            if self.field_indent == 0 && indent > self.tenant_indent {
+                self.field_indent = indent;
+            }
+            if indent != self.field_indent {
+                return None;
+            }
             let partial = current.as_mut()?;
-            match &mut block {
-                Block::None => return None,
-                Block::Headers(at) => {
-                    if *at == 0 {
-                        *at = indent;
-                    } else if *at != indent {
-                        return None;
-                    }
-                    let (name, value) = key_line(body)?;
-                    if !header_name(name) {
-                        return None;
-                    }
-                    let value = scalar(value)?;
-                    let headers = partial.upstream_headers.get_or_insert_with(BTreeMap::new);
-                    if headers.insert(Cow::Borrowed(name), value).is_some() {
-                        return None;
-                    }
-                }
-                Block::Links(at) => {
-                    if *at == 0 {
-                        *at = indent;
-                    } else if *at != indent {
-                        return None;
-                    }
-                    let item = body.strip_prefix("- ")?;
-                    let value = scalar(item.trim_start_matches(' '))?;
-                    partial.link_bases.get_or_insert_with(Vec::new).push(value);
-                }
-            }
-            continue;
+            let (field, value) = key_line(body)?;
+            self.block = partial.set(field, value)?;
         }
-        // Any other line ends an open block, which must have had at least one entry.
-        if !block.close(current.as_ref()) {
+        self.current = current;
+        Some(())
+    }
+
+    /// The same reader, holding nothing borrowed from the pieces read so far.
+    pub(super) fn detach(self) -> Reader<'static> {
+        Reader {
+            seen_top: self.seen_top,
+            tenant_indent: self.tenant_indent,
+            field_indent: self.field_indent,
+            current: self.current.map(Partial::into_owned),
+            block: self.block,
+        }
+    }
+
+    /// After the last piece: hands over the last entry; `None`: use the general parser.
+    pub(super) fn end(self, mut add: impl FnMut(TenantKey<'t>, TenantSpec<'t>)) -> Option<()> {
+        if !self.block.close(self.current.as_ref()) {
             return None;
         }
-        block = Block::None;
-        if tenant_indent == 0 {
-            tenant_indent = indent;
-        }
-        if indent == tenant_indent {
-            if let Some(done) = current.take() {
-                let (key, spec) = done.finish()?;
-                add(key, spec);
-            }
-            let (key, rest) = key_line(body)?;
-            if !rest.is_empty() || TenantId::parse(key).is_none() {
-                return None;
-            }
-            current = Some(Partial::new(key));
-            continue;
-        }
-        if field_indent == 0 && indent > tenant_indent {
-            field_indent = indent;
-        }
-        if indent != field_indent {
-            return None;
-        }
-        let partial = current.as_mut()?;
-        let (field, value) = key_line(body)?;
-        block = partial.set(field, value)?;
+        let (key, spec) = self.current?.finish()?;
+        add(key, spec);
+        Some(())
     }
-    if !block.close(current.as_ref()) {
-        return None;
-    }
-    let (key, spec) = current?.finish()?;
-    add(key, spec);
-    Some(())
 }
 
 /// The nested block a field opened, with its indentation once its first line is seen.
@@ -176,7 +246,7 @@ impl Block {
 
 /// One tenant's fields as read so far (slices of the text).
 struct Partial<'t> {
-    key: &'t str,
+    key: Cow<'t, str>,
     name: Option<Cow<'t, str>>,
     upstream: Option<Cow<'t, str>>,
     tls_verify: Option<bool>,
@@ -192,7 +262,7 @@ struct Partial<'t> {
 impl<'t> Partial<'t> {
     fn new(key: &'t str) -> Self {
         Partial {
-            key,
+            key: Cow::Borrowed(key),
             name: None,
             upstream: None,
             tls_verify: None,
@@ -203,6 +273,28 @@ impl<'t> Partial<'t> {
             upstream_headers: None,
             allow_writes: None,
             link_bases: None,
+        }
+    }
+
+    /// The same entry holding its own strings, to outlive the piece of text it was read from.
+    fn into_owned(self) -> Partial<'static> {
+        fn own(s: Cow<'_, str>) -> Cow<'static, str> {
+            Cow::Owned(s.into_owned())
+        }
+        Partial {
+            key: own(self.key),
+            name: self.name.map(own),
+            upstream: self.upstream.map(own),
+            tls_verify: self.tls_verify,
+            ca_file: self.ca_file.map(own),
+            sni: self.sni.map(own),
+            connect_timeout_ms: self.connect_timeout_ms,
+            read_timeout_ms: self.read_timeout_ms,
+            upstream_headers: self
+                .upstream_headers
+                .map(|h| h.into_iter().map(|(k, v)| (own(k), own(v))).collect()),
+            allow_writes: self.allow_writes,
+            link_bases: self.link_bases.map(|l| l.into_iter().map(own).collect()),
         }
     }
 
@@ -240,7 +332,7 @@ impl<'t> Partial<'t> {
 
     fn finish(self) -> Option<(TenantKey<'t>, TenantSpec<'t>)> {
         Some((
-            TenantKey(Cow::Borrowed(self.key)),
+            TenantKey(self.key),
             TenantSpec {
                 name: self.name?,
                 upstream: self.upstream?,
@@ -652,8 +744,60 @@ mod tests {
         assert_eq!(f.tenants.0.len(), 2);
     }
 
+    /// What the reader hands over for `text` fed as pieces cut just after the given line ends.
+    fn in_pieces<'t>(
+        text: &'t str,
+        cuts: &[usize],
+    ) -> Option<Vec<(TenantKey<'t>, TenantSpec<'t>)>> {
+        let mut got = Vec::new();
+        let mut reader = Reader::new().detach();
+        let mut from = 0;
+        for &cut in cuts.iter().chain([&text.len()]) {
+            let mut piece = reader;
+            piece.feed(&text[from..cut], |k, s| got.push((k, s)))?;
+            reader = piece.detach();
+            from = cut;
+        }
+        reader.end(|k, s| got.push((k, s)))?;
+        Some(got)
+    }
+
+    fn whole<'t>(text: &'t str) -> Option<Vec<(TenantKey<'t>, TenantSpec<'t>)>> {
+        let mut got = Vec::new();
+        each(text, |k, s| got.push((k, s)))?;
+        Some(got)
+    }
+
+    /// Offsets just after each line end: where a file read in pieces may be cut.
+    fn line_ends(text: &str) -> Vec<usize> {
+        text.match_indices('\n').map(|(i, _)| i + 1).collect()
+    }
+
+    /// A file read in pieces (a large routing table is) is read exactly as if it were read whole,
+    /// wherever the pieces are cut: inside an entry, a header block or a link list, after a comment,
+    /// between a carriage return's line and the next.
+    #[test]
+    fn pieces_cut_at_any_line_end_read_the_same_as_the_whole_text() {
+        let text = format!(
+            "# comment\ntenants:\n\n  {GUID_A}:  # the tenant\n    name: Hôpital\n    upstream: 'https://f/r4'\n    \
+             tls_verify: false\n    ca_file: \"ca/h.pem\"\n    sni: f\n    connect_timeout_ms: 250\n    \
+             upstream_headers:\n      Authorization: \"Bearer x\"\n      X-Api-Key: abc\n    allow_writes: true\n    \
+             link_bases:\n      - https://a/fhir\n      - \"http://b\"\n  # between\n  \
+             3C2F9D6E-8A41-4B7E-9F0D-2A6C5E1B7D34:\n    name: b\n    upstream: http://x:1/\n    link_bases:\n      - /p"
+        );
+        for text in [text.clone(), text.replace('\n', "\r\n")] {
+            let expected = whole(&text);
+            assert_eq!(expected.as_ref().map(Vec::len), Some(2));
+            let ends = line_ends(&text);
+            assert_eq!(in_pieces(&text, &ends), expected, "one piece per line");
+            for &cut in &ends {
+                assert_eq!(in_pieces(&text, &[cut]), expected, "cut at {cut}");
+            }
+        }
+    }
+
     /// Every one-character edit of a table that uses every field: whatever the fast reader accepts,
-    /// the general parser must read the same way.
+    /// the general parser must read the same way, and reading it in pieces changes nothing.
     #[test]
     fn single_character_edits_never_make_the_two_readers_disagree() {
         let text = format!(
@@ -669,15 +813,23 @@ mod tests {
             if !text.is_char_boundary(i) {
                 continue;
             }
-            for s in inserts {
-                let mut t = text.clone();
-                t.insert_str(i, s);
-                accepted += usize::from(agreed(&t).is_some());
-            }
+            let mut edits: Vec<String> = inserts
+                .iter()
+                .map(|s| {
+                    let mut t = text.clone();
+                    t.insert_str(i, s);
+                    t
+                })
+                .collect();
             if i < text.len() {
                 let mut t = text.clone();
                 t.remove(i);
-                accepted += usize::from(agreed(&t).is_some());
+                edits.push(t);
+            }
+            for t in &edits {
+                accepted += usize::from(agreed(t).is_some());
+                // Read in pieces, one line each, it must be read (or declined) the same way.
+                assert_eq!(in_pieces(t, &line_ends(t)), whole(t), "{t:?}");
             }
         }
         // Many edits are harmless (a space in a value, a digit in a number): those must still be
