@@ -66,9 +66,9 @@ fn collect() {
 /// `1` keeps them.
 ///
 /// mimalloc asks the kernel for huge pages on its memory (`madvise(MADV_HUGEPAGE)`), so on a system whose
-/// THP mode is `madvise` (Debian's and Ubuntu's default) or `always`, a page fault zeroes and makes
+/// THP mode is `madvise` (a common distribution default) or `always`, a page fault zeroes and makes
 /// resident 2 MiB at a time, used or not. A proxy's memory is many small allocations spread over
-/// per-thread heaps: the huge pages were ~8–10 MiB of resident memory at every point (load harness,
+/// per-thread heaps: the huge pages were ~6–10 MiB of resident memory at every point (load harness,
 /// 100,000 tenants: 30 vs 39 MiB after start, 68 vs 77 MiB at the peak of a reload; 10 tenants 13 vs
 /// 23 MiB), with no throughput difference measurable. Call it first thing in `main`: the setting
 /// covers every later page fault of the process (and is inherited by any child it starts).
