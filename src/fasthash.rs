@@ -16,16 +16,29 @@ pub fn mix(h: u64, word: u64) -> u64 {
 /// `bytes` eight at a time into `h`, the zero-padded tail last, and the length too (so "abc" and
 /// "abc\0" differ).
 pub fn mix_bytes(h: u64, bytes: &[u8]) -> u64 {
+    let (h, tail) = mix_words(h ^ bytes.len() as u64, bytes);
+    mix(h, tail_word(tail))
+}
+
+/// Every whole eight-byte word of `bytes` into `h`; gives the hash and the bytes left over (fewer
+/// than eight). [`mix_bytes`] and the file hash that arrives in pieces both run on it.
+#[inline]
+pub fn mix_words(mut h: u64, bytes: &[u8]) -> (u64, &[u8]) {
     let mut chunks = bytes.chunks_exact(8);
-    let mut h = h ^ bytes.len() as u64;
     for chunk in &mut chunks {
         let mut word = [0u8; 8];
         word.copy_from_slice(chunk);
         h = mix(h, u64::from_le_bytes(word));
     }
-    let mut tail = [0u8; 8];
-    tail[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
-    mix(h, u64::from_le_bytes(tail))
+    (h, chunks.remainder())
+}
+
+/// Up to eight bytes as one word, zero-padded.
+#[inline]
+pub fn tail_word(tail: &[u8]) -> u64 {
+    let mut word = [0u8; 8];
+    word[..tail.len()].copy_from_slice(tail);
+    u64::from_le_bytes(word)
 }
 
 /// A [`Hasher`] built on [`mix`].

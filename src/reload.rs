@@ -120,20 +120,13 @@ impl<T: Loadable> Live<T> {
     pub fn load_file(path: PathBuf, ctx: T::Context) -> Result<Live<T>, Problems> {
         let cannot_read = |e: io::Error| whole_file(&path, format!("cannot read: {e}"));
         let mut file = File::open(&path).map_err(cannot_read)?;
-        let streamed = {
-            let mut blocks = FileBlocks::new(&mut file);
-            T::from_blocks(&path, &mut blocks, &ctx).map(|value| (value, blocks.finish()))
-        };
-        let (value, hash, len) = match streamed {
-            Some((value, Ok((hash, len)))) => (value, hash, len),
-            _ => {
-                let mut text = String::new();
-                file.rewind()
-                    .and_then(|()| file.read_to_string(&mut text))
-                    .map_err(cannot_read)?;
-                let value = T::from_text(&path, &text, &ctx)?;
-                (value, hash_text(&text), text.len())
-            }
+        // The text (when the file was read whole) and what the build left behind are freed here.
+        let (value, hash, len) = {
+            let mut text = String::new();
+            let (built, hash, len) =
+                build::<T>(&path, &mut file, &ctx, &mut text).map_err(cannot_read)?;
+            let (value, _leftovers) = built?;
+            (value, hash, len)
         };
         let seen_hash = AtomicU64::new(hash);
         if len >= crate::memory::LARGE_TEXT {
@@ -207,37 +200,24 @@ impl<T: Loadable> Live<T> {
             log::debug!("{} {} is still changing", T::WHAT, self.path.display());
             return ReloadOutcome::Unsettled;
         }
-        // Built as the file streams by where the loader can (the same open file: a rename since
-        // cannot mix two files), from its whole text otherwise. Either way what was built must be
-        // what was hashed: a write in between makes this an unsettled read, tried again shortly.
-        let streamed = file.rewind().ok().and_then(|()| {
-            let mut blocks = FileBlocks::new(&mut file);
-            T::from_blocks(&self.path, &mut blocks, &self.ctx).map(|value| (value, blocks.finish()))
-        });
-        let changed = || {
-            log::debug!(
-                "{} {} changed while it was read",
-                T::WHAT,
-                self.path.display()
-            );
-            if len >= crate::memory::LARGE_TEXT {
-                crate::memory::mark_garbage();
-            }
-            ReloadOutcome::Unsettled
-        };
+        // Built from the same open file (a rename since cannot mix two files), as it streams by
+        // where the loader can. Either way what was built must be what was hashed: a write in
+        // between makes this an unsettled read, tried again shortly.
         let mut text = String::new();
-        let built = match streamed {
-            Some((value, Ok((read, _)))) if read == hash => Ok((value, None)),
-            Some(_) => return changed(),
-            None => {
-                if let Err(e) = file.rewind().and_then(|()| file.read_to_string(&mut text)) {
-                    return unreadable(e);
+        let built = match build::<T>(&self.path, &mut file, &self.ctx, &mut text) {
+            Ok((built, read, _)) if read == hash => built,
+            Ok(_) => {
+                log::debug!(
+                    "{} {} changed while it was read",
+                    T::WHAT,
+                    self.path.display()
+                );
+                if len >= crate::memory::LARGE_TEXT {
+                    crate::memory::mark_garbage();
                 }
-                if hash_text(&text) != hash {
-                    return changed();
-                }
-                T::from_text_keeping_leftovers(&self.path, &text, &self.ctx)
+                return ReloadOutcome::Unsettled;
             }
+            Err(e) => return unreadable(e),
         };
         // Recorded whether the text is accepted or rejected: a rejected file is not reported again
         // until it changes.
@@ -308,7 +288,7 @@ impl Default for TextHash {
 
 impl TextHash {
     pub fn update(&mut self, mut bytes: &[u8]) {
-        use crate::fasthash::mix;
+        use crate::fasthash::{mix, mix_words};
         self.len += bytes.len() as u64;
         if self.filled > 0 {
             let take = bytes.len().min(8 - self.filled);
@@ -321,30 +301,47 @@ impl TextHash {
             self.h = mix(self.h, u64::from_le_bytes(self.pending));
             self.filled = 0;
         }
-        let mut words = bytes.chunks_exact(8);
-        for word in &mut words {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(word);
-            self.h = mix(self.h, u64::from_le_bytes(w));
-        }
-        let tail = words.remainder();
+        let (h, tail) = mix_words(self.h, bytes);
+        self.h = h;
         self.pending[..tail.len()].copy_from_slice(tail);
         self.filled = tail.len();
     }
 
     /// The zero-padded tail last, with the length (so "abc" and "abc\0" differ).
     pub fn finish(&self) -> u64 {
-        let mut tail = [0u8; 8];
-        tail[..self.filled].copy_from_slice(&self.pending[..self.filled]);
-        crate::fasthash::mix(self.h ^ self.len, u64::from_le_bytes(tail))
+        use crate::fasthash::{mix, tail_word};
+        mix(self.h ^ self.len, tail_word(&self.pending[..self.filled]))
     }
 }
 
 /// The hash and length of what `file` holds from where it is read to its end, read in blocks.
 fn file_hash(file: &mut File) -> io::Result<(u64, usize)> {
+    FileBlocks::new(file).finish()
+}
+
+/// What one build of a file gives: the value and what the build left behind (or the loader's
+/// problems), and the hash and length of the text it was built from.
+type Built<'t, T> = (Result<(T, Leftovers<'t>), Problems>, u64, usize);
+
+/// Builds `file` from its start: as it streams by where the loader can ([`Loadable::from_blocks`]),
+/// otherwise from its whole text, read into `text` (which what the build leaves behind may borrow).
+fn build<'t, T: Loadable>(
+    path: &Path,
+    file: &mut File,
+    ctx: &T::Context,
+    text: &'t mut String,
+) -> io::Result<Built<'t, T>> {
+    file.rewind()?;
     let mut blocks = FileBlocks::new(file);
-    while blocks.next_bytes()?.is_some() {}
-    blocks.finish()
+    if let Some(value) = T::from_blocks(path, &mut blocks, ctx) {
+        let (hash, len) = blocks.finish()?;
+        return Ok((Ok((value, None)), hash, len));
+    }
+    file.rewind()?;
+    file.read_to_string(text)?;
+    let text: &'t str = text;
+    let built = T::from_text_keeping_leftovers(path, text, ctx);
+    Ok((built, hash_text(text), text.len()))
 }
 
 /// How much of a file is read at a time: large enough that a 10 MB file is ~40 reads, small enough

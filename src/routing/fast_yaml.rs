@@ -37,11 +37,9 @@ pub(super) fn parse(text: &str) -> Option<RoutesFile<'_>> {
 /// (`check_fast_yaml`), which must find the same as reading it whole.
 pub(super) fn parse_line_by_line(text: &str) -> Option<RoutesFile<'_>> {
     let mut tenants = Vec::new();
-    let mut reader = Reader::new().detach();
+    let mut reader = Reader::new();
     for line in text.split_inclusive('\n') {
-        let mut piece = reader;
-        piece.feed(line, |key, spec| tenants.push((key, spec)))?;
-        reader = piece.detach();
+        reader.feed_piece(line, |key, spec| tenants.push((key, spec)))?;
     }
     reader.end(|key, spec| tenants.push((key, spec)))?;
     Some(RoutesFile {
@@ -78,9 +76,9 @@ pub(super) fn each<'t>(
 /// [`each`] for a file read in pieces: [`Reader::feed`] takes the pieces in order, each a run of whole
 /// lines (only the last may lack its line end), and [`Reader::end`] hands over the last entry. Where
 /// the pieces are cut makes no difference to what is handed over or declined: everything the reader
-/// knows between lines is kept here. Between two pieces that do not live equally long (blocks of a
-/// file, read into one buffer), [`Reader::detach`] copies the entry still open (a few short strings),
-/// so the piece can go.
+/// knows between lines is kept here. Pieces that do not outlive the call (blocks of a file, read into
+/// one buffer) go to [`Reader::feed_piece`], which copies the entry still open at the piece's end (a
+/// few short strings), so the piece can go.
 pub(super) struct Reader<'t> {
     seen_top: bool,
     /// Indentation of tenant keys, of their fields and of the current nested block.
@@ -204,7 +202,7 @@ impl<'t> Reader<'t> {
     }
 
     /// The same reader, holding nothing borrowed from the pieces read so far.
-    pub(super) fn detach(self) -> Reader<'static> {
+    fn detach(self) -> Reader<'static> {
         Reader {
             seen_top: self.seen_top,
             tenant_indent: self.tenant_indent,
@@ -221,6 +219,21 @@ impl<'t> Reader<'t> {
         }
         let (key, spec) = self.current?.finish()?;
         add(key, spec);
+        Some(())
+    }
+}
+
+impl Reader<'static> {
+    /// [`Reader::feed`] for a piece that need not outlive the call: the entry still open at its end
+    /// is copied.
+    pub(super) fn feed_piece<'p>(
+        &mut self,
+        text: &'p str,
+        add: impl FnMut(TenantKey<'p>, TenantSpec<'p>),
+    ) -> Option<()> {
+        let mut piece: Reader<'p> = std::mem::replace(self, Reader::new());
+        piece.feed(text, add)?;
+        *self = piece.detach();
         Some(())
     }
 }
@@ -750,12 +763,10 @@ mod tests {
         cuts: &[usize],
     ) -> Option<Vec<(TenantKey<'t>, TenantSpec<'t>)>> {
         let mut got = Vec::new();
-        let mut reader = Reader::new().detach();
+        let mut reader = Reader::new();
         let mut from = 0;
         for &cut in cuts.iter().chain([&text.len()]) {
-            let mut piece = reader;
-            piece.feed(&text[from..cut], |k, s| got.push((k, s)))?;
-            reader = piece.detach();
+            reader.feed_piece(&text[from..cut], |k, s| got.push((k, s)))?;
             from = cut;
         }
         reader.end(|k, s| got.push((k, s)))?;

@@ -192,12 +192,10 @@ impl RoutingTable {
         blocks.rewind().ok()?;
         // No text for messages: a problem sends the file to the whole-text build, which reports it.
         let mut builder = Builder::new(path, "", defaults, capacity);
-        let mut reader = fast_yaml::Reader::new().detach();
+        let mut reader = fast_yaml::Reader::new();
         while let Some(block) = blocks.next_block().ok()? {
-            let mut piece = reader;
-            piece.feed(block, |key, spec| builder.add(&key, &spec))?;
-            // The entry still open at the block's end is copied: the next block reuses the buffer.
-            reader = piece.detach();
+            // The next block reuses the buffer: the entry still open at this one's end is copied.
+            reader.feed_piece(block, |key, spec| builder.add(&key, &spec))?;
         }
         reader.end(|key, spec| builder.add(&key, &spec))?;
         builder.finish().ok()
