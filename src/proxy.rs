@@ -684,7 +684,7 @@ impl ProxyHttp for FhirEdge {
         if let Some(t) = ctx.upstream_start {
             self.metrics
                 .upstream_duration
-                .with_label_values(&[&*route.label])
+                .with_label_values(&[&*route.label()])
                 .observe(t.elapsed().as_secs_f64());
         }
         let rw = &route.upstream.rewrites;
@@ -781,10 +781,13 @@ impl ProxyHttp for FhirEdge {
         // Counted before the error response goes out, so the count is there when the client
         // sees the error.
         if *e.esource() == ErrorSource::Upstream {
-            let tenant = ctx.route.as_ref().map_or(NO_TENANT, |r| &*r.label);
+            let label = ctx.route.as_ref().map(|r| r.label());
             self.metrics
                 .upstream_errors
-                .with_label_values(&[tenant, upstream_error_kind(e)])
+                .with_label_values(&[
+                    label.as_deref().unwrap_or(NO_TENANT),
+                    upstream_error_kind(e),
+                ])
                 .inc();
         }
         let outcome = ctx.outcome.or_else(|| error_outcome(e));
@@ -846,7 +849,8 @@ impl ProxyHttp for FhirEdge {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         let status = session.response_written().map_or(0, |h| h.status.as_u16());
-        let label = ctx.route.as_ref().map_or(NO_TENANT, |r| &*r.label);
+        let label = ctx.route.as_ref().map(|r| r.label());
+        let label = label.as_deref().unwrap_or(NO_TENANT);
         let elapsed = ctx.start.elapsed();
         let bytes_out = session.as_downstream().body_bytes_sent();
         let m = &self.metrics;

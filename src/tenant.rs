@@ -80,18 +80,39 @@ impl TenantId {
     }
 }
 
+impl TenantId {
+    /// The canonical lowercase 8-4-4-4-12 text, on the stack: what `Display` writes, for callers
+    /// that want a `&str` (a metric label) without allocating one per request.
+    pub fn text(self) -> GuidText {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let v = self.to_u128();
+        let mut out = [b'-'; GUID_LEN];
+        let mut shift = 128;
+        for (i, slot) in out.iter_mut().enumerate() {
+            if !HYPHENS.contains(&i) {
+                shift -= 4;
+                *slot = HEX[((v >> shift) & 0xf) as usize];
+            }
+        }
+        GuidText(out)
+    }
+}
+
+/// A tenant GUID's canonical text ([`TenantId::text`]).
+#[derive(Clone, Copy)]
+pub struct GuidText([u8; GUID_LEN]);
+
+impl std::ops::Deref for GuidText {
+    type Target = str;
+    fn deref(&self) -> &str {
+        // Hex digits and hyphens only, so always UTF-8.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
 impl fmt::Display for TenantId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let v = self.to_u128();
-        write!(
-            f,
-            "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
-            (v >> 96) as u32,
-            ((v >> 80) & 0xffff) as u16,
-            ((v >> 64) & 0xffff) as u16,
-            ((v >> 48) & 0xffff) as u16,
-            v & 0xffff_ffff_ffff
-        )
+        f.write_str(&self.text())
     }
 }
 
@@ -104,6 +125,29 @@ impl fmt::Debug for TenantId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_is_the_hex_of_the_128_bit_value_in_8_4_4_4_12_groups() {
+        for s in [
+            "00000000-0000-0000-0000-000000000000",
+            "ffffffff-ffff-ffff-ffff-ffffffffffff",
+            "0123abcd-4567-89ef-fedc-ba9876543210",
+            "80000000-0000-0000-0000-000000000001",
+        ] {
+            let t = TenantId::parse(s).unwrap();
+            let v = t.to_u128();
+            let expected = format!(
+                "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+                (v >> 96) as u32,
+                ((v >> 80) & 0xffff) as u16,
+                ((v >> 64) & 0xffff) as u16,
+                ((v >> 48) & 0xffff) as u16,
+                v & 0xffff_ffff_ffff
+            );
+            assert_eq!(&*t.text(), expected);
+            assert_eq!(&*t.text(), s);
+        }
+    }
 
     #[test]
     fn canonical_guid_round_trips_lowercase() {
