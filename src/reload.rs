@@ -371,7 +371,7 @@ impl<'f> FileBlocks<'f> {
         Self::with_block_size(file, BLOCK)
     }
 
-    fn with_block_size(file: &'f mut File, size: usize) -> Self {
+    pub(crate) fn with_block_size(file: &'f mut File, size: usize) -> Self {
         FileBlocks {
             file,
             buf: vec![0; size.max(1)],
@@ -446,6 +446,39 @@ impl<'f> FileBlocks<'f> {
         }
     }
 
+    /// The next bytes read, cut anywhere (not at a line end), neither checked nor hashed: for a quick
+    /// pass over a file that may be one long line (JSON), which must be followed by
+    /// [`FileBlocks::rewind`].
+    pub fn skim_raw(&mut self) -> io::Result<Option<&[u8]>> {
+        self.take(usize::MAX, false)
+    }
+
+    /// At most `max` of the bytes read but not handed out, refilling the buffer (from its start,
+    /// never growing it) when there are none.
+    fn take(&mut self, max: usize, hash: bool) -> io::Result<Option<&[u8]>> {
+        while self.start == self.end {
+            if self.eof {
+                return Ok(None);
+            }
+            self.start = 0;
+            self.end = 0;
+            match self.file.read(&mut self.buf) {
+                Ok(0) => self.eof = true,
+                Ok(n) => self.end = n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let n = max.min(self.end - self.start);
+        let bytes = &self.buf[self.start..self.start + n];
+        self.start += n;
+        self.read += n;
+        if hash {
+            self.hash.update(bytes);
+        }
+        Ok(Some(bytes))
+    }
+
     /// Back to the start of the file, to read it again.
     pub fn rewind(&mut self) -> io::Result<()> {
         self.file.rewind()?;
@@ -465,8 +498,30 @@ impl<'f> FileBlocks<'f> {
     /// Reads what is left and gives the hash and length of everything since the start (or the last
     /// rewind): [`hash_text`] of the file, as it was read.
     pub fn finish(mut self) -> io::Result<(u64, usize)> {
-        while self.next_bytes()?.is_some() {}
+        self.drain()?;
         Ok((self.hash.finish(), self.read_so_far()))
+    }
+
+    /// Reads and hashes what is left, cut anywhere (the hash does not depend on the cuts): a file of
+    /// one long line does not grow the buffer to its size, as whole lines would.
+    fn drain(&mut self) -> io::Result<()> {
+        while self.take(usize::MAX, true)?.is_some() {}
+        Ok(())
+    }
+}
+
+/// The file as a byte stream, cut anywhere, for a reader that wants one (serde_json): what it is
+/// handed is hashed and counted like the blocks, and may be followed by blocks or
+/// [`FileBlocks::finish`].
+impl io::Read for FileBlocks<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        match self.take(out.len(), true)? {
+            None => Ok(0),
+            Some(bytes) => {
+                out[..bytes.len()].copy_from_slice(bytes);
+                Ok(bytes.len())
+            }
+        }
     }
 }
 
@@ -880,6 +935,56 @@ mod tests {
         let mut blocks = FileBlocks::with_block_size(&mut file, 3);
         assert_eq!(blocks.next_block().unwrap(), Some("ok\n"));
         assert!(blocks.next_block().is_err(), "not UTF-8");
+    }
+
+    /// Read as a byte stream (as serde_json reads a JSON table), cut anywhere, the blocks never grow
+    /// past their size however long a line is, give the file byte for byte, and hash as the text;
+    /// blocks may follow, and `finish` hashes the rest.
+    #[test]
+    fn file_blocks_read_as_a_stream_make_up_the_file_without_growing() {
+        use std::io::Read;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let text = format!("{{\"one line\": \"{}\"}}\nnext\nlast", "x".repeat(100));
+        std::fs::write(&path, &text).unwrap();
+        for size in [1, 3, 8, 64] {
+            for chunk in [1, 2, 5, 1000] {
+                let mut file = File::open(&path).unwrap();
+                let mut blocks = FileBlocks::with_block_size(&mut file, size);
+                let mut skimmed = Vec::new();
+                while let Some(b) = blocks.skim_raw().unwrap() {
+                    assert!(
+                        b.len() <= size,
+                        "a skim of {} bytes, block size {size}",
+                        b.len()
+                    );
+                    skimmed.extend_from_slice(b);
+                }
+                assert_eq!(skimmed, text.as_bytes(), "skimmed, block size {size}");
+                blocks.rewind().unwrap();
+                let mut got = Vec::new();
+                let mut buf = vec![0; chunk];
+                loop {
+                    let n = blocks.read(&mut buf).unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                }
+                assert_eq!(got, text.as_bytes(), "block size {size}, reads of {chunk}");
+                assert_eq!(blocks.buf.len(), size, "the buffer did not grow");
+                assert_eq!(blocks.finish().unwrap(), (hash_text(&text), text.len()));
+                // Part read as a stream, the rest as blocks: still the whole file's hash.
+                let mut file = File::open(&path).unwrap();
+                let mut blocks = FileBlocks::with_block_size(&mut file, size);
+                let mut buf = vec![0; chunk.min(7)];
+                let n = blocks.read(&mut buf).unwrap();
+                assert_eq!(&buf[..n], &text.as_bytes()[..n]);
+                blocks.drain().unwrap();
+                assert_eq!(blocks.buf.len(), size, "draining did not grow the buffer");
+                assert_eq!(blocks.finish().unwrap(), (hash_text(&text), text.len()));
+            }
+        }
     }
 
     #[test]

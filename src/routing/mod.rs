@@ -187,33 +187,43 @@ impl RoutingTable {
 }
 
 impl RoutingTable {
-    /// A YAML table in the usual shape, built as the file streams by: the file's text (~9.5 MB for
-    /// 100,000 tenants) is never in memory at once, only a block of it, so a reload's peak is the
-    /// old table and the new one. One pass counts the tenants to size the table, a second builds
-    /// it. `None` for anything else (JSON, which serde_json reads whole; anything the fast reader
-    /// declines; any problem at all): the whole text is then read and built by [`Self::build`],
-    /// whose messages carry line and column.
+    /// A table built as the file streams by: the file's text (~9.5 MB for 100,000 tenants in YAML,
+    /// ~12 MB in JSON) is never in memory at once, only a block of it, so a reload's peak is the old
+    /// table and the new one. One pass counts the tenants to size the table, a second builds it.
+    /// `None` for anything the fast YAML reader or serde_json declines and for any problem at all:
+    /// the whole text is then read and built by [`Self::build`], whose messages carry line and
+    /// column.
     fn build_streamed(
         path: &Path,
         blocks: &mut FileBlocks<'_>,
         defaults: &RouteDefaults,
     ) -> Option<RoutingTable> {
-        let mut estimate = 0;
-        let mut begun = false;
-        while let Some(block) = blocks.skim().ok()? {
-            if !begun {
-                // As `build` decides: JSON when the text starts with `{` after whitespace (ASCII
-                // whitespace here; other text goes the fast reader's way, which declines it).
-                match block.iter().find(|b| !b.is_ascii_whitespace()) {
-                    Some(b'{') => return None,
-                    Some(_) => begun = true,
-                    None => {}
-                }
+        // As `build` decides: JSON when the text starts with `{` after whitespace (ASCII whitespace
+        // here; other text goes the fast reader's way, which declines it). Read cut anywhere, as a
+        // JSON file may be a single line.
+        let json = loop {
+            let block = blocks.skim_raw().ok()??;
+            match block.iter().find(|b| !b.is_ascii_whitespace()) {
+                Some(b) => break *b == b'{',
+                None => continue,
             }
-            estimate += fast_yaml::tenant_estimate_bytes(block);
+        };
+        blocks.rewind().ok()?;
+        if json {
+            Self::build_streamed_json(path, blocks, defaults)
+        } else {
+            Self::build_streamed_yaml(path, blocks, defaults)
         }
-        if !begun {
-            return None;
+    }
+
+    fn build_streamed_yaml(
+        path: &Path,
+        blocks: &mut FileBlocks<'_>,
+        defaults: &RouteDefaults,
+    ) -> Option<RoutingTable> {
+        let mut estimate = 0;
+        while let Some(block) = blocks.skim().ok()? {
+            estimate += fast_yaml::tenant_estimate_bytes(block);
         }
         let capacity = list_capacity(blocks.read_so_far(), estimate);
         blocks.rewind().ok()?;
@@ -225,6 +235,32 @@ impl RoutingTable {
             reader.feed_piece(block, |key, spec| builder.add(&key, &spec))?;
         }
         reader.end(|key, spec| builder.add(&key, &spec))?;
+        builder.finish().ok()
+    }
+
+    /// serde_json reads the file through a buffer of its own and hands each entry to the builder
+    /// (its strings are then copies, dropped once the entry is built): no text, no list of entries.
+    fn build_streamed_json(
+        path: &Path,
+        blocks: &mut FileBlocks<'_>,
+        defaults: &RouteDefaults,
+    ) -> Option<RoutingTable> {
+        use serde::de::DeserializeSeed;
+        let mut braces = 0;
+        while let Some(block) = blocks.skim_raw().ok()? {
+            braces += json_braces(block);
+        }
+        let capacity = list_capacity(blocks.read_so_far(), braces);
+        blocks.rewind().ok()?;
+        let mut builder = Builder::new(path, "", defaults, capacity);
+        let mut de = serde_json::Deserializer::from_reader(std::io::BufReader::with_capacity(
+            64 << 10,
+            blocks,
+        ));
+        JsonRoutes(|key: TenantKey<'_>, spec: TenantSpec<'_>| builder.add(&key, &spec))
+            .deserialize(&mut de)
+            .ok()?;
+        de.end().ok()?;
         builder.finish().ok()
     }
 }
@@ -365,72 +401,91 @@ fn list_capacity(text_len: usize, estimate: usize) -> usize {
 /// on anything serde_json refuses (the general parser then reads the file and reports).
 fn read_json(text: &str) -> Option<RoutesFile<'_>> {
     use serde::de::DeserializeSeed;
-    // Each entry is an object: the count of `{` bounds the tenants from above (the document, the
-    // `tenants` object, header blocks and braces inside strings are the rest).
-    let capacity = list_capacity(text.len(), text.bytes().filter(|&b| b == b'{').count());
+    let mut list = Vec::with_capacity(json_capacity(text.len(), text.as_bytes()));
     let mut de = serde_json::Deserializer::from_str(text);
-    let file = JsonRoutes { capacity }.deserialize(&mut de).ok()?;
+    JsonRoutes(|key, spec| list.push((key, spec)))
+        .deserialize(&mut de)
+        .ok()?;
     de.end().ok()?;
-    Some(file)
+    Some(RoutesFile {
+        tenants: OrderedMap(list),
+    })
 }
 
-/// [`RoutesFile`] as its derived `Deserialize` reads a JSON object (`tenants`, and no other key),
-/// with the list reserved up front.
-struct JsonRoutes {
-    capacity: usize,
+/// Room for the tenants of a JSON text of `len` bytes with `{`s counted in `bytes` (all of it, or
+/// blocks of it added up by the caller): each entry is an object, so the count bounds the tenants from
+/// above (the document, the `tenants` object, header blocks and braces inside strings are the rest).
+fn json_capacity(len: usize, bytes: &[u8]) -> usize {
+    list_capacity(len, json_braces(bytes))
 }
 
-impl<'de> serde::de::DeserializeSeed<'de> for JsonRoutes {
-    type Value = RoutesFile<'de>;
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+fn json_braces(bytes: &[u8]) -> usize {
+    bytes.iter().filter(|&&b| b == b'{').count()
+}
+
+/// A JSON routing table's document (`tenants`, and no other key, exactly once), handing each tenant's
+/// entry to `.0` in file order as serde_json reads it: into a list for [`read_json`], straight into the
+/// table's builder when the file streams by ([`RoutingTable::build_streamed`]).
+struct JsonRoutes<F>(F);
+
+impl<'de, F: FnMut(TenantKey<'de>, TenantSpec<'de>)> serde::de::DeserializeSeed<'de>
+    for JsonRoutes<F>
+{
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
         d.deserialize_map(self)
     }
 }
 
-impl<'de> serde::de::Visitor<'de> for JsonRoutes {
-    type Value = RoutesFile<'de>;
+impl<'de, F: FnMut(TenantKey<'de>, TenantSpec<'de>)> serde::de::Visitor<'de> for JsonRoutes<F> {
+    type Value = ();
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("a routing table")
     }
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+    fn visit_map<A: serde::de::MapAccess<'de>>(mut self, mut m: A) -> Result<(), A::Error> {
         use serde::de::Error;
-        let mut tenants = None;
-        while let Some(key) = m.next_key::<&'de str>()? {
+        let mut seen = false;
+        while let Some(key) = m.next_key::<Cow<'de, str>>()? {
             if key != "tenants" {
-                return Err(A::Error::unknown_field(key, &["tenants"]));
+                return Err(A::Error::unknown_field(&key, &["tenants"]));
             }
-            if tenants.is_some() {
+            if seen {
                 return Err(A::Error::duplicate_field("tenants"));
             }
-            tenants = Some(m.next_value_seed(JsonTenants(self.capacity))?);
+            seen = true;
+            m.next_value_seed(JsonTenants(&mut self.0))?;
         }
-        Ok(RoutesFile {
-            tenants: tenants.ok_or_else(|| A::Error::missing_field("tenants"))?,
-        })
+        if !seen {
+            return Err(A::Error::missing_field("tenants"));
+        }
+        Ok(())
     }
 }
 
-/// The `tenants` mapping, in file order, into a list with room for `.0` entries.
-struct JsonTenants(usize);
+/// The `tenants` mapping, each entry handed to `.0` as it is read.
+struct JsonTenants<'f, F>(&'f mut F);
 
-impl<'de> serde::de::DeserializeSeed<'de> for JsonTenants {
-    type Value = OrderedMap<TenantSpec<'de>, TenantKey<'de>>;
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+impl<'de, F: FnMut(TenantKey<'de>, TenantSpec<'de>)> serde::de::DeserializeSeed<'de>
+    for JsonTenants<'_, F>
+{
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
         d.deserialize_map(self)
     }
 }
 
-impl<'de> serde::de::Visitor<'de> for JsonTenants {
-    type Value = OrderedMap<TenantSpec<'de>, TenantKey<'de>>;
+impl<'de, F: FnMut(TenantKey<'de>, TenantSpec<'de>)> serde::de::Visitor<'de>
+    for JsonTenants<'_, F>
+{
+    type Value = ();
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("a mapping of tenants")
     }
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
-        let mut list = Vec::with_capacity(self.0);
-        while let Some(entry) = m.next_entry()? {
-            list.push(entry);
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<(), A::Error> {
+        while let Some((key, spec)) = m.next_entry()? {
+            (self.0)(key, spec);
         }
-        Ok(OrderedMap(list))
+        Ok(())
     }
 }
 
@@ -1155,6 +1210,121 @@ mod tests {
             list_capacity(braces.len(), 100_002),
             braces.len() / MIN_ENTRY_BYTES + 1
         );
+    }
+
+    /// The table built from `text` as a file streams by in blocks of `block` bytes (`None`: declined,
+    /// and the reload reads the file again, whole), checking that the blocks then hash the whole
+    /// file, as a reload requires.
+    fn streamed(text: &str, block: usize) -> Option<RoutingTable> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routes.yaml");
+        std::fs::write(&path, text).unwrap();
+        let mut file = std::fs::File::open(&path).unwrap();
+        let mut blocks = FileBlocks::with_block_size(&mut file, block);
+        let table = RoutingTable::build_streamed(&path, &mut blocks, &defaults())?;
+        assert_eq!(
+            blocks.finish().unwrap(),
+            (crate::reload::hash_text(text), text.len())
+        );
+        Some(table)
+    }
+
+    /// Every route, in tenant order, with every field (header values too, which `Debug` hides).
+    fn describe(t: &RoutingTable) -> Vec<String> {
+        let mut all: Vec<String> = t
+            .routes
+            .iter()
+            .map(|(tenant, r)| {
+                let headers: Vec<_> = r
+                    .upstream_headers
+                    .iter()
+                    .map(|(n, v)| format!("{n}={}", v.to_str().unwrap()))
+                    .collect();
+                format!("{tenant} {r:?} {headers:?} {}", &*r.label())
+            })
+            .collect();
+        all.sort();
+        all
+    }
+
+    #[test]
+    fn yaml_and_json_tables_stream_into_the_table_their_whole_text_builds() {
+        let mut yaml = String::from("tenants:\n");
+        let mut json = serde_json::Map::new();
+        for i in 0..300 {
+            let key = format!("00000000-0000-0000-0000-{i:012}");
+            let (name, upstream) = (format!("t{i}"), format!("http://127.0.0.1:9/r{}", i % 7));
+            yaml.push_str(&format!(
+                "  {key}:\n    name: {name}\n    upstream: {upstream}\n"
+            ));
+            if i % 50 == 3 {
+                yaml.push_str(
+                    "    allow_writes: true\n    upstream_headers:\n      X-Key: \"k{}\"\n",
+                );
+            }
+            let mut entry = serde_json::json!({"name": name, "upstream": upstream});
+            if i % 50 == 3 {
+                entry["allow_writes"] = true.into();
+                entry["upstream_headers"] = serde_json::json!({"X-Key": "k{}"});
+            }
+            json.insert(key, entry);
+        }
+        let more = format!(
+            "  {A}:\n    name: a\n    upstream: https://127.0.0.1:9/r4\n    tls_verify: false\n    sni: s.example\n    connect_timeout_ms: 5\n    read_timeout_ms: 6\n    link_bases:\n      - http://old.example/r4\n"
+        );
+        yaml.push_str(&more);
+        json.insert(
+            A.to_uppercase(),
+            serde_json::json!({"name": "a", "upstream": "https://127.0.0.1:9/r4", "tls_verify": false,
+                "sni": "s.example", "connect_timeout_ms": 5, "read_timeout_ms": 6,
+                "link_bases": ["http://old.example/r4"]}),
+        );
+        let json = serde_json::json!({ "tenants": json });
+        let one_line = json.to_string();
+        let pretty = format!("\n  {}\n", serde_json::to_string_pretty(&json).unwrap());
+        // An escape in a key and in a value: serde_json copies them.
+        let escaped = one_line.replacen("t10\"", "t1\\u0030\"", 1);
+        assert_ne!(escaped, one_line);
+        let whole = describe(&load(&yaml).unwrap());
+        assert_eq!(whole.len(), 301);
+        for (what, text) in [
+            ("YAML", &yaml),
+            ("JSON", &one_line),
+            ("pretty JSON", &pretty),
+            ("JSON with escapes", &escaped),
+        ] {
+            assert_eq!(describe(&load(text).unwrap()), whole, "{what}, whole text");
+            for block in [1, 7, 64, 4096, 1 << 20] {
+                let table = streamed(text, block).unwrap_or_else(|| panic!("{what} declined"));
+                assert_eq!(describe(&table), whole, "{what}, blocks of {block}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_json_file_with_anything_wrong_is_not_streamed_but_read_whole() {
+        let good = format!(
+            r#"{{"tenants": {{"{A}": {{"name": "a", "upstream": "http://127.0.0.1:9/r4"}}}}}}"#
+        );
+        assert!(streamed(&good, 16).is_some());
+        for bad in [
+            good.replace("tenants", "tenantz"),
+            good.replace(r#""name""#, r#""nmae""#),
+            good.replace("http://", "ftp://"),
+            format!("{good} x"),
+            good[..good.len() - 1].to_string(),
+            r#"{"tenants": {}, "tenants": {}}"#.to_string(),
+            r#"{"tenants": {}}"#.to_string(),
+            format!(
+                r#"{{"tenants": {{"{A}": {{"name": "a", "upstream": "http://127.0.0.1:9/r4"}},
+                    "{A}": {{"name": "b", "upstream": "http://127.0.0.1:9/r4"}}}}}}"#
+            ),
+            "{".to_string(),
+            "   \n ".to_string(),
+        ] {
+            assert!(streamed(&bad, 16).is_none(), "{bad}");
+            assert!(load(&bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
