@@ -12,7 +12,8 @@
 //! reload forever), and the text must then read the same twice, [`SETTLE`] apart. Either way each file
 //! is hashed as it is read, and if its text changed it is built, validated as a whole and published
 //! with one `ArcSwap::store`. A loader that can build from the file as it streams by ([`FileBlocks`]:
-//! the routing table in its usual YAML shape) never holds the whole text; the others get it whole.
+//! the routing table, in its usual YAML shape or in JSON) never holds the whole text; the others get
+//! it whole.
 //! What is built must hash the same as what was checked, or the read counts as unsettled.
 //! A file that is missing, unreadable, empty or invalid leaves the last good value in place and is
 //! logged (the loaders' messages never quote secret values). After a large file (a 100,000-tenant
@@ -349,10 +350,11 @@ fn build<'t, T: Loadable>(
 const BLOCK: usize = 256 << 10;
 
 /// A file read as consecutive runs of whole lines, each at most the buffer's size ([`BLOCK`], grown
-/// to hold the longest line met); only the last may lack its line end. Together they are the file, byte for byte,
-/// and [`FileBlocks::finish`] gives [`hash_text`] of it. A loader's [`Loadable::from_blocks`] reads
-/// through them, and may [`FileBlocks::rewind`] to read them again (one pass to size a table, one
-/// to build it).
+/// to hold the longest line met); only the last may lack its line end. Or read cut anywhere, as a
+/// byte stream ([`io::Read`], [`FileBlocks::skim_raw`]), which never grows the buffer. Together the
+/// pieces handed out are the file, byte for byte, and [`FileBlocks::finish`] gives [`hash_text`] of
+/// it. A loader's [`Loadable::from_blocks`] reads through them, and may [`FileBlocks::rewind`] to
+/// read them again (one pass to size a table, one to build it).
 pub struct FileBlocks<'f> {
     file: &'f mut File,
     buf: Vec<u8>,
