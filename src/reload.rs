@@ -354,9 +354,10 @@ const BLOCK: usize = 256 << 10;
 /// byte stream ([`io::Read`], [`FileBlocks::skim_raw`]), which never grows the buffer. Together the
 /// pieces handed out are the file, byte for byte, and [`FileBlocks::finish`] gives [`hash_text`] of
 /// it. A loader's [`Loadable::from_blocks`] reads through them, and may [`FileBlocks::rewind`] to
-/// read them again (one pass to size a table, one to build it).
-pub struct FileBlocks<'f> {
-    file: &'f mut File,
+/// read them again (one pass to size a table, one to build it). Any seekable reader will do (the
+/// fuzz target reads text in memory); the proxy reads files.
+pub struct FileBlocks<'f, R = File> {
+    file: &'f mut R,
     buf: Vec<u8>,
     /// `buf[start..end]` is read but not yet handed out.
     start: usize,
@@ -367,13 +368,13 @@ pub struct FileBlocks<'f> {
     hash: TextHash,
 }
 
-impl<'f> FileBlocks<'f> {
+impl<'f, R: Read + Seek> FileBlocks<'f, R> {
     /// Blocks of `file` from where it is positioned.
-    pub fn new(file: &'f mut File) -> Self {
+    pub fn new(file: &'f mut R) -> Self {
         Self::with_block_size(file, BLOCK)
     }
 
-    pub(crate) fn with_block_size(file: &'f mut File, size: usize) -> Self {
+    pub(crate) fn with_block_size(file: &'f mut R, size: usize) -> Self {
         FileBlocks {
             file,
             buf: vec![0; size.max(1)],
@@ -515,7 +516,7 @@ impl<'f> FileBlocks<'f> {
 /// The file as a byte stream, cut anywhere, for a reader that wants one (serde_json): what it is
 /// handed is hashed and counted like the blocks, and may be followed by blocks or
 /// [`FileBlocks::finish`].
-impl io::Read for FileBlocks<'_> {
+impl<R: Read + Seek> io::Read for FileBlocks<'_, R> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         match self.take(out.len(), true)? {
             None => Ok(0),

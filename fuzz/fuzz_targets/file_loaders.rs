@@ -1,5 +1,7 @@
 //! The routing-table and client-registry loaders on arbitrary text: a table or a list of problems,
-//! never a panic.
+//! never a panic. And differential: where a routing table is built as its file streams by (YAML in
+//! the fast reader's shape, or JSON), it must be the table its whole text builds, or a reload would
+//! route by a table depending on how the file was read; a disagreement is a crash here.
 #![no_main]
 
 use std::path::Path;
@@ -24,5 +26,12 @@ fuzz_target!(|data: &[u8]| {
         tenant_label: TenantLabel::Name,
     };
     let _ = RoutingTable::from_text(Path::new("routes.yaml"), text, &defaults);
+    // Blocks from 1 to 64 bytes, varying with the input, so entries and lines are cut everywhere.
+    let block = 1 + data.len() % 64;
+    if let Err(disagreement) = fhir_edge::routing::check_streamed(text, block) {
+        panic!(
+            "the streamed build and the whole-text build disagree (blocks of {block})\n{disagreement}"
+        );
+    }
     let _ = <ClientRegistry as Loadable>::from_text(Path::new("clients.yaml"), text, &());
 });

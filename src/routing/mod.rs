@@ -193,9 +193,9 @@ impl RoutingTable {
     /// `None` for anything the fast YAML reader or serde_json declines and for any problem at all:
     /// the whole text is then read and built by [`Self::build`], whose messages carry line and
     /// column.
-    fn build_streamed(
+    fn build_streamed<R: std::io::Read + std::io::Seek>(
         path: &Path,
-        blocks: &mut FileBlocks<'_>,
+        blocks: &mut FileBlocks<'_, R>,
         defaults: &RouteDefaults,
     ) -> Option<RoutingTable> {
         // As `build` decides: JSON when the text starts with `{` after whitespace (ASCII whitespace
@@ -216,9 +216,9 @@ impl RoutingTable {
         }
     }
 
-    fn build_streamed_yaml(
+    fn build_streamed_yaml<R: std::io::Read + std::io::Seek>(
         path: &Path,
-        blocks: &mut FileBlocks<'_>,
+        blocks: &mut FileBlocks<'_, R>,
         defaults: &RouteDefaults,
     ) -> Option<RoutingTable> {
         let mut estimate = 0;
@@ -240,9 +240,9 @@ impl RoutingTable {
 
     /// serde_json reads the file through a buffer of its own and hands each entry to the builder
     /// (its strings are then copies, dropped once the entry is built): no text, no list of entries.
-    fn build_streamed_json(
+    fn build_streamed_json<R: std::io::Read + std::io::Seek>(
         path: &Path,
-        blocks: &mut FileBlocks<'_>,
+        blocks: &mut FileBlocks<'_, R>,
         defaults: &RouteDefaults,
     ) -> Option<RoutingTable> {
         use serde::de::DeserializeSeed;
@@ -514,6 +514,64 @@ pub fn check_fast_yaml(text: &str) -> Result<bool, String> {
             "fast reader: {fast:?}\ngeneral parser refused: {e}"
         )),
     }
+}
+
+/// For the fuzz target `file_loaders` and the unit tests, not for the proxy: when the table is
+/// built from `text` as a file streams by (in blocks of `block` bytes), it must be the table the
+/// whole text builds, and what was read must hash as the text. `Ok(true)` when it was built so and
+/// all agree, `Ok(false)` when the streamed build declined (the whole text is then read, as a
+/// reload does), `Err` describing a disagreement.
+#[doc(hidden)]
+pub fn check_streamed(text: &str, block: usize) -> Result<bool, String> {
+    let path = Path::new("routes.yaml");
+    let defaults = RouteDefaults {
+        connect_timeout: std::time::Duration::from_secs(1),
+        read_timeout: std::time::Duration::from_secs(1),
+        write_timeout: std::time::Duration::from_secs(1),
+        idle_timeout: std::time::Duration::from_secs(1),
+        ca_der: None,
+        public_base: "https://edge.example/fhir".into(),
+        tenant_label: TenantLabel::Guid,
+    };
+    let mut file = std::io::Cursor::new(text.as_bytes());
+    let mut blocks = FileBlocks::with_block_size(&mut file, block);
+    let Some(streamed) = RoutingTable::build_streamed(path, &mut blocks, &defaults) else {
+        return Ok(false);
+    };
+    let read = blocks.finish().map_err(|e| e.to_string())?;
+    if read != (crate::reload::hash_text(text), text.len()) {
+        return Err(format!("read {read:?} from a text of {} bytes", text.len()));
+    }
+    match RoutingTable::from_text(path, text, &defaults) {
+        Ok(whole) if describe_routes(&whole) == describe_routes(&streamed) => Ok(true),
+        Ok(whole) => Err(format!(
+            "streamed: {:?}\nwhole text: {:?}",
+            describe_routes(&streamed),
+            describe_routes(&whole)
+        )),
+        Err(e) => Err(format!(
+            "streamed: {:?}\nwhole text refused: {e}",
+            describe_routes(&streamed)
+        )),
+    }
+}
+
+/// Every route, in tenant order, with every field (header values too, which `Debug` hides).
+fn describe_routes(t: &RoutingTable) -> Vec<String> {
+    let mut all: Vec<String> = t
+        .routes
+        .iter()
+        .map(|(tenant, r)| {
+            let headers: Vec<_> = r
+                .upstream_headers
+                .iter()
+                .map(|(n, v)| format!("{n}={:?}", v.as_bytes()))
+                .collect();
+            format!("{tenant} {r:?} {headers:?} {}", &*r.label())
+        })
+        .collect();
+    all.sort();
+    all
 }
 
 /// For the benches: reads a routing file with the fast YAML reader or the general parser only,
@@ -1230,24 +1288,6 @@ mod tests {
         Some(table)
     }
 
-    /// Every route, in tenant order, with every field (header values too, which `Debug` hides).
-    fn describe(t: &RoutingTable) -> Vec<String> {
-        let mut all: Vec<String> = t
-            .routes
-            .iter()
-            .map(|(tenant, r)| {
-                let headers: Vec<_> = r
-                    .upstream_headers
-                    .iter()
-                    .map(|(n, v)| format!("{n}={}", v.to_str().unwrap()))
-                    .collect();
-                format!("{tenant} {r:?} {headers:?} {}", &*r.label())
-            })
-            .collect();
-        all.sort();
-        all
-    }
-
     #[test]
     fn yaml_and_json_tables_stream_into_the_table_their_whole_text_builds() {
         let mut yaml = String::from("tenants:\n");
@@ -1286,7 +1326,7 @@ mod tests {
         // An escape in a key and in a value: serde_json copies them.
         let escaped = one_line.replacen("t10\"", "t1\\u0030\"", 1);
         assert_ne!(escaped, one_line);
-        let whole = describe(&load(&yaml).unwrap());
+        let whole = describe_routes(&load(&yaml).unwrap());
         assert_eq!(whole.len(), 301);
         for (what, text) in [
             ("YAML", &yaml),
@@ -1294,10 +1334,15 @@ mod tests {
             ("pretty JSON", &pretty),
             ("JSON with escapes", &escaped),
         ] {
-            assert_eq!(describe(&load(text).unwrap()), whole, "{what}, whole text");
+            assert_eq!(
+                describe_routes(&load(text).unwrap()),
+                whole,
+                "{what}, whole text"
+            );
             for block in [1, 7, 64, 4096, 1 << 20] {
                 let table = streamed(text, block).unwrap_or_else(|| panic!("{what} declined"));
-                assert_eq!(describe(&table), whole, "{what}, blocks of {block}");
+                assert_eq!(describe_routes(&table), whole, "{what}, blocks of {block}");
+                assert_eq!(check_streamed(text, block), Ok(true), "{what}, in memory");
             }
         }
     }
@@ -1324,6 +1369,7 @@ mod tests {
             "   \n ".to_string(),
         ] {
             assert!(streamed(&bad, 16).is_none(), "{bad}");
+            assert_eq!(check_streamed(&bad, 16), Ok(false), "{bad}");
             assert!(load(&bad).is_err(), "{bad}");
         }
     }
