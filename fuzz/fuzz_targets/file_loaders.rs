@@ -28,7 +28,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = RoutingTable::from_text(Path::new("routes.yaml"), text, &defaults);
     // Blocks from 1 to 64 bytes, varying with the input, so entries and lines are cut everywhere.
     let block = 1 + data.len() % 64;
-    if let Err(disagreement) = fhir_edge::routing::check_streamed(text, block) {
+    if let Err(disagreement) = fhir_edge::routing::check_streamed(text, block, &defaults) {
         panic!(
             "the streamed build and the whole-text build disagree (blocks of {block})\n{disagreement}"
         );

@@ -395,7 +395,8 @@ fn list_capacity(text_len: usize, estimate: usize) -> usize {
     estimate.min(text_len / MIN_ENTRY_BYTES + 1)
 }
 
-/// A table written as JSON, read by serde_json into a tenant list reserved at its final size. serde_json
+/// A table written as JSON and read whole (a file the streamed build declined: one with a problem, whose
+/// messages need the text), read by serde_json into a tenant list reserved at its final size. serde_json
 /// gives no entry count, so the list would otherwise double its way there: at 100,000 tenants the
 /// last doubling holds 5.6 MB and 11.3 MB at once, and the list keeps 2.5 MB it does not use. `None`
 /// on anything serde_json refuses (the general parser then reads the file and reports).
@@ -522,27 +523,18 @@ pub fn check_fast_yaml(text: &str) -> Result<bool, String> {
 /// all agree, `Ok(false)` when the streamed build declined (the whole text is then read, as a
 /// reload does), `Err` describing a disagreement.
 #[doc(hidden)]
-pub fn check_streamed(text: &str, block: usize) -> Result<bool, String> {
+pub fn check_streamed(text: &str, block: usize, defaults: &RouteDefaults) -> Result<bool, String> {
     let path = Path::new("routes.yaml");
-    let defaults = RouteDefaults {
-        connect_timeout: std::time::Duration::from_secs(1),
-        read_timeout: std::time::Duration::from_secs(1),
-        write_timeout: std::time::Duration::from_secs(1),
-        idle_timeout: std::time::Duration::from_secs(1),
-        ca_der: None,
-        public_base: "https://edge.example/fhir".into(),
-        tenant_label: TenantLabel::Guid,
-    };
     let mut file = std::io::Cursor::new(text.as_bytes());
     let mut blocks = FileBlocks::with_block_size(&mut file, block);
-    let Some(streamed) = RoutingTable::build_streamed(path, &mut blocks, &defaults) else {
+    let Some(streamed) = RoutingTable::build_streamed(path, &mut blocks, defaults) else {
         return Ok(false);
     };
     let read = blocks.finish().map_err(|e| e.to_string())?;
     if read != (crate::reload::hash_text(text), text.len()) {
         return Err(format!("read {read:?} from a text of {} bytes", text.len()));
     }
-    match RoutingTable::from_text(path, text, &defaults) {
+    match RoutingTable::from_text(path, text, defaults) {
         Ok(whole) if describe_routes(&whole) == describe_routes(&streamed) => Ok(true),
         Ok(whole) => Err(format!(
             "streamed: {:?}\nwhole text: {:?}",
@@ -1342,7 +1334,11 @@ mod tests {
             for block in [1, 7, 64, 4096, 1 << 20] {
                 let table = streamed(text, block).unwrap_or_else(|| panic!("{what} declined"));
                 assert_eq!(describe_routes(&table), whole, "{what}, blocks of {block}");
-                assert_eq!(check_streamed(text, block), Ok(true), "{what}, in memory");
+                assert_eq!(
+                    check_streamed(text, block, &defaults()),
+                    Ok(true),
+                    "{what}, in memory"
+                );
             }
         }
     }
@@ -1369,7 +1365,7 @@ mod tests {
             "   \n ".to_string(),
         ] {
             assert!(streamed(&bad, 16).is_none(), "{bad}");
-            assert_eq!(check_streamed(&bad, 16), Ok(false), "{bad}");
+            assert_eq!(check_streamed(&bad, 16, &defaults()), Ok(false), "{bad}");
             assert!(load(&bad).is_err(), "{bad}");
         }
     }
