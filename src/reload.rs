@@ -421,12 +421,7 @@ impl<'f, R: Read + Seek> FileBlocks<'f, R> {
                     // A line longer than the buffer (rare: a file is short lines).
                     self.buf.resize(self.buf.len() * 2, 0);
                 }
-                match self.file.read(&mut self.buf[self.end..]) {
-                    Ok(0) => self.eof = true,
-                    Ok(n) => self.end += n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(e),
-                }
+                self.fill()?;
             }
             let cut = if self.eof {
                 self.end
@@ -439,14 +434,38 @@ impl<'f, R: Read + Seek> FileBlocks<'f, R> {
             if cut == 0 {
                 return Ok(None);
             }
-            self.start = cut;
-            self.read += cut;
-            let block = &self.buf[..cut];
-            if hash {
-                self.hash.update(block);
-            }
-            return Ok(Some(block));
+            return Ok(Some(self.hand_out(cut, hash)));
         }
+    }
+
+    /// One read into the buffer after what it holds (`buf[end..]`, which must have room), retried
+    /// when interrupted; the end of the file sets `eof`.
+    fn fill(&mut self) -> io::Result<()> {
+        loop {
+            match self.file.read(&mut self.buf[self.end..]) {
+                Ok(0) => {
+                    self.eof = true;
+                    return Ok(());
+                }
+                Ok(n) => {
+                    self.end += n;
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The next `n` bytes read but not handed out, now handed out: counted, and hashed if asked.
+    fn hand_out(&mut self, n: usize, hash: bool) -> &[u8] {
+        let bytes = &self.buf[self.start..self.start + n];
+        self.start += n;
+        self.read += n;
+        if hash {
+            self.hash.update(bytes);
+        }
+        bytes
     }
 
     /// The next bytes read, cut anywhere (not at a line end), neither checked nor hashed: for a quick
@@ -465,21 +484,10 @@ impl<'f, R: Read + Seek> FileBlocks<'f, R> {
             }
             self.start = 0;
             self.end = 0;
-            match self.file.read(&mut self.buf) {
-                Ok(0) => self.eof = true,
-                Ok(n) => self.end = n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
+            self.fill()?;
         }
         let n = max.min(self.end - self.start);
-        let bytes = &self.buf[self.start..self.start + n];
-        self.start += n;
-        self.read += n;
-        if hash {
-            self.hash.update(bytes);
-        }
-        Ok(Some(bytes))
+        Ok(Some(self.hand_out(n, hash)))
     }
 
     /// Back to the start of the file, to read it again.
@@ -977,7 +985,7 @@ mod tests {
                 assert_eq!(got, text.as_bytes(), "block size {size}, reads of {chunk}");
                 assert_eq!(blocks.buf.len(), size, "the buffer did not grow");
                 assert_eq!(blocks.finish().unwrap(), (hash_text(&text), text.len()));
-                // Part read as a stream, the rest as blocks: still the whole file's hash.
+                // Part read as a stream, the rest drained: still the whole file's hash.
                 let mut file = File::open(&path).unwrap();
                 let mut blocks = FileBlocks::with_block_size(&mut file, size);
                 let mut buf = vec![0; chunk.min(7)];

@@ -62,6 +62,22 @@ impl TenantId {
         })
     }
 
+    /// The canonical lowercase 8-4-4-4-12 text, on the stack: what `Display` writes, for callers
+    /// that want a `&str` (a metric label) without allocating one per request.
+    pub fn text(self) -> GuidText {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let v = self.to_u128();
+        let mut out = [b'-'; GUID_LEN];
+        let mut shift = 128;
+        for (i, slot) in out.iter_mut().enumerate() {
+            if !HYPHENS.contains(&i) {
+                shift -= 4;
+                *slot = HEX[((v >> shift) & 0xf) as usize];
+            }
+        }
+        GuidText(out)
+    }
+
     /// True when `s` looks like an attempt to name a tenant in a form we do not accept: braces,
     /// `urn:uuid:`, or 32 hex digits without hyphens. Used by the scope parser to refuse ambiguous
     /// scopes rather than silently ignore a second, oddly spelled tenant.
@@ -77,24 +93,6 @@ impl TenantId {
             .trim_end_matches('}');
         let hex: Vec<u8> = inner.bytes().filter(|&b| b != b'-').collect();
         hex.len() == 32 && hex.iter().all(u8::is_ascii_hexdigit)
-    }
-}
-
-impl TenantId {
-    /// The canonical lowercase 8-4-4-4-12 text, on the stack: what `Display` writes, for callers
-    /// that want a `&str` (a metric label) without allocating one per request.
-    pub fn text(self) -> GuidText {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let v = self.to_u128();
-        let mut out = [b'-'; GUID_LEN];
-        let mut shift = 128;
-        for (i, slot) in out.iter_mut().enumerate() {
-            if !HYPHENS.contains(&i) {
-                shift -= 4;
-                *slot = HEX[((v >> shift) & 0xf) as usize];
-            }
-        }
-        GuidText(out)
     }
 }
 

@@ -402,7 +402,7 @@ fn list_capacity(text_len: usize, estimate: usize) -> usize {
 /// on anything serde_json refuses (the general parser then reads the file and reports).
 fn read_json(text: &str) -> Option<RoutesFile<'_>> {
     use serde::de::DeserializeSeed;
-    let mut list = Vec::with_capacity(json_capacity(text.len(), text.as_bytes()));
+    let mut list = Vec::with_capacity(list_capacity(text.len(), json_braces(text.as_bytes())));
     let mut de = serde_json::Deserializer::from_str(text);
     JsonRoutes(|key, spec| list.push((key, spec)))
         .deserialize(&mut de)
@@ -413,13 +413,9 @@ fn read_json(text: &str) -> Option<RoutesFile<'_>> {
     })
 }
 
-/// Room for the tenants of a JSON text of `len` bytes with `{`s counted in `bytes` (all of it, or
-/// blocks of it added up by the caller): each entry is an object, so the count bounds the tenants from
-/// above (the document, the `tenants` object, header blocks and braces inside strings are the rest).
-fn json_capacity(len: usize, bytes: &[u8]) -> usize {
-    list_capacity(len, json_braces(bytes))
-}
-
+/// The `{`s in `bytes` (a JSON text, or a block of it to add up): each tenant's entry is an object, so
+/// the count of a whole text bounds its tenants from above (the document, the `tenants` object,
+/// header blocks and braces inside strings are the rest).
 fn json_braces(bytes: &[u8]) -> usize {
     bytes.iter().filter(|&&b| b == b'{').count()
 }
