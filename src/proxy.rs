@@ -878,7 +878,7 @@ impl ProxyHttp for FhirEdge {
                 classify::route_template(path, &self.settings.public.path)
             }
         };
-        let tenant = ctx.tenant.map(|t| t.to_string());
+        let tenant = ctx.tenant.map(TenantId::text);
         let error = ctx
             .outcome
             .map(Outcome::label)
