@@ -83,17 +83,26 @@ impl HeaderDeadlineStream {
         if self.phase != Phase::Header {
             return;
         }
-        let mut joined = Vec::with_capacity(3 + data.len());
-        joined.extend_from_slice(&self.tail);
-        joined.extend_from_slice(data);
-        if joined.windows(4).any(|w| w == b"\r\n\r\n") {
+        // The blank line may straddle the previous read: look at the last three bytes before this
+        // read joined with up to three of its own, then at this read alone.
+        let head = &data[..data.len().min(3)];
+        let mut seam = [0u8; 6];
+        seam[..3].copy_from_slice(&self.tail);
+        seam[3..3 + head.len()].copy_from_slice(head);
+        if memchr::memmem::find(&seam[..3 + head.len()], b"\r\n\r\n").is_some()
+            || memchr::memmem::find(data, b"\r\n\r\n").is_some()
+        {
             self.phase = Phase::Done;
             self.timer = None;
             self.response_start = true;
             return;
         }
-        let n = joined.len();
-        self.tail.copy_from_slice(&joined[n - 3..]);
+        // The last three bytes seen, this read's own if it has three.
+        let mut last = [0u8; 6];
+        last[..3].copy_from_slice(&self.tail);
+        let keep = data.len().min(3);
+        last[3..3 + keep].copy_from_slice(&data[data.len() - keep..]);
+        self.tail.copy_from_slice(&last[keep..keep + 3]);
     }
 
     /// Notes the start of what is written: a final status line ends the request cycle.
@@ -133,8 +142,7 @@ impl AsyncRead for HeaderDeadlineStream {
         let before = buf.filled().len();
         let res = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = &res {
-            let new = buf.filled()[before..].to_vec();
-            this.saw(&new);
+            this.saw(&buf.filled()[before..]);
         }
         res
     }
@@ -319,6 +327,25 @@ mod tests {
         assert_eq!(s.phase_name(), "header");
         let err = s.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test]
+    async fn the_end_of_the_header_is_found_wherever_the_reads_cut_it() {
+        let request = b"GET / HTTP/1.1\r\nHost: x\r\nX-A: \r\r\n\r\nbody";
+        let end = request.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        for cut in 1..request.len() {
+            let (mut s, _client) = wrapped(5_000);
+            let mut fed = 0;
+            for piece in request.chunks(cut) {
+                assert_eq!(s.phase_name(), "header", "cut {cut}, {fed} bytes in");
+                s.saw(piece);
+                fed += piece.len();
+                if fed >= end {
+                    break;
+                }
+            }
+            assert_eq!(s.phase_name(), "done", "cut {cut}");
+        }
     }
 
     #[tokio::test]

@@ -748,11 +748,11 @@ impl ProxyHttp for FhirEdge {
         }
         let chunk = body.take().unwrap_or_default();
         let decoded = match ctx.decoder.as_mut() {
-            Some(d) => d.feed(&chunk, end_of_stream).or_err(
+            Some(d) => std::borrow::Cow::Owned(d.feed(&chunk, end_of_stream).or_err(
                 ErrorType::InvalidHTTPHeader,
                 "upstream body does not decode",
-            )?,
-            None => chunk.to_vec(),
+            )?),
+            None => std::borrow::Cow::Borrowed(&chunk[..]),
         };
         if let Some(r) = ctx.rewriter.as_mut() {
             let out = r.feed(&decoded, end_of_stream);

@@ -29,7 +29,50 @@ pub struct Rewrites {
     patterns: Arc<[Pattern]>,
     max_len: usize,
     /// Bytes that can start a pattern (the fast path skips everything else).
-    starts: [bool; 256],
+    starts: Starts,
+}
+
+/// The bytes patterns start with, searched for with SIMD when there are at most three (every base
+/// starts with `h`, in both forms, unless bases mix `http` with `HTTP`).
+#[derive(Debug, Clone)]
+enum Starts {
+    None,
+    One(u8),
+    Two(u8, u8),
+    Three(u8, u8, u8),
+    Many(Arc<[bool; 256]>),
+}
+
+impl Starts {
+    fn new(bytes: &[u8]) -> Starts {
+        let mut set: Vec<u8> = bytes.to_vec();
+        set.sort_unstable();
+        set.dedup();
+        match set[..] {
+            [] => Starts::None,
+            [a] => Starts::One(a),
+            [a, b] => Starts::Two(a, b),
+            [a, b, c] => Starts::Three(a, b, c),
+            _ => {
+                let mut table = [false; 256];
+                for &b in &set {
+                    table[usize::from(b)] = true;
+                }
+                Starts::Many(Arc::new(table))
+            }
+        }
+    }
+
+    /// The offset of the first byte in `data` that can start a pattern.
+    fn find(&self, data: &[u8]) -> Option<usize> {
+        match self {
+            Starts::None => None,
+            Starts::One(a) => memchr::memchr(*a, data),
+            Starts::Two(a, b) => memchr::memchr2(*a, *b, data),
+            Starts::Three(a, b, c) => memchr::memchr3(*a, *b, *c, data),
+            Starts::Many(table) => data.iter().position(|&b| table[usize::from(b)]),
+        }
+    }
 }
 
 impl Default for Rewrites {
@@ -65,12 +108,11 @@ impl Rewrites {
         // Longest first, so a base that extends another wins.
         patterns.sort_by_key(|p| std::cmp::Reverse(p.from.len()));
         let max_len = patterns.iter().map(|p| p.from.len()).max().unwrap_or(0);
-        let mut starts = [false; 256];
-        for p in &patterns {
-            if let Some(&b) = p.from.first() {
-                starts[usize::from(b)] = true;
-            }
-        }
+        let firsts: Vec<u8> = patterns
+            .iter()
+            .filter_map(|p| p.from.first().copied())
+            .collect();
+        let starts = Starts::new(&firsts);
         Rewrites {
             patterns: patterns.into(),
             max_len,
@@ -158,22 +200,29 @@ pub struct BodyRewriter {
 impl BodyRewriter {
     /// Feeds the next chunk; returns the bytes that are final. With `eos`, flushes everything.
     pub fn feed(&mut self, chunk: &[u8], eos: bool) -> Vec<u8> {
-        let mut data = std::mem::take(&mut self.carry);
-        data.extend_from_slice(chunk);
+        let carry = std::mem::take(&mut self.carry);
+        let joined;
+        let data: &[u8] = if carry.is_empty() {
+            chunk
+        } else {
+            joined = [&carry[..], chunk].concat();
+            &joined
+        };
         let mut out = Vec::with_capacity(data.len() + 64);
         let mut i = 0;
         while i < data.len() {
             // Fast path: copy up to the next byte that can start a pattern.
-            let next = data[i..]
-                .iter()
-                .position(|&b| self.rewrites.starts[usize::from(b)])
+            let next = self
+                .rewrites
+                .starts
+                .find(&data[i..])
                 .map_or(data.len(), |off| i + off);
             out.extend_from_slice(&data[i..next]);
             i = next;
             if i >= data.len() {
                 break;
             }
-            match self.rewrites.match_at(&data, i, eos) {
+            match self.rewrites.match_at(data, i, eos) {
                 Match::Yes(p) => {
                     out.extend_from_slice(&p.to);
                     i += p.from.len();
@@ -252,6 +301,35 @@ impl Decoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_start_byte_search_finds_what_a_plain_scan_finds() {
+        let data: Vec<u8> = (0..2000u32).map(|i| (i * 7919 % 251) as u8).collect();
+        for set in [&b""[..], b"h", b"hH", b"hHx", b"hHxy", b"\x00\xff"] {
+            let starts = Starts::new(set);
+            for from in [0, 1, 17, 500, 1999, 2000] {
+                let want = data[from..].iter().position(|b| set.contains(b));
+                assert_eq!(starts.find(&data[from..]), want, "{set:?} from {from}");
+            }
+        }
+    }
+
+    #[test]
+    fn bases_with_different_first_bytes_are_all_rewritten() {
+        let rw = Rewrites::new(
+            &[
+                "http://a.example/fhir".to_string(),
+                "HTTP://B.EXAMPLE/FHIR".to_string(),
+                "https://c.example".to_string(),
+            ],
+            "https://public.example/fhir",
+        );
+        let body = br#"{"a":"http://a.example/fhir/P/1","b":"HTTP://B.EXAMPLE/FHIR?x","c":"https:\/\/c.example\/P"}"#;
+        assert_eq!(
+            String::from_utf8(rw.all(body)).unwrap(),
+            r#"{"a":"https://public.example/fhir/P/1","b":"https://public.example/fhir?x","c":"https:\/\/public.example\/fhir\/P"}"#
+        );
+    }
 
     fn rw() -> Rewrites {
         Rewrites::new(
