@@ -9,10 +9,15 @@
 //! covered (they have per-read timeouts and size limits), and the clock restarts only after a final
 //! (non-1xx) response status line has been written, so a `100 Continue` does not arm it mid-body.
 //!
+//! The same wrapper holds back the intermediate flushes of a chunked response the proxy asks it to
+//! ([`HeaderDeadlineStream::hold_response`], [`crate::coalesce`]), so a small rewritten response
+//! leaves in one `send`.
+//!
 //! The wrapper is installed by [`HeaderDeadline`], a `ServerApp` around the proxy application.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -26,6 +31,14 @@ use pingora::protocols::{
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
+
+use crate::coalesce::HeldFlush;
+
+/// What the proxy asked for through [`HeaderDeadlineStream::hold_response`] and
+/// [`HeaderDeadlineStream::release_response`], applied at the next read, write or flush.
+const NO_REQUEST: u8 = 0;
+const HOLD: u8 = 1;
+const RELEASE: u8 = 2;
 
 /// Where a connection is in its request/response cycle, as far as header timing goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +62,10 @@ pub struct HeaderDeadlineStream {
     tail: [u8; 3],
     /// Whether the next write is the start of a response header (an `HTTP/1.x` status line).
     response_start: bool,
+    /// Flushes held back for the response being written.
+    held: HeldFlush,
+    /// A hold or release asked for by the proxy (which only has a shared reference).
+    request: AtomicU8,
 }
 
 impl HeaderDeadlineStream {
@@ -61,6 +78,29 @@ impl HeaderDeadlineStream {
             timer: Some(Box::pin(tokio::time::sleep(limit))),
             tail: [0; 3],
             response_start: false,
+            held: HeldFlush::default(),
+            request: AtomicU8::new(NO_REQUEST),
+        }
+    }
+
+    /// Holds the flushes of the response about to be written until its last chunk is written (so it
+    /// leaves in one `send`). For a chunked response only: anything else ends the hold at its first
+    /// byte. Called by the proxy between deciding the response header and Pingora writing it.
+    pub fn hold_response(&self) {
+        self.request.store(HOLD, Ordering::Relaxed);
+    }
+
+    /// Lets flushes through again (the response being held will not be written as announced).
+    pub fn release_response(&self) {
+        self.request.store(RELEASE, Ordering::Relaxed);
+    }
+
+    /// Applies what the proxy asked for since the last call.
+    fn take_request(&mut self) {
+        match std::mem::replace(self.request.get_mut(), NO_REQUEST) {
+            HOLD => self.held.arm(),
+            RELEASE => self.held.release(),
+            _ => {}
         }
     }
 
@@ -129,6 +169,13 @@ impl AsyncRead for HeaderDeadlineStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
+        this.take_request();
+        if this.held.holding() {
+            // Pingora reads while it waits (for the upstream, or for the next request): nothing
+            // held may wait with it.
+            std::task::ready!(Pin::new(&mut this.inner).poll_flush(cx))?;
+            this.held.release();
+        }
         if this.phase == Phase::Header {
             if let Some(t) = this.timer.as_mut() {
                 if t.as_mut().poll(cx).is_ready() {
@@ -155,19 +202,32 @@ impl AsyncWrite for HeaderDeadlineStream {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
+        this.take_request();
         let res = Pin::new(&mut this.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &res {
             this.wrote(&buf[..*n]);
+            if this.held.holding() {
+                this.held.wrote(&buf[..*n]);
+            }
         }
         res
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        this.take_request();
+        if this.held.holding() {
+            // The inner stream buffers it; the last chunk's flush, or the next read, sends it.
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        // Shutting down flushes the inner stream's buffer first.
+        this.held.release();
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -327,6 +387,172 @@ mod tests {
         assert_eq!(s.phase_name(), "header");
         let err = s.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+    }
+
+    /// A buffered connection that records what each flush sends, and can refuse to be flushed.
+    #[derive(Debug, Default)]
+    struct Recorder {
+        buffered: Vec<u8>,
+        sent: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+        flush_pending: bool,
+    }
+
+    impl AsyncRead for Recorder {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            buf.put_slice(b"GET / HTTP/1.1\r\n\r\n");
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Recorder {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.get_mut().buffered.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            let this = self.get_mut();
+            if this.flush_pending {
+                this.flush_pending = false;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            if !this.buffered.is_empty() {
+                let segment = std::mem::take(&mut this.buffered);
+                this.sent.lock().unwrap().push(segment);
+            }
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            self.poll_flush(cx)
+        }
+    }
+
+    #[async_trait]
+    impl Shutdown for Recorder {
+        async fn shutdown(&mut self) {}
+    }
+    impl UniqueID for Recorder {
+        fn id(&self) -> UniqueIDType {
+            0
+        }
+    }
+    impl Ssl for Recorder {}
+    impl GetTimingDigest for Recorder {
+        fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
+            vec![]
+        }
+    }
+    impl GetProxyDigest for Recorder {
+        fn get_proxy_digest(&self) -> Option<Arc<pingora::protocols::raw_connect::ProxyDigest>> {
+            None
+        }
+    }
+    impl GetSocketDigest for Recorder {
+        fn get_socket_digest(&self) -> Option<Arc<pingora::protocols::SocketDigest>> {
+            None
+        }
+    }
+    impl Peek for Recorder {}
+
+    type Sent = Arc<std::sync::Mutex<Vec<Vec<u8>>>>;
+
+    fn recorded(flush_pending: bool) -> (HeaderDeadlineStream, Sent) {
+        let sent = Sent::default();
+        let inner = Recorder {
+            sent: sent.clone(),
+            flush_pending,
+            ..Recorder::default()
+        };
+        (
+            HeaderDeadlineStream::new(Box::new(inner), Duration::from_secs(5)),
+            sent,
+        )
+    }
+
+    /// Writes a chunked response the way Pingora does: each piece its own write, a flush after the
+    /// header, after each chunk and after the last chunk. Returns the bytes.
+    async fn write_chunked(s: &mut HeaderDeadlineStream, chunks: &[&[u8]]) -> Vec<u8> {
+        let mut all = Vec::new();
+        let head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+        s.write_all(head).await.unwrap();
+        s.flush().await.unwrap();
+        all.extend_from_slice(head);
+        for c in chunks {
+            let size = format!("{:X}\r\n", c.len());
+            for piece in [size.as_bytes(), c, b"\r\n"] {
+                s.write_all(piece).await.unwrap();
+                all.extend_from_slice(piece);
+            }
+            s.flush().await.unwrap();
+        }
+        s.write_all(b"0\r\n\r\n").await.unwrap();
+        s.flush().await.unwrap();
+        all.extend_from_slice(b"0\r\n\r\n");
+        all
+    }
+
+    #[tokio::test]
+    async fn a_held_chunked_response_is_sent_in_one_flush_and_the_next_is_not_held() {
+        let (mut s, sent) = recorded(false);
+        s.hold_response();
+        let one = write_chunked(&mut s, &[b"{\"a\":1}", b"0\r\n\r\n"]).await;
+        assert_eq!(*sent.lock().unwrap(), vec![one.clone()]);
+        // Not armed again: the next response flushes as Pingora asks.
+        let two = write_chunked(&mut s, &[b"{}"]).await;
+        assert_eq!(
+            sent.lock().unwrap().len(),
+            4,
+            "header, chunk and end each sent"
+        );
+        assert_eq!(sent.lock().unwrap()[1..].concat(), two);
+    }
+
+    #[tokio::test]
+    async fn held_bytes_are_sent_before_the_next_read_and_on_release() {
+        // Pingora reads (the client, while it waits for the upstream) with a header held.
+        let (mut s, sent) = recorded(true);
+        s.hold_response();
+        s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .await
+            .unwrap();
+        s.flush().await.unwrap();
+        assert!(sent.lock().unwrap().is_empty());
+        // The first flush attempt is refused (a full socket): the read waits for it.
+        let mut buf = [0u8; 64];
+        assert!(s.read(&mut buf).await.unwrap() > 0);
+        assert_eq!(sent.lock().unwrap().len(), 1, "sent before the read");
+        // An error response replaces the held one: released, its flush goes through.
+        s.hold_response();
+        s.release_response();
+        s.write_all(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        s.flush().await.unwrap();
+        assert_eq!(sent.lock().unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_response_that_is_not_chunked_is_not_held() {
+        let (mut s, sent) = recorded(false);
+        s.hold_response();
+        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
+            .await
+            .unwrap();
+        s.write_all(b"{}").await.unwrap();
+        s.flush().await.unwrap();
+        assert_eq!(
+            sent.lock().unwrap().len(),
+            1,
+            "the body's first byte ended the hold"
+        );
     }
 
     #[tokio::test]

@@ -47,6 +47,7 @@ pub mod audit;
 pub mod auth;
 pub mod batch;
 pub mod classify;
+pub mod coalesce;
 pub mod config;
 pub mod deadline;
 pub mod discovery;

@@ -23,6 +23,7 @@ use crate::auth::{self, AuthFailure};
 use crate::batch;
 use crate::classify::{self, MethodPolicy, OwnEndpoint, PathError};
 use crate::config::Settings;
+use crate::deadline::HeaderDeadlineStream;
 use crate::discovery::{self, Discovery};
 use crate::metrics::{Metrics, NO_TENANT};
 use crate::outcome::Outcome;
@@ -432,6 +433,14 @@ fn join_target(base_path: &str, remainder: &[u8], query: Option<&[u8]>) -> Vec<u
     t
 }
 
+/// The downstream HTTP/1 connection's wrapper (every accepted connection has one; HTTP/2 has none).
+fn downstream_connection(session: &Session) -> Option<&HeaderDeadlineStream> {
+    session
+        .stream()?
+        .as_any()
+        .downcast_ref::<HeaderDeadlineStream>()
+}
+
 /// Request headers never forwarded: the client's credentials and anything that claims to say where
 /// the request came from or which tenant it is for (the proxy decides those).
 fn must_strip(name: &HeaderName) -> bool {
@@ -763,12 +772,20 @@ impl ProxyHttp for FhirEdge {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         ctx.upstream_status = Some(resp.status.as_u16());
         resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+        // Pingora writes this header next. A chunked one (every rewritten body) would leave in a
+        // segment of its own, each chunk in another and the last chunk in a third: hold the flushes
+        // until the last chunk (src/coalesce.rs).
+        if resp.headers.contains_key(http::header::TRANSFER_ENCODING) {
+            if let Some(conn) = downstream_connection(session) {
+                conn.hold_response();
+            }
+        }
         Ok(())
     }
 
@@ -778,6 +795,10 @@ impl ProxyHttp for FhirEdge {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
+        // An error response replaces (or cuts short) the one a hold was armed for.
+        if let Some(conn) = downstream_connection(session) {
+            conn.release_response();
+        }
         // Counted before the error response goes out, so the count is there when the client
         // sees the error.
         if *e.esource() == ErrorSource::Upstream {

@@ -1,9 +1,12 @@
 //! Upstream URLs never escape: links, fullUrls and Location headers are rewritten to the public base
 //! (SPEC §4), in plain and JSON-escaped form, also in compressed and large bodies.
 
-use std::io::Write;
+use std::io::{Read, Write};
+use std::time::Duration;
 
 use crate::support::proxy::routes_yaml;
+use crate::support::raw::read_response;
+use crate::support::upstream::Mode;
 use crate::support::{
     client, tokens::token, Env, Proxy, ProxyConfig, StubUpstream, TENANT_A, TENANT_B,
 };
@@ -145,6 +148,74 @@ fn a_large_body_is_rewritten_as_it_streams() {
         text.matches(&format!("{public}/Observation/")).count(),
         40_000
     );
+}
+
+/// A rewritten response goes out chunked and leaves in one segment when it arrived whole
+/// (src/coalesce.rs); what arrives in pieces must still reach the client as it arrives, and the
+/// connection must stay usable for the next request.
+#[test]
+fn a_rewritten_body_still_streams_while_the_upstream_sends_and_the_connection_stays_usable() {
+    let env = Env::start();
+    let base = env.a.url("/r4");
+    let entries = |from: usize, to: usize| -> String {
+        (from..to)
+            .map(|i| format!(r#"{{"fullUrl":"{base}/Patient/{i}"}},"#))
+            .collect()
+    };
+    let first = format!(r#"{{"resourceType":"Bundle","entry":[{}"#, entries(0, 100));
+    let rest = format!(
+        r#"{}{{"fullUrl":"{base}/Patient/last"}}]}}"#,
+        entries(100, 200)
+    );
+    let gate = std::sync::Arc::new(std::sync::Barrier::new(2));
+    env.a.set_mode(Mode::Gated {
+        content_type: "application/fhir+json".into(),
+        first: first.clone().into_bytes(),
+        rest: rest.clone().into_bytes(),
+        gate: gate.clone(),
+    });
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", env.proxy.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let request = format!(
+        "GET /Patient HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+        token(TENANT_A)
+    );
+    s.write_all(request.as_bytes()).unwrap();
+    // The upstream now waits at the gate: the header and most of the first part must get here
+    // without it (the rewriter keeps back at most a link's length, in case one is cut).
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 16384];
+    let wanted = first.len() / 2;
+    let arrived = |seen: &[u8]| {
+        seen.windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .is_some_and(|h| seen.len() >= h + 4 + wanted)
+    };
+    while !arrived(&seen) {
+        let n = s
+            .read(&mut buf)
+            .expect("the first part must arrive while the upstream waits");
+        assert!(n > 0, "the proxy closed the connection");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    gate.wait();
+    let r = read_response(&mut s, seen);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("transfer-encoding"), Some("chunked"));
+    let public = env.proxy.url("");
+    assert_eq!(
+        r.body_text(),
+        format!("{first}{rest}").replace(&base, &public)
+    );
+    // The same connection, a response that arrives whole.
+    env.a.set_response(
+        &[("Content-Type", "application/fhir+json")],
+        search_bundle(&base),
+    );
+    s.write_all(request.as_bytes()).unwrap();
+    let r = read_response(&mut s, Vec::new());
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body_text(), search_bundle(&public));
 }
 
 /// The token decides the tenant, never the URL: a next link from tenant A's search, followed with

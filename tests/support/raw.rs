@@ -46,7 +46,15 @@ pub fn send(port: u16, request: &[u8]) -> RawResponse {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to proxy");
     s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     s.write_all(request).unwrap();
-    let mut buf = Vec::new();
+    read_response(&mut s, Vec::new())
+}
+
+/// Reads until one response is complete (or the connection closes or stays silent for the read
+/// timeout), starting with the bytes in `buf` already read from `s`.
+pub fn read_response(s: &mut TcpStream, mut buf: Vec<u8>) -> RawResponse {
+    if let Some(r) = parse_complete(&buf) {
+        return r;
+    }
     let mut chunk = [0u8; 16384];
     loop {
         match s.read(&mut chunk) {

@@ -53,6 +53,14 @@ pub enum Mode {
         chunk: usize,
         every: Duration,
     },
+    /// The response header (with the whole length) and `first`; then, once the test has passed the
+    /// `gate` as well, `rest`.
+    Gated {
+        content_type: String,
+        first: Vec<u8>,
+        rest: Vec<u8>,
+        gate: Arc<std::sync::Barrier>,
+    },
 }
 
 #[derive(Clone)]
@@ -262,6 +270,24 @@ fn serve<S: Read + Write>(
                     ok = ok && w.write_all(piece).and_then(|()| w.flush()).is_ok();
                 }
                 ok
+            }
+            Mode::Gated {
+                content_type,
+                first,
+                rest,
+                gate,
+            } => {
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nX-Upstream: {name}\r\n\r\n",
+                    first.len() + rest.len()
+                );
+                let ok = w
+                    .write_all(head.as_bytes())
+                    .and_then(|()| w.write_all(&first))
+                    .and_then(|()| w.flush())
+                    .is_ok();
+                gate.wait();
+                ok && w.write_all(&rest).and_then(|()| w.flush()).is_ok()
             }
         };
         if !ok {
