@@ -781,7 +781,10 @@ impl ProxyHttp for FhirEdge {
         // Pingora writes this header next. A chunked one (every rewritten body) would leave in a
         // segment of its own, each chunk in another and the last chunk in a third: hold the flushes
         // until the last chunk (src/coalesce.rs).
-        if resp.headers.contains_key(http::header::TRANSFER_ENCODING) {
+        let has_body = session.req_header().method != http::Method::HEAD
+            && !matches!(resp.status.as_u16(), 204 | 304)
+            && !resp.status.is_informational();
+        if has_body && resp.headers.contains_key(http::header::TRANSFER_ENCODING) {
             if let Some(conn) = downstream_connection(session) {
                 conn.hold_response();
             }
