@@ -16,6 +16,8 @@
 //! it reads from the client again (Pingora watches the client while it waits for the upstream), so
 //! held bytes never wait for the upstream or for the next request.
 
+use crate::pct::hex;
+
 /// Where the written bytes are, while a flush is held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 enum State {
@@ -137,15 +139,6 @@ fn step(state: State, b: u8) -> State {
         (State::EndLf, b'\n') => State::Off,
         // Anything else is not the framing this expects (trailers, a different response).
         _ => State::Off,
-    }
-}
-
-fn hex(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
     }
 }
 

@@ -45,7 +45,8 @@ pub fn parse_form(body: &[u8]) -> Option<std::collections::HashMap<String, Strin
     Some(out)
 }
 
-fn hex(c: u8) -> Option<u8> {
+/// The value of one hex digit (either case).
+pub(crate) fn hex(c: u8) -> Option<u8> {
     match c {
         b'0'..=b'9' => Some(c - b'0'),
         b'a'..=b'f' => Some(c - b'a' + 10),
