@@ -433,6 +433,13 @@ fn join_target(base_path: &str, remainder: &[u8], query: Option<&[u8]>) -> Vec<u
     t
 }
 
+/// A response that carries no body whatever its headers say: to a HEAD, a 204 or 304, or a 1xx.
+fn has_no_body(session: &Session, resp: &ResponseHeader) -> bool {
+    session.req_header().method == http::Method::HEAD
+        || matches!(resp.status.as_u16(), 204 | 304)
+        || resp.status.is_informational()
+}
+
 /// The downstream HTTP/1 connection's wrapper (every accepted connection has one; HTTP/2 has none).
 fn downstream_connection(session: &Session) -> Option<&HeaderDeadlineStream> {
     session
@@ -711,9 +718,7 @@ impl ProxyHttp for FhirEdge {
                 resp.insert_header(name, value)?;
             }
         }
-        let no_body = session.req_header().method == http::Method::HEAD
-            || matches!(resp.status.as_u16(), 204 | 304)
-            || resp.status.is_informational();
+        let no_body = has_no_body(session, resp);
         let json = resp
             .headers
             .get(http::header::CONTENT_TYPE)
@@ -781,10 +786,8 @@ impl ProxyHttp for FhirEdge {
         // Pingora writes this header next. A chunked one (every rewritten body) would leave in a
         // segment of its own, each chunk in another and the last chunk in a third: hold the flushes
         // until the last chunk (src/coalesce.rs).
-        let has_body = session.req_header().method != http::Method::HEAD
-            && !matches!(resp.status.as_u16(), 204 | 304)
-            && !resp.status.is_informational();
-        if has_body && resp.headers.contains_key(http::header::TRANSFER_ENCODING) {
+        if !has_no_body(session, resp) && resp.headers.contains_key(http::header::TRANSFER_ENCODING)
+        {
             if let Some(conn) = downstream_connection(session) {
                 conn.hold_response();
             }
