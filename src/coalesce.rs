@@ -16,6 +16,7 @@
 //! it reads from the client again (Pingora watches the client while it waits for the upstream), so
 //! held bytes never wait for the upstream or for the next request.
 
+use crate::deadline::BlankLine;
 use crate::pct::hex;
 
 /// Where the written bytes are, while a flush is held.
@@ -26,8 +27,8 @@ enum State {
     Off,
     /// Armed; nothing written yet. The first byte must start a status line.
     Start,
-    /// In the header block; the count is how much of `\r\n\r\n` has just been seen.
-    Head(u8),
+    /// In the header block, looking for its closing blank line.
+    Head(BlankLine),
     /// In a chunk-size line: its value so far and how many hex digits it had.
     Size(u64, u8),
     /// After a chunk size's `\r`.
@@ -83,14 +84,14 @@ impl HeldFlush {
                         State::Data(left)
                     };
                 }
-                // Inside the header block with no part of its end seen: jump to that end.
-                State::Head(0) => match memchr::memmem::find(data, b"\r\n\r\n") {
+                // Inside the header block: jump to its end.
+                State::Head(mut blank) => match blank.find(data) {
                     Some(at) => {
                         self.state = State::Size(0, 0);
-                        data = &data[at + 4..];
+                        data = &data[at..];
                     }
                     None => {
-                        self.state = State::Head(end_started(data));
+                        self.state = State::Head(blank);
                         return;
                     }
                 },
@@ -103,28 +104,11 @@ impl HeldFlush {
     }
 }
 
-/// How much of `\r\n\r\n` the end of `data` is (when `data` does not contain it all).
-fn end_started(data: &[u8]) -> u8 {
-    if data.ends_with(b"\r\n\r") {
-        3
-    } else if data.ends_with(b"\r\n") {
-        2
-    } else {
-        u8::from(data.ends_with(b"\r"))
-    }
-}
-
-/// One byte of framing (never called in `Data`).
+/// One byte of framing (never called in `Head` or `Data`).
 fn step(state: State, b: u8) -> State {
     match (state, b) {
         (State::Off, _) => State::Off,
-        (State::Start, b'H') => State::Head(0),
-        // `\r\n\r\n` ends the header block; a `\r` that breaks the pattern starts it again.
-        (State::Head(n), b'\r') if n == 0 || n == 2 => State::Head(n + 1),
-        (State::Head(1), b'\n') => State::Head(2),
-        (State::Head(3), b'\n') => State::Size(0, 0),
-        (State::Head(_), b'\r') => State::Head(1),
-        (State::Head(_), _) => State::Head(0),
+        (State::Start, b'H') => State::Head(BlankLine::default()),
         (State::Size(v, n), b) if n < MAX_SIZE_DIGITS => match hex(b) {
             Some(d) => State::Size(v << 4 | u64::from(d), n + 1),
             None if b == b'\r' && n > 0 => State::SizeLf(v),
@@ -212,7 +196,7 @@ mod tests {
         }
     }
 
-    /// The header-block jump and the chunk-data skip agree with plain byte-by-byte steps on any
+    /// Whole writes (the header scanner's jump, the chunk-data skip) agree with single bytes on any
     /// input, cut anywhere: random strings over the bytes the framing is made of.
     #[test]
     fn whole_writes_and_single_bytes_agree_on_random_framing() {
@@ -231,7 +215,8 @@ mod tests {
             let cut = 1 + (next() % 8) as usize;
             let mut whole = HeldFlush::default();
             whole.arm();
-            // The reference: `step` for every byte, chunk data counted down one byte at a time.
+            // The reference: one byte at a time, through `step`, the blank-line scanner, or chunk
+            // data counted down.
             let mut reference = State::Start;
             for piece in bytes.chunks(cut) {
                 whole.wrote(piece);
@@ -239,6 +224,10 @@ mod tests {
                     reference = match reference {
                         State::Data(1) => State::DataCr,
                         State::Data(n) => State::Data(n - 1),
+                        State::Head(mut blank) => match blank.find(&[b]) {
+                            Some(_) => State::Size(0, 0),
+                            None => State::Head(blank),
+                        },
                         state => step(state, b),
                     };
                 }

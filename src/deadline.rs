@@ -40,6 +40,51 @@ const NO_REQUEST: u8 = 0;
 const HOLD: u8 = 1;
 const RELEASE: u8 = 2;
 
+/// Finds the blank line (`\r\n\r\n`) that ends an HTTP header block in bytes that come in pieces,
+/// however they are cut: the request headers read here, and the response headers
+/// [`crate::coalesce`] follows as they are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct BlankLine {
+    /// How much of `\r\n\r\n` the bytes so far end with (0–3).
+    seen: u8,
+}
+
+impl BlankLine {
+    /// The offset in `data` just past the blank line, if it ends there (and the scanner starts
+    /// afresh); otherwise remembers how much of one `data` ends with.
+    pub(crate) fn find(&mut self, data: &[u8]) -> Option<usize> {
+        // Finish one the previous piece began, a byte at a time.
+        let mut i = 0;
+        while self.seen > 0 && i < data.len() {
+            self.seen = match (self.seen, data[i]) {
+                (1 | 3, b'\n') | (2, b'\r') => self.seen + 1,
+                (_, b'\r') => 1,
+                _ => 0,
+            };
+            i += 1;
+            if self.seen == 4 {
+                self.seen = 0;
+                return Some(i);
+            }
+        }
+        let rest = &data[i..];
+        if let Some(at) = memchr::memmem::find(rest, b"\r\n\r\n") {
+            return Some(i + at + 4);
+        }
+        if !rest.is_empty() {
+            // `seen` is 0 here: only `rest` can begin one.
+            self.seen = if rest.ends_with(b"\r\n\r") {
+                3
+            } else if rest.ends_with(b"\r\n") {
+                2
+            } else {
+                u8::from(rest.ends_with(b"\r"))
+            };
+        }
+        None
+    }
+}
+
 /// Where a connection is in its request/response cycle, as far as header timing goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -58,8 +103,8 @@ pub struct HeaderDeadlineStream {
     limit: Duration,
     phase: Phase,
     timer: Option<Pin<Box<Sleep>>>,
-    /// The last bytes of the header read so far (to find `\r\n\r\n` across reads).
-    tail: [u8; 3],
+    /// How much of the header's closing blank line the reads so far end with.
+    blank: BlankLine,
     /// Whether the next write is the start of a response header (an `HTTP/1.x` status line).
     response_start: bool,
     /// Flushes held back for the response being written.
@@ -76,7 +121,7 @@ impl HeaderDeadlineStream {
             // The first request's clock starts when the connection opens.
             phase: Phase::Header,
             timer: Some(Box::pin(tokio::time::sleep(limit))),
-            tail: [0; 3],
+            blank: BlankLine::default(),
             response_start: false,
             held: HeldFlush::default(),
             request: AtomicU8::new(NO_REQUEST),
@@ -106,7 +151,7 @@ impl HeaderDeadlineStream {
 
     fn arm(&mut self) {
         self.phase = Phase::Header;
-        self.tail = [0; 3];
+        self.blank = BlankLine::default();
         self.timer = Some(Box::pin(tokio::time::sleep_until(
             Instant::now() + self.limit,
         )));
@@ -123,26 +168,11 @@ impl HeaderDeadlineStream {
         if self.phase != Phase::Header {
             return;
         }
-        // The blank line may straddle the previous read: look at the last three bytes before this
-        // read joined with up to three of its own, then at this read alone.
-        let head = &data[..data.len().min(3)];
-        let mut seam = [0u8; 6];
-        seam[..3].copy_from_slice(&self.tail);
-        seam[3..3 + head.len()].copy_from_slice(head);
-        if memchr::memmem::find(&seam[..3 + head.len()], b"\r\n\r\n").is_some()
-            || memchr::memmem::find(data, b"\r\n\r\n").is_some()
-        {
+        if self.blank.find(data).is_some() {
             self.phase = Phase::Done;
             self.timer = None;
             self.response_start = true;
-            return;
         }
-        // The last three bytes seen, this read's own if it has three.
-        let mut last = [0u8; 6];
-        last[..3].copy_from_slice(&self.tail);
-        let keep = data.len().min(3);
-        last[3..3 + keep].copy_from_slice(&data[data.len() - keep..]);
-        self.tail.copy_from_slice(&last[keep..keep + 3]);
     }
 
     /// Notes the start of what is written: a final status line ends the request cycle.
@@ -553,6 +583,39 @@ mod tests {
             1,
             "the body's first byte ended the hold"
         );
+    }
+
+    /// Against a plain search of the joined bytes, for random strings over `\r`, `\n` and one
+    /// other byte, cut anywhere.
+    #[test]
+    fn the_blank_line_scanner_agrees_with_a_plain_search() {
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..20_000 {
+            let len = (next() % 24) as usize;
+            let bytes: Vec<u8> = (0..len).map(|_| b"\r\nx"[(next() % 3) as usize]).collect();
+            let want = bytes
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .map(|p| p + 4);
+            let cut = 1 + (next() % 6) as usize;
+            let mut scanner = BlankLine::default();
+            let mut got = None;
+            let mut at = 0;
+            for piece in bytes.chunks(cut) {
+                if let Some(end) = scanner.find(piece) {
+                    got = Some(at + end);
+                    break;
+                }
+                at += piece.len();
+            }
+            assert_eq!(got, want, "{bytes:?} cut {cut}");
+        }
     }
 
     #[tokio::test]
