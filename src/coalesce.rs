@@ -201,13 +201,7 @@ mod tests {
     #[test]
     fn whole_writes_and_single_bytes_agree_on_random_framing() {
         let alphabet = b"H\r\n\r\n0123456789aAfFxX";
-        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = crate::deadline::test_random(0x9e37_79b9_7f4a_7c15);
         for _ in 0..20_000 {
             let len = (next() % 40) as usize;
             let mut bytes = b"H".to_vec();

@@ -85,6 +85,18 @@ impl BlankLine {
     }
 }
 
+/// For the randomized tests of the scanner and of the framing that uses it: a small xorshift
+/// generator, the same sequence on every run.
+#[cfg(test)]
+pub(crate) fn test_random(mut seed: u64) -> impl FnMut() -> u64 {
+    move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    }
+}
+
 /// Where a connection is in its request/response cycle, as far as header timing goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -589,13 +601,7 @@ mod tests {
     /// other byte, cut anywhere.
     #[test]
     fn the_blank_line_scanner_agrees_with_a_plain_search() {
-        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = test_random(0x2545_f491_4f6c_dd1d);
         for _ in 0..20_000 {
             let len = (next() % 24) as usize;
             let bytes: Vec<u8> = (0..len).map(|_| b"\r\nx"[(next() % 3) as usize]).collect();
