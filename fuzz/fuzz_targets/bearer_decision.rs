@@ -15,10 +15,24 @@ fn verifier() -> &'static Verifier {
         let read = |f: &str| std::fs::read(format!("{keys}{f}")).unwrap_or_default();
         let mut out = Vec::new();
         if let Ok(k) = DecodingKey::from_rsa_pem(&read("rs256.pub.pem")) {
-            out.push(VerifyKey { kid: Some("rs1".into()), alg: Algorithm::RS256, key: k, issuer: "https://issuer.test/".into(), audience: "fhir-edge-tests".into(), own: false });
+            out.push(VerifyKey {
+                kid: Some("rs1".into()),
+                alg: Algorithm::RS256,
+                key: k,
+                issuer: "https://issuer.test/".into(),
+                audience: "fhir-edge-tests".into(),
+                own: false,
+            });
         }
         if let Ok(k) = DecodingKey::from_secret(read("hs256.secret").trim_ascii_end()) {
-            out.push(VerifyKey { kid: Some("hs1".into()), alg: Algorithm::HS256, key: k, issuer: "https://issuer.test/".into(), audience: "fhir-edge-tests".into(), own: false });
+            out.push(VerifyKey {
+                kid: Some("hs1".into()),
+                alg: Algorithm::HS256,
+                key: k,
+                issuer: "https://issuer.test/".into(),
+                audience: "fhir-edge-tests".into(),
+                own: false,
+            });
         }
         Verifier::new(out, 30)
     })
@@ -26,7 +40,9 @@ fn verifier() -> &'static Verifier {
 
 fuzz_target!(|data: &[u8]| {
     // First byte: where the query starts; the rest: header value, then query.
-    let Some((&split, rest)) = data.split_first() else { return };
+    let Some((&split, rest)) = data.split_first() else {
+        return;
+    };
     let cut = usize::from(split).min(rest.len());
     let (value, query) = rest.split_at(cut);
     let mut headers = http::HeaderMap::new();
@@ -40,19 +56,36 @@ fuzz_target!(|data: &[u8]| {
     let direct = auth::authenticate(verifier(), &TokenCache::new(0, 30), &headers, query, 8192);
     let missed = auth::authenticate(verifier(), &cache, &headers, query, 8192);
     let hit = auth::authenticate(verifier(), &cache, &headers, query, 8192);
-    assert_eq!(direct.as_ref().map(|g| g.tenant).err(), missed.as_ref().map(|g| g.tenant).err());
-    assert_eq!(direct.as_ref().map(|g| g.tenant).ok(), hit.as_ref().map(|g| g.tenant).ok());
+    assert_eq!(
+        direct.as_ref().map(|g| g.tenant).err(),
+        missed.as_ref().map(|g| g.tenant).err()
+    );
+    assert_eq!(
+        direct.as_ref().map(|g| g.tenant).ok(),
+        hit.as_ref().map(|g| g.tenant).ok()
+    );
     if let Ok(grant) = direct {
         let token = auth::bearer::extract(&headers, 8192).unwrap_or_default();
-        let (claims, _) = verifier().verify(token).unwrap_or_else(|_| panic!("verified once, not twice"));
-        let scope = claims.scope.as_ref().and_then(|s| s.as_str()).unwrap_or_default();
+        let (claims, _) = verifier()
+            .verify(token)
+            .unwrap_or_else(|_| panic!("verified once, not twice"));
+        let scope = claims
+            .scope
+            .as_ref()
+            .and_then(|s| s.as_str())
+            .unwrap_or_default();
         assert_eq!(tenant_in(scope), Some(grant.tenant));
     }
     // Scope parsing alone, on the same bytes.
     if let Ok(s) = std::str::from_utf8(value) {
         if let Some(t) = tenant_in(s) {
             let canonical = t.to_string();
-            assert_eq!(s.split(' ').filter(|e| e.eq_ignore_ascii_case(&canonical)).count(), 1);
+            assert_eq!(
+                s.split(' ')
+                    .filter(|e| e.eq_ignore_ascii_case(&canonical))
+                    .count(),
+                1
+            );
         }
     }
 });

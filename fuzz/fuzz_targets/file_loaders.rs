@@ -15,7 +15,9 @@ use fhir_edge::token::clients::ClientRegistry;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     let defaults = RouteDefaults {
         connect_timeout: Duration::from_secs(1),
         read_timeout: Duration::from_secs(1),

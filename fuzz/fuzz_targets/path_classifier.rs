@@ -9,9 +9,13 @@ const BASES: [&str; 3] = ["", "/fhir", "/fhir/r4"];
 const METHODS: [&str; 6] = ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS"];
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&sel, target)) = data.split_first() else { return };
+    let Some((&sel, target)) = data.split_first() else {
+        return;
+    };
     let base = BASES[usize::from(sel) % BASES.len()];
-    let method: http::Method = METHODS[usize::from(sel / 3) % METHODS.len()].parse().unwrap();
+    let method: http::Method = METHODS[usize::from(sel / 3) % METHODS.len()]
+        .parse()
+        .unwrap();
     let (path, _query) = classify::split_target(target);
     if classify::is_public_metadata(&method, path, base) {
         assert_eq!(path, format!("{base}/metadata").as_bytes());
@@ -21,12 +25,16 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!([base.as_bytes(), rest].concat(), path);
         for seg in rest.split(|&b| b == b'/') {
             assert!(seg != b"." && seg != b"..");
-            assert!(!seg.iter().any(|b| matches!(b, b'%' | b';' | b'\\' | b'#' | b'?')));
+            assert!(!seg
+                .iter()
+                .any(|b| matches!(b, b'%' | b';' | b'\\' | b'#' | b'?')));
         }
     }
     match classify::own_endpoint(path, base, "/token", "/register") {
         Some(OwnEndpoint::Token) => assert_eq!(path, format!("{base}/token").as_bytes()),
-        Some(OwnEndpoint::Jwks) => assert_eq!(path, format!("{base}/.well-known/jwks.json").as_bytes()),
+        Some(OwnEndpoint::Jwks) => {
+            assert_eq!(path, format!("{base}/.well-known/jwks.json").as_bytes())
+        }
         _ => {}
     }
     let template = classify::route_template(path, base);

@@ -8,7 +8,9 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     if let Err(disagreement) = fhir_edge::routing::check_fast_yaml(text) {
         panic!("the fast YAML reader and the general parser disagree\n{disagreement}");
     }
