@@ -124,7 +124,7 @@ fn defaults() -> RouteDefaults {
         idle_timeout: Duration::from_secs(1),
         ca_der: None,
         public_base: "https://edge.bench/fhir".into(),
-        tenant_label: fhir_edge::metrics::TenantLabel::Name,
+        tenant_label: fhir_edge::ops::metrics::TenantLabel::Name,
     }
 }
 

@@ -6,21 +6,21 @@
 //!
 //! ## One request
 //! 1. [`proxy::FhirEdge::request_filter`](pingora::proxy::ProxyHttp::request_filter) checks size limits, then
-//!    classifies the raw path once ([`classify`]): `GET|HEAD {base}/metadata` (byte-exact) is answered by
-//!    [`discovery`] (the upstream CapabilityStatement with SMART `oauth-uris` for fhir-edge's token
+//!    classifies the raw path once ([`fhir::classify`]): `GET|HEAD {base}/metadata` (byte-exact) is answered by
+//!    [`fhir::discovery`] (the upstream CapabilityStatement with SMART `oauth-uris` for fhir-edge's token
 //!    endpoint); the token endpoint, JWKS, smart-configuration and client self-service are answered by
 //!    [`token`]; everything else needs a bearer token.
 //! 2. The token is extracted and verified ([`auth`]): the key chosen by `kid` fixes the algorithm,
 //!    issuer and audience. The tenant GUID comes from the verified `scope` claim and from nothing else.
 //! 3. The tenant's [`routing::Route`] is taken from one snapshot of the hot-reloaded routing table and
 //!    kept in the request context for every later phase. Unknown tenant: 403, no default route.
-//! 4. Path grammar and method policy ([`classify`]); `POST {base}` on a read-only route must be a batch
-//!    of reads ([`batch`]).
+//! 4. Path grammar and method policy ([`fhir::classify`]); `POST {base}` on a read-only route must be a batch
+//!    of reads ([`fhir::batch`]).
 //! 5. `upstream_peer` clones the peer built when the table loaded; `upstream_request_filter` sets the
 //!    upstream target (route base path + path + raw query, byte-exact), `Host`, forwarding headers and
 //!    the route's upstream headers, and drops the client's credentials and forwarding claims.
 //! 6. Responses: upstream base URLs in `Location` headers and JSON bodies are rewritten to the public
-//!    base as they stream ([`rewrite`]).
+//!    base as they stream ([`fhir::rewrite`]).
 //! 7. Every error from any phase becomes a FHIR `OperationOutcome` (or, at the OAuth endpoints, an RFC
 //!    6749 error) in [`outcome`].
 //!
@@ -28,11 +28,11 @@
 //! ```no_run
 //! use std::path::Path;
 //! let settings = fhir_edge::config::Settings::load(Path::new("conf/fhir-edge.yaml")).unwrap();
-//! fhir_edge::logging::init(settings.log_level);
-//! let server = fhir_edge::server::build(settings, Default::default()).unwrap();
+//! fhir_edge::ops::logging::init(settings.log_level);
+//! let server = fhir_edge::edge::build(settings, Default::default()).unwrap();
 //! server.run_forever();
 //! ```
-//! [`server::build`] shows how the pieces fit: [`proxy::FhirEdge`] is a plain `ProxyHttp` and
+//! [`edge::build`] shows how the pieces fit: [`proxy::FhirEdge`] is a plain `ProxyHttp` and
 //! [`reload::Reloader`] a plain `BackgroundService`, so another server can add both to its own.
 //!
 //! [Pingora]: https://github.com/cloudflare/pingora
@@ -42,29 +42,17 @@ compile_error!("enable exactly one JWT crypto backend: `aws-lc` (default) or `ru
 #[cfg(not(any(feature = "aws-lc", feature = "rust-crypto")))]
 compile_error!("enable a JWT crypto backend: `aws-lc` (default) or `rust-crypto`");
 
-pub mod admin;
-pub mod audit;
 pub mod auth;
-pub mod batch;
-pub mod classify;
-pub mod coalesce;
 pub mod config;
-pub mod deadline;
-pub mod discovery;
+pub mod edge;
 pub mod fasthash;
-pub mod logging;
+pub mod fhir;
 pub mod memory;
-pub mod metrics;
+pub mod ops;
 pub mod outcome;
-pub mod pct;
-pub mod problems;
 pub mod proxy;
 pub mod reload;
-pub mod request_id;
-pub mod rewrite;
 pub mod routing;
-pub mod server;
 pub mod tenant;
 pub mod time;
 pub mod token;
-pub mod upstream;

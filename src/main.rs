@@ -8,9 +8,9 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
 use fhir_edge::config::Settings;
+use fhir_edge::edge::{self, RunOptions};
 use fhir_edge::reload::{Live, Loadable};
 use fhir_edge::routing::RoutingTable;
-use fhir_edge::server::{self, RunOptions};
 use fhir_edge::tenant::TenantId;
 use fhir_edge::time::{now_unix, parse_duration};
 use fhir_edge::token::clients::{self, ClientRegistry, Issued};
@@ -156,7 +156,7 @@ fn main() -> ExitCode {
 
 fn run(config: PathBuf, opts: RunOptions) -> anyhow::Result<ExitCode> {
     let settings = Settings::load(&config).map_err(|p| anyhow!("invalid configuration:\n{p}"))?;
-    fhir_edge::logging::init(settings.log_level);
+    fhir_edge::ops::logging::init(settings.log_level);
     let listeners: Vec<String> = settings
         .listen
         .iter()
@@ -193,7 +193,7 @@ fn run(config: PathBuf, opts: RunOptions) -> anyhow::Result<ExitCode> {
             "jsonwebtoken's default provider"
         }
     );
-    let server = server::build(settings, opts).context("cannot start")?;
+    let server = edge::build(settings, opts).context("cannot start")?;
     server.run_forever()
 }
 

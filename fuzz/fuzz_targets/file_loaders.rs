@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use fhir_edge::config::RouteDefaults;
-use fhir_edge::metrics::TenantLabel;
+use fhir_edge::ops::metrics::TenantLabel;
 use fhir_edge::reload::Loadable;
 use fhir_edge::routing::RoutingTable;
 use fhir_edge::token::clients::ClientRegistry;

@@ -2,7 +2,7 @@
 //! that may be forwarded is below the base and free of dot segments, escapes, `;` and `\`.
 #![no_main]
 
-use fhir_edge::classify::{self, OwnEndpoint};
+use fhir_edge::fhir::classify::{self, OwnEndpoint};
 use libfuzzer_sys::fuzz_target;
 
 const BASES: [&str; 3] = ["", "/fhir", "/fhir/r4"];

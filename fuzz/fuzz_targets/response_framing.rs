@@ -3,7 +3,7 @@
 //! last chunk's final byte, and at the first byte of anything that is not that framing.
 #![no_main]
 
-use fhir_edge::coalesce::HeldFlush;
+use fhir_edge::proxy::coalesce::HeldFlush;
 use libfuzzer_sys::fuzz_target;
 
 /// The framing, one byte at a time: the specification the tracker's jumps and skips must keep.

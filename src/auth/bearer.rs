@@ -73,7 +73,7 @@ static B64TOKEN: [bool; 256] = {
 pub fn query_has_access_token(query: &[u8]) -> bool {
     query.split(|&b| b == b'&').any(|pair| {
         let name = pair.split(|&b| b == b'=').next().unwrap_or_default();
-        crate::pct::decode(name, true).eq_ignore_ascii_case(b"access_token")
+        crate::fhir::pct::decode(name, true).eq_ignore_ascii_case(b"access_token")
     })
 }
 

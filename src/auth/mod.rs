@@ -184,7 +184,7 @@ pub fn authenticate_with(
         own,
         client_id: claims.client_id,
         secret_id: claims.secret_id,
-        jti_hash: claims.jti.as_deref().map(crate::audit::jti_hash),
+        jti_hash: claims.jti.as_deref().map(crate::ops::audit::jti_hash),
         // `as` saturates: NaN and negatives become 0. `exp` rounds down, `nbf` up, so a cached
         // grant is never more permissive than the verifier.
         expires: claims.exp.map_or(0, |e| e.floor() as u64),

@@ -20,7 +20,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use super::{MoreSpec, RoutesFile, TenantKey, TenantSpec};
-use crate::problems::OrderedMap;
+use crate::config::problems::OrderedMap;
 use crate::tenant::TenantId;
 
 /// Reads `text` if it is in the handled subset; `None` means "use the general parser". Every string

@@ -17,15 +17,16 @@ use hashbrown::HashTable;
 use http::header::{HeaderName, HeaderValue};
 use serde::Deserialize;
 
+use crate::config::problems::{whole_file, OrderedMap, Problems, Source};
 use crate::config::RouteDefaults;
 use crate::fasthash::TableHash;
-use crate::metrics::TenantLabel;
-use crate::problems::{whole_file, OrderedMap, Problems, Source};
+use crate::ops::metrics::TenantLabel;
 use crate::reload::{FileBlocks, Leftovers, Loadable};
+use crate::routing::upstream::{read_ca_file, Upstream, UpstreamUrl};
 use crate::tenant::{GuidText, TenantId};
-use crate::upstream::{read_ca_file, Upstream, UpstreamUrl};
 
 mod fast_yaml;
+pub mod upstream;
 
 /// One tenant's route, shared by every request of that tenant while this table is current.
 #[derive(Debug)]
@@ -60,7 +61,7 @@ impl Route {
         match self.label {
             TenantLabel::Name => Label::Str(&self.name),
             TenantLabel::Guid => Label::Guid(self.tenant.text()),
-            TenantLabel::Off => Label::Str(crate::metrics::NO_TENANT),
+            TenantLabel::Off => Label::Str(crate::ops::metrics::NO_TENANT),
         }
     }
 }

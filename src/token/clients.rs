@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::problems::{whole_file, OrderedMap, Problems, Source};
+use crate::config::problems::{whole_file, OrderedMap, Problems, Source};
 use crate::reload::Loadable;
 use crate::tenant::TenantId;
 use crate::time::{format_rfc3339, parse_rfc3339};

@@ -102,8 +102,10 @@ impl TokenService {
         }
         if let Some(q) = req.query {
             let leaked = q.split(|&b| b == b'&').any(|pair| {
-                let name =
-                    crate::pct::decode(pair.split(|&b| b == b'=').next().unwrap_or_default(), true);
+                let name = crate::fhir::pct::decode(
+                    pair.split(|&b| b == b'=').next().unwrap_or_default(),
+                    true,
+                );
                 FORBIDDEN_IN_QUERY
                     .iter()
                     .any(|f| name.eq_ignore_ascii_case(f))
@@ -134,7 +136,7 @@ impl TokenService {
 
     /// Handles a token request whose body has been read.
     pub fn token(&self, req: &RequestView, body: &[u8], now: u64) -> Result<Issued, OAuthError> {
-        let form = crate::pct::parse_form(body).ok_or(OAuthError::InvalidRequest(
+        let form = crate::fhir::pct::parse_form(body).ok_or(OAuthError::InvalidRequest(
             "Every parameter must appear at most once, in UTF-8.",
         ))?;
         let grant = form.get("grant_type").or_else(|| {
@@ -317,8 +319,8 @@ pub fn basic_candidates(headers: &HeaderMap) -> Result<Option<Vec<(String, Strin
     let colon = decoded.iter().position(|&b| b == b':').ok_or(malformed)?;
     let (id, secret) = (&decoded[..colon], &decoded[colon + 1..]);
     let text = |b: &[u8]| String::from_utf8(b.to_vec()).map_err(|_| malformed);
-    let form_id = text(&crate::pct::decode(id, true))?;
-    let form_secret = text(&crate::pct::decode(secret, true))?;
+    let form_id = text(&crate::fhir::pct::decode(id, true))?;
+    let form_secret = text(&crate::fhir::pct::decode(secret, true))?;
     let mut out = vec![(form_id, form_secret)];
     let raw = (text(id)?, text(secret)?);
     if raw != out[0] {

@@ -9,13 +9,13 @@ use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::background::background_service;
 
-use crate::admin::Admin;
-use crate::audit::AuditLog;
+use crate::config::problems::Problems;
 use crate::config::Settings;
-use crate::deadline::HeaderDeadline;
-use crate::discovery::{Discovery, SecurityUris};
-use crate::metrics::Metrics;
-use crate::problems::Problems;
+use crate::fhir::discovery::{Discovery, SecurityUris};
+use crate::ops::admin::Admin;
+use crate::ops::audit::AuditLog;
+use crate::ops::metrics::Metrics;
+use crate::proxy::deadline::HeaderDeadline;
 use crate::proxy::FhirEdge;
 use crate::reload::{Live, Reload, Reloader};
 use crate::routing::RoutingTable;
@@ -90,7 +90,7 @@ pub fn build(mut settings: Settings, opts: RunOptions) -> Result<Server, StartEr
             token: s.url.clone(),
             authorize: s.authorize_url.clone(),
             register: format!("{base}{}", s.management_path),
-            jwks: format!("{base}{}", crate::classify::JWKS_PATH),
+            jwks: format!("{base}{}", crate::fhir::classify::JWKS_PATH),
             issuer: s.issuer.clone(),
         }
     });

@@ -39,7 +39,7 @@ use pingora::services::ServiceReadyNotifier;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::problems::{whole_file, Problems};
+use crate::config::problems::{whole_file, Problems};
 
 /// A value built from one file.
 pub trait Loadable: Send + Sync + Sized + 'static {
@@ -803,7 +803,7 @@ mod tests {
         classify, hash_text, Change, File, FileBlocks, Live, Loadable, ReloadOutcome, Seen,
         TextHash,
     };
-    use crate::problems::Problems;
+    use crate::config::problems::Problems;
     use notify::event::{
         AccessKind, AccessMode, CreateKind, DataChange, EventKind, ModifyKind, RemoveKind,
         RenameMode,

@@ -6,6 +6,8 @@
 //! `fhir-edge check` reports a broken file in one pass. Relative paths resolve against the directory of
 //! the file that names them.
 
+pub mod problems;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,14 +15,14 @@ use std::time::Duration;
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::Deserialize;
 
-use crate::audit;
 use crate::auth::{TokenCache, Verifier, VerifyKey};
-use crate::discovery;
-use crate::metrics::TenantLabel;
-use crate::problems::{whole_file, Problems, Source};
+use crate::config::problems::{whole_file, Problems, Source};
+use crate::fhir::discovery;
+use crate::ops::audit;
+use crate::ops::metrics::TenantLabel;
+use crate::routing::upstream::{read_ca_file, PeerSettings, Upstream, UpstreamUrl};
 use crate::token::keys::{SigningKey, SigningKeys};
 use crate::token::{limiter, TokenSettings};
-use crate::upstream::{read_ca_file, PeerSettings, Upstream, UpstreamUrl};
 
 // ---------------------------------------------------------------------------------------------
 // The file format. Defaults live in the `Default` impls, one place each.

@@ -10,7 +10,7 @@
 //! (non-1xx) response status line has been written, so a `100 Continue` does not arm it mid-body.
 //!
 //! The same wrapper holds back the intermediate flushes of a chunked response the proxy asks it to
-//! ([`HeaderDeadlineStream::hold_response`], [`crate::coalesce`]), so a small rewritten response
+//! ([`HeaderDeadlineStream::hold_response`], [`crate::proxy::coalesce`]), so a small rewritten response
 //! leaves in one `send`.
 //!
 //! The wrapper is installed by [`HeaderDeadline`], a `ServerApp` around the proxy application.
@@ -32,7 +32,7 @@ use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::coalesce::HeldFlush;
+use crate::proxy::coalesce::HeldFlush;
 
 /// What the proxy asked for through [`HeaderDeadlineStream::hold_response`] and
 /// [`HeaderDeadlineStream::release_response`], applied at the next read, write or flush.
@@ -42,7 +42,7 @@ const RELEASE: u8 = 2;
 
 /// Finds the blank line (`\r\n\r\n`) that ends an HTTP header block in bytes that come in pieces,
 /// however they are cut: the request headers read here, and the response headers
-/// [`crate::coalesce`] follows as they are written.
+/// [`crate::proxy::coalesce`] follows as they are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct BlankLine {
     /// How much of `\r\n\r\n` the bytes so far end with (0–3).

@@ -13,7 +13,7 @@ use std::time::Duration;
 use http::HeaderValue;
 use pingora::upstreams::peer::{HttpPeer, HttpUpstreamRequestPolicy};
 
-use crate::rewrite::Rewrites;
+use crate::fhir::rewrite::Rewrites;
 
 /// A parsed and checked upstream base URL (not yet resolved).
 #[derive(Debug, Clone, PartialEq, Eq)]

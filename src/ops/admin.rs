@@ -12,7 +12,7 @@ use http::{Method, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
-use crate::metrics::Metrics;
+use crate::ops::metrics::Metrics;
 use crate::reload::Live;
 use crate::routing::RoutingTable;
 use crate::token::endpoint::TokenService;

@@ -26,8 +26,8 @@ use pingora::connectors::http::Connector;
 use pingora::http::RequestHeader;
 use serde_json::{json, Value};
 
-use crate::metrics::Metrics;
-use crate::upstream::Upstream;
+use crate::ops::metrics::Metrics;
+use crate::routing::upstream::Upstream;
 
 pub const OAUTH_URIS: &str =
     "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris";
@@ -196,7 +196,7 @@ impl Discovery {
                 h.status.as_u16(),
                 h.headers
                     .get(http::header::CONTENT_TYPE)
-                    .is_some_and(|v| crate::batch::is_json_media_type(v.as_bytes())),
+                    .is_some_and(|v| crate::fhir::batch::is_json_media_type(v.as_bytes())),
             ),
             None => return Err("no response header".into()),
         };

@@ -7,7 +7,7 @@
 //! unrewritten response with a `Content-Length` leaves in one, because Pingora does not flush those
 //! until they are complete.
 //!
-//! [`HeldFlush`] lets the downstream connection wrapper ([`crate::deadline::HeaderDeadlineStream`])
+//! [`HeldFlush`] lets the downstream connection wrapper ([`crate::proxy::deadline::HeaderDeadlineStream`])
 //! skip those intermediate flushes for one response, which the proxy arms in its response filter.
 //! It follows the bytes being written, the header block and then the chunked framing, and ends the
 //! hold as soon as the last chunk (`0\r\n\r\n`) has been written, so the flush that follows it sends
@@ -16,8 +16,8 @@
 //! it reads from the client again (Pingora watches the client while it waits for the upstream), so
 //! held bytes never wait for the upstream or for the next request.
 
-use crate::deadline::BlankLine;
-use crate::pct::hex;
+use crate::fhir::pct::hex;
+use crate::proxy::deadline::BlankLine;
 
 /// Where the written bytes are, while a flush is held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -201,7 +201,7 @@ mod tests {
     #[test]
     fn whole_writes_and_single_bytes_agree_on_random_framing() {
         let alphabet = b"H\r\n\r\n0123456789aAfFxX";
-        let mut next = crate::deadline::test_random(0x9e37_79b9_7f4a_7c15);
+        let mut next = crate::proxy::deadline::test_random(0x9e37_79b9_7f4a_7c15);
         for _ in 0..20_000 {
             let len = (next() % 40) as usize;
             let mut bytes = b"H".to_vec();

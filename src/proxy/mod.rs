@@ -7,6 +7,10 @@
 //! `upstream_request_filter` rewrites the target and rebuilds the forwarding headers, and every
 //! failure, whatever the phase, becomes a response in [`crate::outcome`].
 
+pub mod coalesce;
+pub mod deadline;
+pub mod request_id;
+
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -18,24 +22,24 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, OrErr, Result};
 
-use crate::audit::{self, AuditLog};
 use crate::auth::{self, AuthFailure};
-use crate::batch;
-use crate::classify::{self, MethodPolicy, OwnEndpoint, PathError};
 use crate::config::Settings;
-use crate::deadline::HeaderDeadlineStream;
-use crate::discovery::{self, Discovery};
-use crate::metrics::{Metrics, NO_TENANT};
+use crate::fhir::batch;
+use crate::fhir::classify::{self, MethodPolicy, OwnEndpoint, PathError};
+use crate::fhir::discovery::{self, Discovery};
+use crate::fhir::rewrite::{BodyRewriter, Decoder};
+use crate::ops::audit::{self, AuditLog};
+use crate::ops::metrics::{Metrics, NO_TENANT};
 use crate::outcome::Outcome;
+use crate::proxy::deadline::HeaderDeadlineStream;
+use crate::proxy::request_id::RequestIds;
 use crate::reload::Live;
-use crate::request_id::RequestIds;
-use crate::rewrite::{BodyRewriter, Decoder};
 use crate::routing::{Route, RoutingTable};
 use crate::tenant::TenantId;
 use crate::token::endpoint::{Issued, RequestView, TokenService, MAX_FORM_BYTES};
 use crate::token::manage;
 
-/// The fhir-edge proxy: mount it with `pingora::proxy::http_proxy_service` (see [`crate::server`]).
+/// The fhir-edge proxy: mount it with `pingora::proxy::http_proxy_service` (see [`crate::edge`]).
 pub struct FhirEdge {
     settings: Arc<Settings>,
     routes: Arc<Live<RoutingTable>>,
@@ -80,7 +84,7 @@ pub struct RequestCtx {
     auth_failure: Option<AuthFailure>,
     /// Set when fhir-edge answers itself (or decides to, from a later phase).
     outcome: Option<Outcome>,
-    /// Buffer for `POST {base}` on a read-only route (see [`crate::batch`]).
+    /// Buffer for `POST {base}` on a read-only route (see [`crate::fhir::batch`]).
     batch: Option<Vec<u8>>,
     body_bytes: usize,
     upstream_status: Option<u16>,
@@ -89,7 +93,7 @@ pub struct RequestCtx {
     /// Route template for fhir-edge's own endpoints (`/token`, …), which the FHIR template rules
     /// would not name.
     template: Option<&'static str>,
-    /// Rewrites upstream links in a JSON response body (see [`crate::rewrite`]).
+    /// Rewrites upstream links in a JSON response body (see [`crate::fhir::rewrite`]).
     rewriter: Option<BodyRewriter>,
     /// Decodes a compressed upstream body before rewriting.
     decoder: Option<Decoder>,
@@ -233,9 +237,9 @@ impl FhirEdge {
         let format = query.and_then(|q| {
             q.split(|&b| b == b'&').find_map(|pair| {
                 let mut it = pair.splitn(2, |&b| b == b'=');
-                let name = crate::pct::decode(it.next().unwrap_or_default(), true);
+                let name = crate::fhir::pct::decode(it.next().unwrap_or_default(), true);
                 (name == b"_format").then(|| {
-                    String::from_utf8_lossy(&crate::pct::decode(
+                    String::from_utf8_lossy(&crate::fhir::pct::decode(
                         it.next().unwrap_or_default(),
                         true,
                     ))
@@ -571,7 +575,7 @@ impl ProxyHttp for FhirEdge {
             let below = path.strip_prefix(base).unwrap_or(path);
             let search = below.ends_with(b"/_search") || below.ends_with(b"/_search/");
             let batch = below.is_empty() || below == b"/";
-            crate::metrics::method_class(&req.method, search, batch)
+            crate::ops::metrics::method_class(&req.method, search, batch)
         };
         if classify::is_public_metadata(&req.method, path, &self.settings.public.path) {
             return self.serve_metadata(session, ctx).await;
@@ -885,7 +889,7 @@ impl ProxyHttp for FhirEdge {
             .with_label_values(&[
                 label,
                 ctx.method_class,
-                crate::metrics::status_class(status),
+                crate::ops::metrics::status_class(status),
             ])
             .inc();
         m.request_duration
