@@ -1,56 +1,57 @@
-//! Assembles the Pingora server from validated [`Settings`]: the proxy service with its listeners and
-//! the routing-table reloader. Pingora's own command line and YAML are not used (its `Opt` would
-//! swallow our arguments); its `ServerConf` is built here from our config.
+//! [`Edge`]: fhir-edge as a Pingora plugin. Built from [`Settings`] (a file, or constructed in code), it
+//! adds its proxy service, its hot-file reloader and its admin listener to a caller's Pingora `Server`
+//! with one call ([`Edge::add_to`]).
+//!
+//! Building an edge does the blocking work once, before anything is served: it validates the
+//! settings, reads the routing table and the client registry, resolves upstream host names and opens the
+//! audit log. It installs nothing process-wide: no allocator, no logger, no crypto provider. The
+//! `fhir-edge` binary does those in `main.rs` (see [`crate::install_crypto_provider`] and
+//! [`crate::init_logging`]).
 
+use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 
+use pingora::apps::http_app::HttpServer;
 use pingora::apps::HttpServerOptions;
-use pingora::server::configuration::{Opt, ServerConf};
+use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
+use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
 use pingora::services::background::background_service;
+use pingora::services::listening::Service;
 
 use crate::config::problems::Problems;
-use crate::config::Settings;
-use crate::fhir::discovery::{Discovery, SecurityUris};
+use crate::config::{Config, MetadataSource, Settings};
+use crate::fhir::discovery::{self, Discovery, SecurityUris};
 use crate::ops::admin::Admin;
 use crate::ops::audit::AuditLog;
 use crate::ops::metrics::Metrics;
 use crate::proxy::deadline::HeaderDeadline;
 use crate::proxy::FhirEdge;
 use crate::reload::{Live, Reload, Reloader};
+use crate::routing::upstream::Upstream;
 use crate::routing::RoutingTable;
 use crate::token::clients::ClientRegistry;
 use crate::token::endpoint::TokenService;
-use pingora::apps::http_app::HttpServer;
-use pingora::listeners::tls::TlsSettings;
-use pingora::listeners::{L4BufferSettings, ListenerConfig};
-use pingora::services::listening::Service;
 
 /// Downstream write buffer. Pingora's default (1,460 bytes, one MSS) sends a response header on its
-/// own and then each body chunk's size line, data and CRLF as separate `send`s: five syscalls and
-/// loopback round trips for a small rewritten Bundle. 16 KiB holds the header and a typical FHIR
-/// response's first chunk, so they leave in one `send` (Pingora still flushes after every chunk and
-/// at the end of every body, so nothing waits in the buffer).
+/// own and then each body chunk's size line, data and CRLF as separate `send`s. 16 KiB holds the header
+/// and a typical FHIR response's first chunk, so they leave together (Pingora still flushes after every
+/// chunk and at the end of every body, so nothing waits in the buffer).
 const DOWNSTREAM_WRITE_BUFFER: usize = 16 * 1024;
 
-/// How the process was asked to start.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct RunOptions {
-    /// Take over the listening sockets of a running fhir-edge (Pingora graceful upgrade).
-    pub upgrade: bool,
-    /// Detach and run in the background.
-    pub daemon: bool,
-}
-
-/// Why the server could not be built.
+/// Why an edge could not be built or mounted.
 #[derive(Debug, thiserror::Error)]
-pub enum StartError {
+pub enum EdgeError {
+    #[error("invalid configuration:\n{0}")]
+    Config(Problems),
     #[error("the routing table does not load:\n{0}")]
     Routes(Problems),
     #[error("the client registry does not load:\n{0}")]
     Clients(Problems),
-    #[error("no metadata source (metadata_upstream or metadata_file) was configured")]
-    NoMetadata,
+    #[error("metadata_upstream: {0}")]
+    Metadata(String),
     #[error("metrics: {0}")]
     Metrics(String),
     #[error("cannot open the access log: {0}")]
@@ -61,87 +62,198 @@ pub enum StartError {
     Listener { addr: String, message: String },
 }
 
-/// Builds the server; `run_forever()` on the result starts it.
-pub fn build(mut settings: Settings, opts: RunOptions) -> Result<Server, StartError> {
-    crate::auth::jwt::self_test().map_err(StartError::Crypto)?;
-    let routes = Arc::new(
-        Live::<RoutingTable>::load_file(
-            settings.routes_file.clone(),
-            settings.route_defaults.clone(),
-        )
-        .map_err(StartError::Routes)?,
-    );
-    let token = match settings.token.take() {
-        None => None,
-        Some(t) => {
-            let clients = Live::<ClientRegistry>::load_file(t.clients_file.clone(), ())
-                .map_err(StartError::Clients)?;
-            Some(Arc::new(TokenService::new(
-                t,
-                Arc::new(clients),
-                routes.clone(),
-            )))
-        }
-    };
-    let security = token.as_ref().map(|t| {
-        let s = &t.settings;
-        let base = &settings.public.url;
-        SecurityUris {
-            token: s.url.clone(),
-            authorize: s.authorize_url.clone(),
-            register: format!("{base}{}", s.management_path),
-            jwks: format!("{base}{}", crate::fhir::classify::JWKS_PATH),
-            issuer: s.issuer.clone(),
-        }
-    });
-    let metrics = Arc::new(Metrics::new().map_err(|e| StartError::Metrics(e.to_string()))?);
-    let audit =
-        AuditLog::open(&settings.access_log).map_err(|e| StartError::AccessLog(e.to_string()))?;
-    let source = settings.metadata.take().ok_or(StartError::NoMetadata)?;
-    let discovery = Arc::new(Discovery::new(
-        source,
-        settings.metadata_ttl,
-        settings.public.url.clone(),
-        security,
-        metrics.clone(),
-    ));
-    let settings = Arc::new(settings);
+/// One fhir-edge, ready to be added to a Pingora server.
+///
+/// ```no_run
+/// use pingora::server::Server;
+///
+/// let edge = fhir_edge::Edge::from_file("conf/fhir-edge.yaml".as_ref())?;
+/// let mut server = Server::new_with_opt_and_conf(None, edge.server_conf());
+/// server.bootstrap();
+/// edge.add_to(&mut server)?;
+/// // server.add_service(...): the host's own services go beside it.
+/// server.run_forever();
+/// # #[allow(unreachable_code)]
+/// # Ok::<(), fhir_edge::EdgeError>(())
+/// ```
+pub struct Edge {
+    config: Config,
+    routes: Arc<Live<RoutingTable>>,
+    token: Option<Arc<TokenService>>,
+    discovery: Arc<Discovery>,
+    metrics: Arc<Metrics>,
+    audit: AuditLog,
+}
 
-    let s = &settings.server;
-    let mut conf = ServerConf {
-        threads: s.threads,
-        // Pingora's default grace period is an unconditional 300 s sleep on SIGTERM.
-        grace_period_seconds: Some(s.grace_period_seconds),
-        graceful_shutdown_timeout_seconds: Some(s.graceful_shutdown_timeout_seconds),
-        upstream_keepalive_pool_size: s.upstream_keepalive_pool_size,
-        max_retries: s.max_retries,
-        pid_file: s.pid_file.clone(),
-        upgrade_sock: s.upgrade_sock.clone(),
-        // Off by default: one single-threaded runtime per worker thread keeps a connection's tasks
-        // on one core (no cross-thread wake-ups); measured at least as fast here (README).
-        work_stealing: s.work_stealing,
-        ..ServerConf::default()
-    };
-    conf.daemon = opts.daemon;
-    let opt = Opt {
-        upgrade: opts.upgrade,
-        daemon: opts.daemon,
-        ..Opt::default()
-    };
-    let mut server = Server::new_with_opt_and_conf(opt, conf);
-    server.bootstrap();
+impl Edge {
+    /// Validates `settings` (every problem at once) and loads what they name.
+    pub fn new(settings: Settings) -> Result<Edge, EdgeError> {
+        Edge::build(Config::from_settings(settings).map_err(EdgeError::Config)?)
+    }
 
-    let limits = &settings.limits;
+    /// Reads, validates and loads a config file (problems carry line numbers).
+    pub fn from_file(path: &Path) -> Result<Edge, EdgeError> {
+        Edge::build(Config::load(path).map_err(EdgeError::Config)?)
+    }
+
+    fn build(mut config: Config) -> Result<Edge, EdgeError> {
+        crate::auth::jwt::self_test().map_err(EdgeError::Crypto)?;
+        let routes = Arc::new(
+            Live::<RoutingTable>::load_file(
+                config.routes_file.clone(),
+                config.route_defaults.clone(),
+            )
+            .map_err(EdgeError::Routes)?,
+        );
+        let token = match config.token.take() {
+            None => None,
+            Some(t) => {
+                let clients = Live::<ClientRegistry>::load_file(t.clients_file.clone(), ())
+                    .map_err(EdgeError::Clients)?;
+                Some(Arc::new(TokenService::new(
+                    t,
+                    Arc::new(clients),
+                    routes.clone(),
+                )))
+            }
+        };
+        let metrics = Arc::new(Metrics::new().map_err(|e| EdgeError::Metrics(e.to_string()))?);
+        let audit =
+            AuditLog::open(&config.access_log).map_err(|e| EdgeError::AccessLog(e.to_string()))?;
+        let discovery = Arc::new(Discovery::new(
+            metadata_source(&config)?,
+            config.metadata_ttl,
+            config.public.url.clone(),
+            token.as_deref().map(|t| security_uris(&config, t)),
+            metrics.clone(),
+        ));
+        Ok(Edge {
+            config,
+            routes,
+            token,
+            discovery,
+            metrics,
+            audit,
+        })
+    }
+
+    /// A function that hands freed memory back to the OS (e.g. mimalloc's `mi_collect`), called after
+    /// a large routing table loads (and at once, if one already has). The library makes no allocator
+    /// calls of its own. Process-wide: the first function given is kept.
+    pub fn release_memory_with(self, release: fn()) -> Edge {
+        crate::memory::set_release(Some(release));
+        self
+    }
+
+    /// The Pingora server settings these settings ask for (threads, shutdown timing, upstream pool,
+    /// retries, pid and upgrade-socket paths). A host with its own `ServerConf` may use its own; the
+    /// proxy reads the pool size and retry count from the server it is added to.
+    pub fn server_conf(&self) -> ServerConf {
+        let s = &self.config.server;
+        ServerConf {
+            threads: s.threads,
+            // Pingora's default grace period is an unconditional 300 s sleep on SIGTERM.
+            grace_period_seconds: Some(s.grace_period_seconds),
+            graceful_shutdown_timeout_seconds: Some(s.graceful_shutdown_timeout_seconds),
+            upstream_keepalive_pool_size: s.upstream_keepalive_pool_size,
+            max_retries: s.max_retries,
+            pid_file: s.pid_file.clone(),
+            upgrade_sock: s.upgrade_sock.clone(),
+            // Off by default: one single-threaded runtime per worker thread keeps a connection's
+            // tasks on one core (no cross-thread wake-ups); measured at least as fast (docs/performance.md).
+            work_stealing: s.work_stealing,
+            ..ServerConf::default()
+        }
+    }
+
+    /// The process log level the settings ask for.
+    pub fn log_level(&self) -> log::LevelFilter {
+        self.config.log_level
+    }
+
+    /// One line for the start-up log: listeners, public base, routing table, token endpoint.
+    pub fn describe(&self) -> String {
+        let c = &self.config;
+        let listeners: Vec<String> = c
+            .listen
+            .iter()
+            .map(|a| format!("http://{a}"))
+            .chain(
+                c.tls_listeners
+                    .iter()
+                    .map(|l| format!("https://{}", l.addr)),
+            )
+            .collect();
+        let mut line = format!(
+            "listening on {}, admin on {}, public base {}, routing table {}",
+            listeners.join(", "),
+            c.admin_listen,
+            c.public.url,
+            c.routes_file.display(),
+        );
+        if let Some(t) = &self.token {
+            let s = &t.settings;
+            line.push_str(&format!(
+                "; token endpoint {} (issuer {}, signing key {} {:?}), clients {}",
+                s.url,
+                s.issuer,
+                s.keys.active.kid,
+                s.keys.active.alg,
+                s.clients_file.display()
+            ));
+        }
+        line
+    }
+
+    /// Adds the proxy service (with its listeners), the reloader of the hot files and the admin
+    /// listener to `server`. The listeners open only after the reloader's watchers are in place, so no
+    /// edit after start-up goes unnoticed.
+    pub fn add_to(self, server: &mut Server) -> Result<(), EdgeError> {
+        let config = Arc::new(self.config);
+        let proxy = FhirEdge::new(
+            config.clone(),
+            self.routes.clone(),
+            self.token.clone(),
+            self.discovery,
+            self.metrics.clone(),
+            self.audit,
+        );
+        let service = proxy_service(server, &config, proxy)?;
+        let proxy_handle = server.add_service(service);
+        let mut files: Vec<Arc<dyn Reload>> = vec![self.routes.clone()];
+        if let Some(t) = &self.token {
+            files.push(t.clients.clone());
+        }
+        let reload_handle = server.add_service(background_service(
+            "file reload",
+            Reloader {
+                files,
+                debounce: config.server.reload_debounce,
+                poll: config.server.reload_poll,
+            },
+        ));
+        proxy_handle.add_dependency(&reload_handle);
+        server.add_service(admin_service(
+            config.admin_listen,
+            Admin {
+                metrics: self.metrics,
+                routes: self.routes,
+                token: self.token,
+            },
+        ));
+        Ok(())
+    }
+}
+
+/// The proxy application behind the header deadline, on every configured listener.
+fn proxy_service(
+    server: &Server,
+    config: &Config,
+    proxy: FhirEdge,
+) -> Result<Service<HeaderDeadline<pingora_proxy::HttpProxy<FhirEdge>>>, EdgeError> {
+    let limits = &config.limits;
     let mut server_options = HttpServerOptions::default();
     server_options.keepalive_request_limit = Some(limits.keepalive_requests);
-    let proxy = FhirEdge::new(
-        settings.clone(),
-        routes.clone(),
-        token.clone(),
-        discovery,
-        metrics.clone(),
-        audit,
-    );
     let mut app = pingora_proxy::http_proxy(&server.configuration, proxy);
     app.server_options = Some(server_options);
     // Every connection gets a total deadline for each request's header block (slowloris).
@@ -150,12 +262,12 @@ pub fn build(mut settings: Settings, opts: RunOptions) -> Result<Server, StartEr
         HeaderDeadline::new(app, limits.header_timeout),
     );
     let buffers = L4BufferSettings::default().write(DOWNSTREAM_WRITE_BUFFER);
-    for addr in &settings.listen {
+    for addr in &config.listen {
         service.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(buffers));
     }
-    for l in &settings.tls_listeners {
+    for l in &config.tls_listeners {
         let (cert, key) = (l.cert_file.to_string_lossy(), l.key_file.to_string_lossy());
-        let tls = TlsSettings::intermediate(&cert, &key).map_err(|e| StartError::Listener {
+        let tls = TlsSettings::intermediate(&cert, &key).map_err(|e| EdgeError::Listener {
             addr: l.addr.to_string(),
             message: format!("{:?}", e.etype()),
         })?;
@@ -165,34 +277,39 @@ pub fn build(mut settings: Settings, opts: RunOptions) -> Result<Server, StartEr
                 .l4_buffer(buffers),
         );
     }
-    let proxy_handle = server.add_service(service);
-    let (routes_for_admin, token_for_admin) = (routes.clone(), token.clone());
-    let mut files: Vec<Arc<dyn Reload>> = vec![routes];
-    if let Some(t) = &token {
-        files.push(t.clients.clone());
-    }
-    let reload_handle = server.add_service(background_service(
-        "file reload",
-        Reloader {
-            files,
-            debounce: s.reload_debounce,
-            poll: s.reload_poll,
-        },
-    ));
-    // Listeners open only after the watcher is in place, so no edit after start-up goes unnoticed.
-    proxy_handle.add_dependency(&reload_handle);
+    Ok(service)
+}
 
-    let mut admin = Service::new(
-        "fhir-edge admin".to_string(),
-        HttpServer::new_app(Admin {
-            metrics,
-            routes: routes_for_admin,
-            token: token_for_admin,
-        }),
-    );
-    admin.add_tcp(&settings.admin_listen.to_string());
+fn admin_service(addr: SocketAddr, admin: Admin) -> Service<HttpServer<Admin>> {
+    let mut service = Service::new("fhir-edge admin".to_string(), HttpServer::new_app(admin));
+    service.add_tcp(&addr.to_string());
     // One thread is plenty for scrapes and probes.
-    admin.threads = Some(1);
-    server.add_service(admin);
-    Ok(server)
+    service.threads = Some(1);
+    service
+}
+
+/// The statement source, with the metadata upstream's host resolved now (never on the request path).
+fn metadata_source(config: &Config) -> Result<discovery::Source, EdgeError> {
+    match &config.metadata {
+        MetadataSource::File(v) => Ok(discovery::Source::File(v.clone())),
+        MetadataSource::Upstream(url) => {
+            let addr = url.resolve().map_err(EdgeError::Metadata)?;
+            Upstream::build(url, addr, &config.route_defaults.peer_settings(0))
+                .map(|u| discovery::Source::Upstream(Box::new(u)))
+                .map_err(EdgeError::Metadata)
+        }
+    }
+}
+
+/// The URLs the discovery documents advertise for fhir-edge's own token endpoint.
+fn security_uris(config: &Config, token: &TokenService) -> SecurityUris {
+    let s = &token.settings;
+    let base = &config.public.url;
+    SecurityUris {
+        token: s.url.clone(),
+        authorize: s.authorize_url.clone(),
+        register: format!("{base}{}", s.management_path),
+        jwks: format!("{base}{}", crate::fhir::classify::JWKS_PATH),
+        issuer: s.issuer.clone(),
+    }
 }

@@ -25,15 +25,21 @@
 //!    6749 error) in [`outcome`].
 //!
 //! ## Mounting it in another Pingora server
+//! [`Edge`] is the public API: build it from [`Settings`] (a file, or constructed in code) and add it to
+//! your own `pingora::server::Server` with one call; `examples/embed.rs` mounts it beside a service of
+//! its own. The library installs nothing process-wide: call [`install_crypto_provider`] (optional, the
+//! faster JWT verification) and [`init_logging`] (or your own logger) yourself.
 //! ```no_run
-//! use std::path::Path;
-//! let settings = fhir_edge::config::Settings::load(Path::new("conf/fhir-edge.yaml")).unwrap();
-//! fhir_edge::ops::logging::init(settings.log_level);
-//! let server = fhir_edge::edge::build(settings, Default::default()).unwrap();
+//! let mut settings = fhir_edge::Settings::from_file("conf/fhir-edge.yaml".as_ref())?;
+//! settings.listen = vec!["127.0.0.1:8080".into()];
+//! let edge = fhir_edge::Edge::new(settings)?;
+//! let mut server = pingora::server::Server::new_with_opt_and_conf(None, edge.server_conf());
+//! server.bootstrap();
+//! edge.add_to(&mut server)?;
 //! server.run_forever();
+//! # #[allow(unreachable_code)]
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
-//! [`edge::build`] shows how the pieces fit: [`proxy::FhirEdge`] is a plain `ProxyHttp` and
-//! [`reload::Reloader`] a plain `BackgroundService`, so another server can add both to its own.
 //!
 //! [Pingora]: https://github.com/cloudflare/pingora
 
@@ -43,6 +49,7 @@ compile_error!("enable exactly one JWT crypto backend: `aws-lc` (default) or `ru
 compile_error!("enable a JWT crypto backend: `aws-lc` (default) or `rust-crypto`");
 
 pub mod auth;
+pub mod cli;
 pub mod config;
 pub mod edge;
 pub mod fasthash;
@@ -56,3 +63,25 @@ pub mod routing;
 pub mod tenant;
 pub mod time;
 pub mod token;
+
+pub use config::problems::{Problem, Problems};
+pub use config::settings::{
+    AdminSettings, AuthSettings, FailedAuthSettings, IssuerKeySettings, IssuerSettings,
+    LimitSettings, LogSettings, ServerSettings, Settings, TlsListenerSettings,
+    TokenEndpointSettings,
+};
+pub use edge::{Edge, EdgeError};
+
+/// Installs fhir-edge's JWT crypto provider process-wide (aws-lc-rs with RSA and ECDSA keys parsed once
+/// instead of per token); true when it is the one in use. Optional: without it jsonwebtoken's own
+/// provider for the same backend verifies the same tokens, more slowly. Call it before anything uses
+/// jsonwebtoken.
+pub fn install_crypto_provider() -> bool {
+    auth::install_crypto()
+}
+
+/// Installs fhir-edge's process logger (one line per record on stderr, Pingora's records that could
+/// carry request bytes fenced off). An embedder may use its own logger instead.
+pub fn init_logging(level: log::LevelFilter) {
+    ops::logging::init(level)
+}

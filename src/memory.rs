@@ -16,9 +16,11 @@
 //!
 //! For the small files most deployments have there is nothing worth the call.
 //!
-//! Separately, [`disable_huge_pages`] keeps the kernel from backing the process with 2 MiB pages.
+//! The release itself is the embedder's (the `fhir-edge` binary passes mimalloc's `mi_collect`): the
+//! library makes no allocator calls.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
 /// Files at least this large are followed by a release.
 pub const LARGE_TEXT: usize = 1 << 20;
@@ -36,55 +38,34 @@ pub fn is_marked() -> bool {
     MARKED.load(Ordering::Relaxed)
 }
 
-/// [`release_freed`], if a large reload has marked garbage since the last call.
+/// [`release_freed`], if a large load has marked garbage since the last call and a release function
+/// is installed.
 pub fn release_marked() {
-    if MARKED.swap(false, Ordering::Relaxed) {
-        release_freed();
+    if let Some(release) = RELEASE.get() {
+        if MARKED.swap(false, Ordering::Relaxed) {
+            release();
+        }
     }
 }
 
-/// Returns the memory freed so far to the OS: this thread's free pages and every free page of the
-/// process (0.3–3.5 ms after a 100k reload). A no-op without the `mimalloc` feature, where the system
-/// allocator is in use.
+/// The embedder's release function ([`crate::Edge::release_memory_with`]); none by default.
+static RELEASE: OnceLock<fn()> = OnceLock::new();
+
+/// Installs the release function (the first one given wins) and runs it for a large start-up load
+/// that came before it.
+pub fn set_release(release: Option<fn()>) {
+    if let Some(f) = release {
+        let _ = RELEASE.set(f);
+        release_marked();
+    }
+}
+
+/// Returns the memory freed so far to the OS through the embedder's release function (0.3–3.5 ms with
+/// mimalloc's `mi_collect` after a 100k reload). Without one yet, the garbage is marked for
+/// [`set_release`].
 pub fn release_freed() {
-    #[cfg(feature = "mimalloc")]
-    collect();
-}
-
-#[cfg(feature = "mimalloc")]
-#[allow(unsafe_code)]
-fn collect() {
-    // SAFETY: `mi_collect` takes a plain bool and has no preconditions: it works on the calling
-    // thread's own heap and on mimalloc's process-wide arenas, under mimalloc's own synchronisation,
-    // and frees nothing that is still allocated. If mimalloc is not the global allocator (the
-    // library's tests), it collects mimalloc's empty heap: harmless.
-    unsafe { libmimalloc_sys::mi_collect(true) }
-}
-
-/// Turns transparent huge pages off for this process (Linux), unless the operator has set
-/// `MIMALLOC_ALLOW_THP`, mimalloc's own switch for the same thing: `0` turns them off just like this,
-/// `1` keeps them.
-///
-/// mimalloc asks the kernel for huge pages on its memory (`madvise(MADV_HUGEPAGE)`), so on a system whose
-/// THP mode is `madvise` (a common distribution default) or `always`, a page fault zeroes and makes
-/// resident 2 MiB at a time, used or not. A proxy's memory is many small allocations spread over
-/// per-thread heaps: the huge pages were ~6–10 MiB of resident memory at every point (load harness,
-/// 100,000 tenants: 30 vs 39 MiB after start, 68 vs 77 MiB at the peak of a reload; 10 tenants 13 vs
-/// 23 MiB), with no throughput difference measurable. Call it first thing in `main`: the setting
-/// covers every later page fault of the process (and is inherited by any child it starts).
-#[cfg(target_os = "linux")]
-#[allow(unsafe_code)]
-pub fn disable_huge_pages() {
-    if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
-        return;
+    match RELEASE.get() {
+        Some(release) => release(),
+        None => mark_garbage(),
     }
-    let (on, unused): (libc::c_ulong, libc::c_ulong) = (1, 0);
-    // SAFETY: `prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)` passes integers only, reads and writes no memory
-    // of ours, and only sets a flag on this process's memory descriptor. A kernel without it (before
-    // 3.15) answers EINVAL, and the process runs as before: nothing to handle.
-    let _ = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, on, unused, unused, unused) };
 }
-
-/// Transparent huge pages are a Linux feature: nothing to turn off elsewhere.
-#[cfg(not(target_os = "linux"))]
-pub fn disable_huge_pages() {}

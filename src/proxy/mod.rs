@@ -23,7 +23,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, OrErr, Result};
 
 use crate::auth::{self, AuthFailure};
-use crate::config::Settings;
+use crate::config::Config as Settings;
 use crate::fhir::batch;
 use crate::fhir::classify::{self, MethodPolicy, OwnEndpoint, PathError};
 use crate::fhir::discovery::{self, Discovery};

@@ -1,0 +1,190 @@
+//! The `fhir-edge` command line: `run` (the default), `check`, `keygen` and `clients …`.
+//!
+//! It lives in the library so that it reaches the registry and key code without making them public;
+//! the binary's `main.rs` keeps what is process-wide (the allocator, `prctl`, the crypto provider) and
+//! calls [`main`].
+
+mod clients;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{anyhow, Context};
+use clap::{Parser, Subcommand};
+use pingora::server::configuration::Opt;
+use pingora::server::Server;
+
+use crate::config::{Config, MetadataSource, Settings};
+use crate::reload::{Live, Loadable};
+use crate::routing::RoutingTable;
+use crate::token::clients::ClientRegistry;
+use crate::token::keys::{keygen, KeyAlg};
+use crate::Edge;
+
+#[derive(Parser)]
+#[command(
+    name = "fhir-edge",
+    version,
+    about = "Multi-tenant FHIR edge proxy on Pingora"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+const DEFAULT_CONFIG: &str = "conf/fhir-edge.yaml";
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the proxy (the default when no subcommand is given).
+    Run {
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Take over the listening sockets of the running instance (send it SIGQUIT).
+        #[arg(long, short)]
+        upgrade: bool,
+        /// Run in the background.
+        #[arg(long, short)]
+        daemon: bool,
+    },
+    /// Validate the config and every file it names; print every problem; exit 1 on any.
+    Check {
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Resolve no host names (check a config away from the network it will run on).
+        #[arg(long)]
+        offline: bool,
+    },
+    /// Write a new token-signing private key (PKCS#8 PEM, mode 0600) and print its kid.
+    Keygen {
+        /// ES256 (P-256) or RS256 (RSA 2048).
+        #[arg(long, default_value = "ES256")]
+        alg: KeyAlg,
+        /// The file to create (never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Manage the client registry (clients.yaml); a running proxy picks changes up at once.
+    Clients(clients::ClientsArgs),
+}
+
+/// What the binary gives the command line: process-wide hooks the library does not install itself.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Hooks {
+    /// Hands freed memory back to the OS after a large routing table loads
+    /// ([`Edge::release_memory_with`]).
+    pub release_memory: Option<fn()>,
+}
+
+/// Parses the process arguments and runs the command.
+pub fn main(hooks: Hooks) -> ExitCode {
+    let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Run {
+        config: PathBuf::from(DEFAULT_CONFIG),
+        upgrade: false,
+        daemon: false,
+    });
+    let result = match command {
+        Command::Run {
+            config,
+            upgrade,
+            daemon,
+        } => run(config, upgrade, daemon, hooks),
+        Command::Check { config, offline } => check(config, offline),
+        Command::Keygen { alg, out } => keygen(alg, &out)
+            .map(|kid| {
+                println!("wrote {} ({alg:?}), kid {kid}", out.display());
+                ExitCode::SUCCESS
+            })
+            .map_err(|e| anyhow!(e)),
+        Command::Clients(args) => clients::manage(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("fhir-edge: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(config: PathBuf, upgrade: bool, daemon: bool, hooks: Hooks) -> anyhow::Result<ExitCode> {
+    // The logger first, so that what loading the files logs is seen.
+    let settings =
+        Settings::from_file(&config).map_err(|p| anyhow!("invalid configuration:\n{p}"))?;
+    crate::init_logging(settings.log.level.parse().unwrap_or(log::LevelFilter::Info));
+    let mut edge = Edge::from_file(&config).context("cannot start")?;
+    if let Some(release) = hooks.release_memory {
+        edge = edge.release_memory_with(release);
+    }
+    log::info!(
+        "fhir-edge {} starting: {}",
+        env!("CARGO_PKG_VERSION"),
+        edge.describe()
+    );
+    log::info!(
+        "JWT crypto: {}",
+        if crate::install_crypto_provider() {
+            "aws-lc-rs, RSA and ECDSA keys parsed once per thread"
+        } else {
+            "jsonwebtoken's default provider"
+        }
+    );
+    let mut conf = edge.server_conf();
+    conf.daemon = daemon;
+    let opt = Opt {
+        upgrade,
+        daemon,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+    edge.add_to(&mut server).context("cannot start")?;
+    server.run_forever()
+}
+
+fn check(config: PathBuf, offline: bool) -> anyhow::Result<ExitCode> {
+    let settings = match Config::load(&config) {
+        Ok(s) => s,
+        Err(p) => {
+            println!("{p}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    crate::auth::jwt::self_test().map_err(|e| anyhow!("JWT self-test: {e}"))?;
+    let mut problems = Vec::new();
+    let mut summary = vec![format!("{} keys", settings.verifier.key_count())];
+    if let (MetadataSource::Upstream(url), false) = (&settings.metadata, offline) {
+        if let Err(m) = url.resolve() {
+            problems.push(format!("{}: metadata_upstream: {m}", config.display()));
+        }
+    }
+    match Live::<RoutingTable>::load_file(
+        settings.routes_file.clone(),
+        settings.route_defaults.clone(),
+    ) {
+        Ok(t) => summary.push(format!(
+            "routing table {}: {}",
+            settings.routes_file.display(),
+            t.load().summary()
+        )),
+        Err(p) => problems.push(p.to_string()),
+    }
+    if let Some(t) = &settings.token {
+        match Live::<ClientRegistry>::load_file(t.clients_file.clone(), ()) {
+            Ok(c) => summary.push(format!(
+                "clients {}: {}",
+                t.clients_file.display(),
+                c.load().summary()
+            )),
+            Err(p) => problems.push(p.to_string()),
+        }
+    }
+    if problems.is_empty() {
+        println!("{}: ok ({})", config.display(), summary.join("; "));
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("{}", problems.join("\n"));
+        Ok(ExitCode::FAILURE)
+    }
+}

@@ -1,0 +1,314 @@
+//! [`Settings`]: what `conf/fhir-edge.yaml` says, as plain data.
+//!
+//! This is the file format and the public way to configure an embedded fhir-edge: read it from a file
+//! ([`Settings::from_file`]) or build it in code (`Settings { .., ..Settings::default() }`). Nothing
+//! here is checked or resolved: [`crate::Edge::new`] validates the whole of it at once and reports every
+//! problem. Every struct rejects unknown keys (a misspelt key is an error, not a silent default), and
+//! every default lives in one `Default` impl. Relative paths are taken against [`Settings::base_dir`].
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::config::problems::{whole_file, Problems, Source};
+
+/// The static configuration of one fhir-edge (restart to change; the routing table and the client
+/// registry it names are hot-reloaded).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Plain-HTTP listeners, `IP:port`.
+    pub listen: Vec<String>,
+    pub tls_listeners: Vec<TlsListenerSettings>,
+    /// What clients call this proxy: `https://edge.example.org/fhir` (required).
+    pub public_base_url: String,
+    /// The hot-reloaded routing table, YAML or JSON (required).
+    pub routes_file: String,
+    /// Where `GET {base}/metadata` comes from: an upstream FHIR base URL, or a file.
+    pub metadata_upstream: Option<String>,
+    pub metadata_file: Option<String>,
+    pub metadata_ttl_seconds: u64,
+    pub auth: AuthSettings,
+    pub limits: LimitSettings,
+    pub server: ServerSettings,
+    pub log: LogSettings,
+    pub token_endpoint: Option<TokenEndpointSettings>,
+    pub admin: AdminSettings,
+    /// The directory relative paths are taken against: the config file's own directory when read from a
+    /// file, the working directory otherwise. Not a key of the file.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            listen: Vec::new(),
+            tls_listeners: Vec::new(),
+            public_base_url: String::new(),
+            routes_file: String::new(),
+            metadata_upstream: None,
+            metadata_file: None,
+            metadata_ttl_seconds: 300,
+            auth: AuthSettings::default(),
+            limits: LimitSettings::default(),
+            server: ServerSettings::default(),
+            log: LogSettings::default(),
+            token_endpoint: None,
+            admin: AdminSettings::default(),
+            base_dir: PathBuf::from("."),
+        }
+    }
+}
+
+impl Settings {
+    /// Reads a config file. Only the YAML is checked here (with file, line and column); the values are
+    /// checked by [`crate::Edge::new`].
+    pub fn from_file(path: &Path) -> Result<Settings, Problems> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| whole_file(path, format!("cannot read: {e}")))?;
+        Settings::from_yaml(path, &text)
+    }
+
+    /// Parses config text; `path` names it in problems, and its directory becomes
+    /// [`Settings::base_dir`].
+    pub fn from_yaml(path: &Path, text: &str) -> Result<Settings, Problems> {
+        let mut src = Source::new(path, text);
+        match serde_yaml_ng::from_str::<Settings>(text) {
+            Ok(mut s) => {
+                s.base_dir = match path.parent() {
+                    Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                    _ => PathBuf::from("."),
+                };
+                Ok(s)
+            }
+            Err(e) => {
+                src.yaml_error(&e);
+                Err(Problems(src.problems))
+            }
+        }
+    }
+}
+
+/// A TLS listener: address and PEM certificate chain and key.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsListenerSettings {
+    pub addr: String,
+    pub cert_file: String,
+    pub key_file: String,
+}
+
+/// Bearer-token verification: limits and the external issuers fhir-edge trusts.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSettings {
+    /// Clock skew allowed on `exp`/`nbf`.
+    pub leeway_seconds: u64,
+    pub max_token_bytes: usize,
+    /// The `realm` of `WWW-Authenticate: Bearer` challenges.
+    pub realm: String,
+    /// Verified tokens remembered (0 turns the cache off).
+    pub token_cache_entries: usize,
+    pub issuers: Vec<IssuerSettings>,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        AuthSettings {
+            leeway_seconds: 30,
+            max_token_bytes: 8192,
+            realm: "fhir-edge".into(),
+            token_cache_entries: 10_000,
+            issuers: Vec::new(),
+        }
+    }
+}
+
+/// An external token issuer and its verification keys.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IssuerSettings {
+    pub issuer: String,
+    pub audience: String,
+    pub keys: Vec<IssuerKeySettings>,
+    pub jwks_file: Option<String>,
+}
+
+/// One verification key of an issuer: a public key (RS*, ES*, EdDSA) or an HMAC secret file.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IssuerKeySettings {
+    pub kid: Option<String>,
+    pub alg: String,
+    pub public_key_file: Option<String>,
+    pub secret_file: Option<String>,
+}
+
+/// Request size and connection limits.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitSettings {
+    pub max_uri_bytes: usize,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_body_bytes: usize,
+    pub keepalive_timeout_seconds: u64,
+    pub keepalive_requests: u32,
+    pub header_timeout_seconds: u64,
+    pub body_read_timeout_seconds: u64,
+    pub write_timeout_seconds: u64,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        LimitSettings {
+            max_uri_bytes: 8 * 1024,
+            max_header_bytes: 32 * 1024,
+            max_headers: 100,
+            max_body_bytes: 10 * 1024 * 1024,
+            keepalive_timeout_seconds: 60,
+            keepalive_requests: 1000,
+            header_timeout_seconds: 10,
+            body_read_timeout_seconds: 30,
+            write_timeout_seconds: 30,
+        }
+    }
+}
+
+/// Process, upstream-connection and reload settings.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    pub threads: usize,
+    pub work_stealing: bool,
+    pub grace_period_seconds: u64,
+    pub graceful_shutdown_timeout_seconds: u64,
+    pub upstream_connect_timeout_ms: u64,
+    pub upstream_read_timeout_ms: u64,
+    pub upstream_write_timeout_ms: u64,
+    pub upstream_idle_timeout_ms: u64,
+    pub upstream_keepalive_pool_size: usize,
+    pub upstream_ca_file: Option<String>,
+    pub max_retries: usize,
+    pub pid_file: String,
+    pub upgrade_sock: String,
+    pub reload_debounce_ms: u64,
+    pub reload_poll_seconds: u64,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            threads: 2,
+            work_stealing: false,
+            grace_period_seconds: 5,
+            graceful_shutdown_timeout_seconds: 5,
+            upstream_connect_timeout_ms: 2_000,
+            upstream_read_timeout_ms: 30_000,
+            upstream_write_timeout_ms: 30_000,
+            upstream_idle_timeout_ms: 55_000,
+            upstream_keepalive_pool_size: 1024,
+            upstream_ca_file: None,
+            max_retries: 2,
+            pid_file: "/tmp/fhir-edge.pid".into(),
+            upgrade_sock: "/tmp/fhir-edge-upgrade.sock".into(),
+            reload_debounce_ms: 150,
+            reload_poll_seconds: 30,
+        }
+    }
+}
+
+/// The process log level and where audit lines go (`stdout`, `stderr`, `off` or a file path).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    pub level: String,
+    pub access: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            level: "info".into(),
+            access: "stdout".into(),
+        }
+    }
+}
+
+/// fhir-edge's own OAuth 2.0 token endpoint (client credentials).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenEndpointSettings {
+    pub path: String,
+    /// The token URL as clients see it (default: public base + `path`).
+    pub url: Option<String>,
+    pub authorize_url: Option<String>,
+    pub management_path: String,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub lifetime_seconds: u64,
+    /// The active signing key, PKCS#8 PEM (required).
+    pub signing_key: String,
+    pub previous_signing_keys: Vec<String>,
+    /// The hot-reloaded client registry (required).
+    pub clients_file: String,
+    pub grant_type_hyphen_alias: bool,
+    pub failed_auth: FailedAuthSettings,
+}
+
+impl Default for TokenEndpointSettings {
+    fn default() -> Self {
+        TokenEndpointSettings {
+            path: "/token".into(),
+            url: None,
+            authorize_url: None,
+            management_path: "/register".into(),
+            issuer: None,
+            audience: None,
+            lifetime_seconds: 3600,
+            signing_key: String::new(),
+            previous_signing_keys: Vec::new(),
+            clients_file: String::new(),
+            grant_type_hyphen_alias: true,
+            failed_auth: FailedAuthSettings::default(),
+        }
+    }
+}
+
+/// Throttling of failed client authentications at the token endpoint.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FailedAuthSettings {
+    pub per_client: u32,
+    pub per_source: u32,
+    pub window_seconds: u64,
+}
+
+impl Default for FailedAuthSettings {
+    fn default() -> Self {
+        FailedAuthSettings {
+            per_client: 10,
+            per_source: 50,
+            window_seconds: 60,
+        }
+    }
+}
+
+/// The admin listener (`/metrics`, `/healthz`, `/readyz`) and how tenants are named in metrics.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSettings {
+    pub listen: String,
+    /// `name`, `guid` or `off`.
+    pub tenant_label: String,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        AdminSettings {
+            listen: "127.0.0.1:9100".into(),
+            tenant_label: "name".into(),
+        }
+    }
+}

@@ -1,0 +1,429 @@
+//! The checks of each section of [`Settings`], and the assembly of [`Config`] from them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::auth::{TokenCache, Verifier, VerifyKey};
+use crate::config::issuers::{check_key_ids, load_issuers};
+use crate::config::problems::Source;
+use crate::config::settings::{LimitSettings, ServerSettings, Settings};
+use crate::config::token::validate_token;
+use crate::config::{
+    resolve, Config, Limits, MetadataSource, PublicBase, RouteDefaults, ServerConfig, TlsListener,
+};
+use crate::fhir::discovery;
+use crate::ops::audit;
+use crate::ops::metrics::TenantLabel;
+use crate::routing::upstream::{read_ca_file, UpstreamUrl};
+
+/// Validates every section; returns `None` when a value needed to build [`Config`] is missing (its
+/// problem is already recorded).
+pub(super) fn validate(f: Settings, config_path: PathBuf, src: &mut Source) -> Option<Config> {
+    let dir = f.base_dir.clone();
+    let dir = dir.as_path();
+    let (listen, tls_listeners) = listeners(&f, dir, src);
+    let public = required(&f.public_base_url, "public_base_url", src).and_then(|u| {
+        parse_public_base(u)
+            .map_err(|m| src.at(u, "public_base_url", m))
+            .ok()
+    });
+    let routes_file = required(&f.routes_file, "routes_file", src).map(|p| resolve(dir, p));
+    let limits = validate_limits(&f.limits, src);
+    let (server, mut route_defaults) = validate_server(&f.server, dir, src);
+    if let (Some(d), Some(p)) = (&mut route_defaults, &public) {
+        d.public_base = p.url.clone();
+    }
+    if let (Some(d), Some(l)) = (&mut route_defaults, tenant_label(&f, src)) {
+        d.tenant_label = l;
+    }
+    let admin_listen = f
+        .admin
+        .listen
+        .parse::<SocketAddr>()
+        .map_err(|_| {
+            src.at(
+                &f.admin.listen,
+                "admin.listen",
+                "must be an IP:port address",
+            )
+        })
+        .ok();
+    let access_log = match f.log.access.as_str() {
+        "stdout" => audit::Target::Stdout,
+        "stderr" => audit::Target::Stderr,
+        "off" => audit::Target::Off,
+        path => audit::Target::File(resolve(dir, path)),
+    };
+    let metadata = metadata(&f, dir, src);
+    let token = match (&f.token_endpoint, &public) {
+        (Some(t), Some(public)) => validate_token(t, public, dir, src),
+        _ => None,
+    };
+    let keys = trusted_keys(&f, dir, token.as_ref(), src);
+    let log_level = f
+        .log
+        .level
+        .parse::<log::LevelFilter>()
+        .map_err(|_| {
+            src.at(
+                &f.log.level,
+                "log.level",
+                "must be one of off, error, warn, info, debug, trace",
+            )
+        })
+        .ok();
+    Some(Config {
+        config_path,
+        listen,
+        tls_listeners,
+        public: public?,
+        routes_file: routes_file?,
+        metadata: metadata?,
+        metadata_ttl: Duration::from_secs(f.metadata_ttl_seconds),
+        verifier: Verifier::new(keys, f.auth.leeway_seconds),
+        token_cache: TokenCache::new(f.auth.token_cache_entries, f.auth.leeway_seconds),
+        realm: f.auth.realm,
+        max_token_bytes: f.auth.max_token_bytes,
+        limits: limits?,
+        server: server?,
+        route_defaults: route_defaults?,
+        log_level: log_level?,
+        token,
+        admin_listen: admin_listen?,
+        access_log,
+    })
+}
+
+/// A value the file must give.
+fn required<'v>(value: &'v str, key: &str, src: &mut Source) -> Option<&'v str> {
+    if value.is_empty() {
+        src.at(key, key, "is required");
+        None
+    } else {
+        Some(value)
+    }
+}
+
+fn listeners(f: &Settings, dir: &Path, src: &mut Source) -> (Vec<SocketAddr>, Vec<TlsListener>) {
+    let mut listen = Vec::new();
+    for (i, a) in f.listen.iter().enumerate() {
+        match a.parse::<SocketAddr>() {
+            Ok(addr) => listen.push(addr),
+            Err(_) => src.at(
+                a,
+                format!("listen[{i}]"),
+                "must be an IP:port address such as 127.0.0.1:8080",
+            ),
+        }
+    }
+    let mut tls_listeners = Vec::new();
+    for (i, l) in f.tls_listeners.iter().enumerate() {
+        let key = format!("tls_listeners[{i}]");
+        let addr = l
+            .addr
+            .parse::<SocketAddr>()
+            .map_err(|_| src.at(&l.addr, format!("{key}.addr"), "must be an IP:port address"));
+        let cert_file = resolve(dir, &l.cert_file);
+        let key_file = resolve(dir, &l.key_file);
+        for (name, p, raw) in [
+            ("cert_file", &cert_file, &l.cert_file),
+            ("key_file", &key_file, &l.key_file),
+        ] {
+            if let Err(e) = std::fs::metadata(p) {
+                src.at(
+                    raw,
+                    format!("{key}.{name}"),
+                    format!("cannot read {}: {e}", p.display()),
+                );
+            }
+        }
+        if let Ok(addr) = addr {
+            tls_listeners.push(TlsListener {
+                addr,
+                cert_file,
+                key_file,
+            });
+        }
+    }
+    if f.listen.is_empty() && f.tls_listeners.is_empty() {
+        src.at(
+            "listen",
+            "listen",
+            "at least one listener (listen or tls_listeners) is needed",
+        );
+    }
+    (listen, tls_listeners)
+}
+
+fn tenant_label(f: &Settings, src: &mut Source) -> Option<TenantLabel> {
+    match f.admin.tenant_label.as_str() {
+        "name" => Some(TenantLabel::Name),
+        "guid" => Some(TenantLabel::Guid),
+        "off" => Some(TenantLabel::Off),
+        other => {
+            src.at(other, "admin.tenant_label", "must be name, guid or off");
+            None
+        }
+    }
+}
+
+/// `metadata_upstream` (parsed, not resolved) or `metadata_file` (read and checked now, rather than
+/// when the proxy first serves it).
+fn metadata(f: &Settings, dir: &Path, src: &mut Source) -> Option<MetadataSource> {
+    if !(1..=86_400).contains(&f.metadata_ttl_seconds) {
+        src.at(
+            "metadata_ttl_seconds",
+            "metadata_ttl_seconds",
+            "must be between 1 and 86400",
+        );
+    }
+    match (&f.metadata_upstream, &f.metadata_file) {
+        (Some(u), None) => UpstreamUrl::parse(u)
+            .map(MetadataSource::Upstream)
+            .map_err(|m| src.at(u, "metadata_upstream", m))
+            .ok(),
+        (None, Some(file)) => std::fs::read_to_string(resolve(dir, file))
+            .map_err(|e| format!("cannot read: {e}"))
+            .and_then(|t| {
+                serde_json::from_str::<serde_json::Value>(&t).map_err(|e| format!("not JSON: {e}"))
+            })
+            .and_then(|v| {
+                discovery::transform(v.clone(), "", None)
+                    .map(|_| MetadataSource::File(v))
+                    .map_err(|p| format!("not a usable CapabilityStatement: {}", p.join("; ")))
+            })
+            .map_err(|m| src.at(file, "metadata_file", m))
+            .ok(),
+        _ => {
+            src.at(
+                "metadata",
+                "metadata_upstream",
+                "give exactly one of metadata_upstream and metadata_file",
+            );
+            None
+        }
+    }
+}
+
+/// Every key fhir-edge verifies tokens with: the external issuers' and its own token endpoint's.
+fn trusted_keys(
+    f: &Settings,
+    dir: &Path,
+    token: Option<&crate::token::TokenSettings>,
+    src: &mut Source,
+) -> Vec<VerifyKey> {
+    let mut keys = load_issuers(&f.auth, dir, src);
+    if let Some(t) = token {
+        // fhir-edge trusts its own issuer, with the same rules as any other.
+        keys.extend(t.keys.all().map(|k| VerifyKey {
+            kid: Some(k.kid.clone()),
+            alg: k.alg,
+            key: k.decoding.clone(),
+            issuer: t.issuer.clone(),
+            audience: t.audience.clone(),
+            own: true,
+        }));
+    }
+    if keys.is_empty() {
+        src.at(
+            "auth",
+            "auth.issuers",
+            "nothing to trust: configure an issuer under auth.issuers, or a token_endpoint",
+        );
+    }
+    check_key_ids(&keys, src);
+    let a = &f.auth;
+    if a.max_token_bytes < 256 || a.max_token_bytes > 64 * 1024 {
+        src.at(
+            "max_token_bytes",
+            "auth.max_token_bytes",
+            "must be between 256 and 65536",
+        );
+    }
+    if a.token_cache_entries > 10_000_000 {
+        src.at(
+            "token_cache_entries",
+            "auth.token_cache_entries",
+            "must be at most 10000000 (0 turns the cache off)",
+        );
+    }
+    if a.leeway_seconds > 300 {
+        src.at(
+            "leeway_seconds",
+            "auth.leeway_seconds",
+            "must be at most 300",
+        );
+    }
+    let printable = a
+        .realm
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\');
+    if a.realm.is_empty() || !printable {
+        src.at(
+            "realm",
+            "auth.realm",
+            "must be non-empty printable ASCII without quotes or backslashes",
+        );
+    }
+    keys
+}
+
+fn parse_public_base(s: &str) -> Result<PublicBase, String> {
+    let url = UpstreamUrl::parse(s)?;
+    Ok(PublicBase {
+        url: url.base_url(),
+        scheme: if url.tls { "https" } else { "http" }.into(),
+        authority: url.authority,
+        path: url.base_path,
+    })
+}
+
+fn validate_limits(l: &LimitSettings, src: &mut Source) -> Option<Limits> {
+    let before = src.problems.len();
+    let mut check = |ok: bool, key: &str, msg: &str| {
+        if !ok {
+            src.at(key, format!("limits.{key}"), msg);
+        }
+    };
+    check(
+        (256..=64 * 1024).contains(&l.max_uri_bytes),
+        "max_uri_bytes",
+        "must be between 256 and 65536",
+    );
+    check(
+        (1024..=1024 * 1024).contains(&l.max_header_bytes),
+        "max_header_bytes",
+        "must be between 1024 and 1048576",
+    );
+    check(
+        (8..=256).contains(&l.max_headers),
+        "max_headers",
+        "must be between 8 and 256",
+    );
+    check(
+        l.max_body_bytes >= 1024,
+        "max_body_bytes",
+        "must be at least 1024",
+    );
+    check(
+        (1..=3600).contains(&l.keepalive_timeout_seconds),
+        "keepalive_timeout_seconds",
+        "must be between 1 and 3600",
+    );
+    check(
+        l.keepalive_requests >= 1,
+        "keepalive_requests",
+        "must be at least 1",
+    );
+    for (key, v) in [
+        ("header_timeout_seconds", l.header_timeout_seconds),
+        ("body_read_timeout_seconds", l.body_read_timeout_seconds),
+        ("write_timeout_seconds", l.write_timeout_seconds),
+    ] {
+        check((1..=3600).contains(&v), key, "must be between 1 and 3600");
+    }
+    (src.problems.len() == before).then_some(Limits {
+        max_uri_bytes: l.max_uri_bytes,
+        max_header_bytes: l.max_header_bytes,
+        max_headers: l.max_headers,
+        max_body_bytes: l.max_body_bytes,
+        keepalive_timeout_seconds: l.keepalive_timeout_seconds,
+        keepalive_requests: l.keepalive_requests,
+        header_timeout: Duration::from_secs(l.header_timeout_seconds),
+        body_read_timeout: Duration::from_secs(l.body_read_timeout_seconds),
+        write_timeout: Duration::from_secs(l.write_timeout_seconds),
+    })
+}
+
+fn validate_server(
+    s: &ServerSettings,
+    dir: &Path,
+    src: &mut Source,
+) -> (Option<ServerConfig>, Option<RouteDefaults>) {
+    let before = src.problems.len();
+    let mut check = |ok: bool, key: &str, msg: &str| {
+        if !ok {
+            src.at(key, format!("server.{key}"), msg);
+        }
+    };
+    check(
+        (1..=256).contains(&s.threads),
+        "threads",
+        "must be between 1 and 256",
+    );
+    check(
+        s.grace_period_seconds <= 600,
+        "grace_period_seconds",
+        "must be at most 600",
+    );
+    check(
+        s.graceful_shutdown_timeout_seconds <= 600,
+        "graceful_shutdown_timeout_seconds",
+        "must be at most 600",
+    );
+    for (key, v) in [
+        ("upstream_connect_timeout_ms", s.upstream_connect_timeout_ms),
+        ("upstream_read_timeout_ms", s.upstream_read_timeout_ms),
+        ("upstream_write_timeout_ms", s.upstream_write_timeout_ms),
+        ("upstream_idle_timeout_ms", s.upstream_idle_timeout_ms),
+    ] {
+        check(
+            (1..=3_600_000).contains(&v),
+            key,
+            "must be between 1 and 3600000",
+        );
+    }
+    check(
+        s.upstream_keepalive_pool_size >= 1,
+        "upstream_keepalive_pool_size",
+        "must be at least 1",
+    );
+    check(s.max_retries <= 16, "max_retries", "must be at most 16");
+    check(
+        (10..=10_000).contains(&s.reload_debounce_ms),
+        "reload_debounce_ms",
+        "must be between 10 and 10000",
+    );
+    check(
+        s.reload_poll_seconds <= 86_400,
+        "reload_poll_seconds",
+        "must be at most 86400 (0 disables)",
+    );
+    let ca_der = match &s.upstream_ca_file {
+        None => None,
+        Some(p) => match read_ca_file(&resolve(dir, p)) {
+            Ok(ders) => Some(ders),
+            Err(m) => {
+                src.at(p, "server.upstream_ca_file", m);
+                None
+            }
+        },
+    };
+    if src.problems.len() != before {
+        return (None, None);
+    }
+    (
+        Some(ServerConfig {
+            threads: s.threads,
+            work_stealing: s.work_stealing,
+            grace_period_seconds: s.grace_period_seconds,
+            graceful_shutdown_timeout_seconds: s.graceful_shutdown_timeout_seconds,
+            upstream_keepalive_pool_size: s.upstream_keepalive_pool_size,
+            max_retries: s.max_retries,
+            pid_file: s.pid_file.clone(),
+            upgrade_sock: s.upgrade_sock.clone(),
+            reload_debounce: Duration::from_millis(s.reload_debounce_ms),
+            reload_poll: Duration::from_secs(s.reload_poll_seconds),
+        }),
+        Some(RouteDefaults {
+            connect_timeout: Duration::from_millis(s.upstream_connect_timeout_ms),
+            read_timeout: Duration::from_millis(s.upstream_read_timeout_ms),
+            write_timeout: Duration::from_millis(s.upstream_write_timeout_ms),
+            idle_timeout: Duration::from_millis(s.upstream_idle_timeout_ms),
+            ca_der,
+            public_base: String::new(),
+            tenant_label: TenantLabel::Name,
+        }),
+    )
+}
