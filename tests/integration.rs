@@ -8,6 +8,7 @@ mod authentication;
 mod cli;
 mod clients;
 mod discovery;
+mod embedding;
 mod errors;
 mod forwarding;
 mod hardening;

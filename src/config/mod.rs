@@ -182,3 +182,36 @@ pub(crate) fn resolve(dir: &Path, p: &str) -> PathBuf {
         dir.join(p)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_built_in_code_are_validated_like_a_file_and_name_every_missing_key() {
+        let problems = match Config::from_settings(Settings::default()) {
+            Ok(_) => panic!("empty settings validated"),
+            Err(p) => p.to_string(),
+        };
+        for key in ["public_base_url", "routes_file", "listen", "metadata_upstream"] {
+            assert!(problems.contains(key), "{key} not named in:\n{problems}");
+        }
+    }
+
+    #[test]
+    fn a_metadata_host_is_not_resolved_while_validating() {
+        let settings = Settings {
+            listen: vec!["127.0.0.1:8080".into()],
+            public_base_url: "https://edge.example/fhir".into(),
+            routes_file: "routes.yaml".into(),
+            // `.invalid` never resolves (RFC 6761): validation must not try.
+            metadata_upstream: Some("https://fhir.example.invalid/r4".into()),
+            ..Settings::default()
+        };
+        let problems = match Config::from_settings(settings) {
+            Ok(_) => String::new(),
+            Err(p) => p.to_string(),
+        };
+        assert!(!problems.contains("metadata_upstream"), "{problems}");
+    }
+}

@@ -47,6 +47,9 @@ pub struct ProxyConfig {
     pub reload_debounce_ms: u64,
     /// Extra environment variables for the proxy process.
     pub env: Vec<(String, String)>,
+    /// Another program to start instead of `fhir-edge run` (given `--config PATH` and `args`).
+    pub program: Option<PathBuf>,
+    pub args: Vec<String>,
 }
 
 /// A token endpoint with the fixture ES256 signing key, 5-minute tokens, and a failed-auth limit of 5
@@ -74,6 +77,8 @@ impl ProxyConfig {
             admin: String::new(),
             reload_debounce_ms: 100,
             env: Vec::new(),
+            program: None,
+            args: Vec::new(),
         }
     }
 }
@@ -191,10 +196,18 @@ admin:
         }
         let log = fs::File::create(dir.path().join("stderr.log")).unwrap();
         let out = fs::File::create(dir.path().join("stdout.log")).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fhir-edge"))
-            .arg("run")
+        let mut command = match &cfg.program {
+            Some(p) => Command::new(p),
+            None => {
+                let mut c = Command::new(env!("CARGO_BIN_EXE_fhir-edge"));
+                c.arg("run");
+                c
+            }
+        };
+        let mut child = command
             .arg("--config")
             .arg(dir.path().join("fhir-edge.yaml"))
+            .args(&cfg.args)
             .envs(cfg.env.iter().map(|(k, v)| (k, v)))
             .stdout(out)
             .stderr(log)
