@@ -4,6 +4,7 @@
 
 mod support;
 
+mod audit_route;
 mod authentication;
 mod cli;
 mod clients;
