@@ -6,6 +6,7 @@ mod support;
 
 mod audit_route;
 mod authentication;
+mod claim_types;
 mod cli;
 mod clients;
 mod discovery;

@@ -11,7 +11,6 @@ use std::collections::HashMap;
 
 use jsonwebtoken::{decode, decode_header, errors::ErrorKind, Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
-use serde_json::Value;
 
 use super::AuthFailure;
 
@@ -27,28 +26,57 @@ pub struct VerifyKey {
     pub own: bool,
 }
 
-/// The claims fhir-edge reads. Unknown claims are ignored; registered claims are checked by
-/// `jsonwebtoken` against the key's [`Validation`].
+/// The claims fhir-edge reads, each registered claim held to its JSON type here rather than left to
+/// `jsonwebtoken`, whose validation takes an `iss` *array* that contains the trusted issuer (and
+/// reads claims of the wrong type as absent). RFC 7519 §4.1 and RFC 9068 §2.2 fix the types: `iss`,
+/// `sub`, `jti`, `client_id` and `scope` are strings, `aud` a string or an array of strings,
+/// `exp`/`nbf`/`iat` numbers. A present claim of another type (`null` included) fails
+/// deserialisation, which [`Verifier::verify`] answers with 401 `invalid_token`; whether the
+/// required ones are present, and their values, is still `jsonwebtoken`'s check. Unknown claims are
+/// ignored.
 #[derive(Debug, Deserialize)]
 pub struct Claims {
-    /// Kept as a JSON value: a non-string scope is a scope problem (403), not a malformed token.
-    #[serde(default)]
-    pub scope: Option<Value>,
-    #[serde(default)]
+    /// Validated against the key's issuer by `jsonwebtoken`; typed here so an array cannot pass.
+    #[serde(default, deserialize_with = "present")]
+    pub iss: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    pub aud: Option<Audience>,
+    #[serde(default, deserialize_with = "present")]
+    pub scope: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     pub sub: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub client_id: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub jti: Option<String>,
     /// Which client secret authenticated the token request (tokens of fhir-edge's own issuer).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub secret_id: Option<String>,
-    /// Already validated by `jsonwebtoken`; read again (as numbers, never rejecting more than it
-    /// does) for the token cache.
-    #[serde(default)]
+    /// Validated by `jsonwebtoken`; read again for the token cache.
+    #[serde(default, deserialize_with = "present")]
     pub exp: Option<f64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub nbf: Option<f64>,
+    #[serde(default, deserialize_with = "present")]
+    pub iat: Option<f64>,
+}
+
+/// `aud` (RFC 7519 §4.1.3): one string or an array of strings.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// A claim that is present must have its type: `null` is not an absent claim (absent ones take the
+/// field's default and never reach this function).
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
 }
 
 struct Entry {
@@ -176,12 +204,101 @@ pub fn self_test() -> Result<(), String> {
         let mut v = Validation::new(Algorithm::HS256);
         v.set_issuer(&["self-test"]);
         v.set_audience(&["self-test"]);
-        decode::<Value>(&token, &dec, &v)
+        decode::<serde_json::Value>(&token, &dec, &v)
             .map(|_| ())
             .map_err(|e| e.to_string())
     });
     match outcome {
         Ok(r) => r,
         Err(_) => Err("the JWT crypto backend is missing (jsonwebtoken panicked)".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    use serde_json::json;
+
+    const SECRET: &[u8] = b"fhir-edge unit-test secret, not a real key";
+
+    fn verifier() -> Verifier {
+        Verifier::new(
+            vec![VerifyKey {
+                kid: Some("k".into()),
+                alg: Algorithm::HS256,
+                key: DecodingKey::from_secret(SECRET).unwrap(),
+                issuer: "https://issuer.test/".into(),
+                audience: "edge".into(),
+                own: false,
+            }],
+            5,
+        )
+    }
+
+    fn sign(claims: &serde_json::Value) -> String {
+        let mut h = Header::new(Algorithm::HS256);
+        h.kid = Some("k".into());
+        h.typ = Some("at+jwt".into());
+        encode(&h, claims, &EncodingKey::from_secret(SECRET).unwrap()).unwrap()
+    }
+
+    fn good() -> serde_json::Value {
+        json!({
+            "iss": "https://issuer.test/", "aud": "edge", "sub": "c", "client_id": "c",
+            "exp": 4_000_000_000u64, "nbf": 1, "iat": 1, "jti": "j",
+            "scope": "145f4184-1b0b-41c7-ba24-b3c1291bfda1",
+        })
+    }
+
+    #[test]
+    fn registered_claims_of_the_right_types_verify() {
+        let v = verifier();
+        assert!(v.verify(&sign(&good())).is_ok());
+        let mut c = good();
+        c["aud"] = json!(["other", "edge"]);
+        c["exp"] = json!(4_000_000_000.5);
+        assert!(v.verify(&sign(&c)).is_ok());
+    }
+
+    #[test]
+    fn an_iss_array_holding_the_trusted_issuer_is_refused() {
+        let mut c = good();
+        c["iss"] = json!(["https://issuer.test/"]);
+        let failure = verifier().verify(&sign(&c)).err();
+        assert_eq!(failure, Some(AuthFailure::Malformed401));
+    }
+
+    #[test]
+    fn every_registered_claim_of_the_wrong_json_type_is_refused() {
+        let v = verifier();
+        let wrong = [
+            ("iss", json!({"iss": "https://issuer.test/"})),
+            ("iss", json!(null)),
+            ("sub", json!(["c"])),
+            ("sub", json!(7)),
+            ("aud", json!(7)),
+            ("aud", json!(["edge", 7])),
+            ("aud", json!({"edge": true})),
+            ("exp", json!("4000000000")),
+            ("exp", json!(null)),
+            ("nbf", json!("1")),
+            ("iat", json!([1])),
+            ("jti", json!(1)),
+            ("scope", json!(["145f4184-1b0b-41c7-ba24-b3c1291bfda1"])),
+            ("scope", json!(42)),
+            ("client_id", json!({"id": "c"})),
+            ("client_id", json!(null)),
+        ];
+        for (claim, value) in wrong {
+            let mut c = good();
+            c[claim] = value.clone();
+            let failure = v.verify(&sign(&c)).err().map(AuthFailure::class);
+            assert_eq!(
+                failure,
+                Some(super::super::FailureClass::InvalidToken),
+                "{claim}: {value}"
+            );
+        }
     }
 }
