@@ -18,5 +18,6 @@ mod metadata;
 mod operations;
 mod reload;
 mod rewriting;
+mod signatures;
 mod storm;
 mod token;

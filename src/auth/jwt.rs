@@ -301,4 +301,81 @@ mod tests {
             );
         }
     }
+
+    /// ES256 signatures that are not a valid fixed-width `R || S` (RFC 7518 §3.4): zero scalars,
+    /// the group order, wrong lengths, ASN.1 DER. Each must be refused by whichever crypto backend
+    /// is built.
+    #[test]
+    fn malformed_es256_signatures_are_refused() {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+        use base64::Engine;
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/keys");
+        let public = std::fs::read(dir.join("es256.pub.pem")).unwrap();
+        let private = std::fs::read(dir.join("es256.pem")).unwrap();
+        let v = Verifier::new(
+            vec![VerifyKey {
+                kid: Some("es".into()),
+                alg: Algorithm::ES256,
+                key: DecodingKey::from_ec_pem(&public).unwrap(),
+                issuer: "https://issuer.test/".into(),
+                audience: "edge".into(),
+                own: false,
+            }],
+            5,
+        );
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some("es".into());
+        h.typ = Some("at+jwt".into());
+        let token = encode(&h, &good(), &EncodingKey::from_ec_pem(&private).unwrap()).unwrap();
+        assert!(v.verify(&token).is_ok());
+        let (message, sig) = token.rsplit_once('.').unwrap();
+        let sig = B64.decode(sig).unwrap();
+        assert_eq!(sig.len(), 64);
+        let (r, s) = sig.split_at(32);
+        // The P-256 group order n: r or s equal to n is as invalid as zero.
+        let n = [
+            0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            0xff, 0xff, 0xbc, 0xe6, 0xfa, 0xad, 0xa7, 0x17, 0x9e, 0x84, 0xf3, 0xb9, 0xca, 0xc2,
+            0xfc, 0x63, 0x25, 0x51,
+        ];
+        let bad: Vec<(&str, Vec<u8>)> = vec![
+            ("r = s = 0", vec![0; 64]),
+            ("r = 0", [&[0; 32][..], s].concat()),
+            ("s = 0", [r, &[0; 32][..]].concat()),
+            ("r = s = n", [n, n].concat()),
+            ("s = n", [r, &n[..]].concat()),
+            ("short", sig[..63].to_vec()),
+            ("long", [&sig[..], &[0]].concat()),
+            ("doubled", [&sig[..], &sig[..]].concat()),
+            ("empty", Vec::new()),
+            ("DER", der_signature(r, s)),
+        ];
+        for (why, sig) in bad {
+            let forged = format!("{message}.{}", B64.encode(&sig));
+            let failure = v.verify(&forged).err();
+            assert!(
+                matches!(
+                    failure,
+                    Some(AuthFailure::BadSignature | AuthFailure::Malformed401)
+                ),
+                "{why}: {failure:?}"
+            );
+        }
+    }
+
+    /// `SEQUENCE { INTEGER r, INTEGER s }` (the X9.62 form JWS does not use).
+    fn der_signature(r: &[u8], s: &[u8]) -> Vec<u8> {
+        let int = |x: &[u8]| {
+            let x = &x[x.iter().position(|&b| b != 0).unwrap_or(x.len() - 1)..];
+            let pad = x[0] & 0x80 != 0;
+            let mut out = vec![0x02, (x.len() + usize::from(pad)) as u8];
+            if pad {
+                out.push(0);
+            }
+            out.extend_from_slice(x);
+            out
+        };
+        let body = [int(r), int(s)].concat();
+        [vec![0x30, body.len() as u8], body].concat()
+    }
 }
