@@ -1,8 +1,14 @@
 //! Wall-clock time as fhir-edge writes and reads it: Unix seconds, RFC 3339 UTC timestamps
-//! (`2026-11-29T04:00:00Z`) and operator durations (`90s`, `30m`, `12h`, `7d`). No date crate: the
-//! conversions are Howard Hinnant's civil-date algorithms.
+//! (`2026-11-29T04:00:00Z`, through the `time` crate) and operator durations (`90s`, `30m`, `12h`,
+//! `7d`). The duration syntax is ours and tiny: a bare number is seconds, which humantime (the
+//! obvious crate) refuses, and the four units are all an operator needs for secret lifetimes.
 
+use std::num::NonZeroU8;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use time::format_description::well_known::iso8601::{Config, EncodedConfig, TimePrecision};
+use time::format_description::well_known::{Iso8601, Rfc3339};
+use time::{OffsetDateTime, PrimitiveDateTime};
 
 /// Seconds since the Unix epoch (0 if the clock is before 1970).
 pub fn now_unix() -> u64 {
@@ -11,74 +17,40 @@ pub fn now_unix() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// `secs` as a UTC time, clamped to the last second RFC 3339's four-digit years can write.
+fn utc(secs: u64) -> OffsetDateTime {
+    let latest = PrimitiveDateTime::MAX.assume_utc().unix_timestamp();
+    let secs = i64::try_from(secs).unwrap_or(i64::MAX).min(latest);
+    OffsetDateTime::from_unix_timestamp(secs).unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
 /// `2026-11-29T04:00:00Z`
 pub fn format_rfc3339(secs: u64) -> String {
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (y, m, d) = civil_from_days(days as i64);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    // Whole seconds in years 1970..=9999 always format; the fallback is never reached.
+    utc(secs)
+        .format(&Rfc3339)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
 }
+
+/// ISO 8601 extended format with exactly three fractional digits and `Z` (an RFC 3339 profile).
+const MILLIS: EncodedConfig = Config::DEFAULT
+    .set_time_precision(TimePrecision::Second {
+        decimal_digits: NonZeroU8::new(3),
+    })
+    .encode();
 
 /// `2026-11-29T04:00:00.123Z`, now.
 pub fn rfc3339_now_millis() -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    let s = format_rfc3339(now.as_secs());
-    format!("{}.{:03}Z", &s[..s.len() - 1], now.subsec_millis())
+    OffsetDateTime::now_utc()
+        .format(&Iso8601::<MILLIS>)
+        .unwrap_or_else(|_| format_rfc3339(now_unix()))
 }
 
-/// Parses `YYYY-MM-DDTHH:MM:SS[.fraction](Z|±HH:MM)` into Unix seconds.
+/// Parses `YYYY-MM-DDTHH:MM:SS[.fraction](Z|±HH:MM)` (RFC 3339 §5.6) into Unix seconds; `None` for
+/// anything else or a time before 1970.
 pub fn parse_rfc3339(s: &str) -> Option<u64> {
-    let b = s.as_bytes();
-    if b.len() < 20
-        || b[4] != b'-'
-        || b[7] != b'-'
-        || !matches!(b[10], b'T' | b't')
-        || b[13] != b':'
-        || b[16] != b':'
-    {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| -> Option<i64> {
-        let t = s.get(r)?;
-        t.bytes()
-            .all(|c| c.is_ascii_digit())
-            .then(|| t.parse().ok())?
-    };
-    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&mo) || d < 1 || d > days_in_month(y, mo) || h > 23 || mi > 59 || sec > 60
-    {
-        return None;
-    }
-    let mut rest = &s[19..];
-    if let Some(frac) = rest.strip_prefix('.') {
-        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            return None;
-        }
-        rest = &frac[digits..];
-    }
-    let offset = match rest {
-        "Z" | "z" => 0,
-        _ => {
-            let ob = rest.as_bytes();
-            if ob.len() != 6 || ob[3] != b':' || !matches!(ob[0], b'+' | b'-') {
-                return None;
-            }
-            let oh: i64 = rest.get(1..3)?.parse().ok()?;
-            let om: i64 = rest.get(4..6)?.parse().ok()?;
-            let sign = if ob[0] == b'-' { -1 } else { 1 };
-            sign * (oh * 3600 + om * 60)
-        }
-    };
-    let secs = days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + sec - offset;
-    u64::try_from(secs).ok()
+    let t = OffsetDateTime::parse(s, &Rfc3339).ok()?;
+    u64::try_from(t.unix_timestamp()).ok()
 }
 
 /// Parses `90s`, `30m`, `12h`, `7d` (a bare number is seconds) into seconds.
@@ -96,61 +68,24 @@ pub fn parse_duration(s: &str) -> Option<u64> {
     n.checked_mul(mult)
 }
 
-fn days_in_month(y: i64, m: i64) -> i64 {
-    match m {
-        2 if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
-    }
-}
-
-/// Days since 1970-01-01 → (year, month, day).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
-
-/// (year, month, day) → days since 1970-01-01.
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn civil_dates_round_trip() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(20_786), (2026, 11, 29));
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
-        for days in [0, 1, 59, 60, 365, 11_016, 20_786, 50_000] {
-            let (y, m, d) = civil_from_days(days);
-            assert_eq!(days_from_civil(y, i64::from(m), i64::from(d)), days);
-        }
-    }
-
-    #[test]
     fn rfc3339_round_trips_and_rejects_nonsense() {
         let t = 1_795_910_400; // 2026-11-29T00:00:00Z (day 20786)
+        assert_eq!(format_rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(format_rfc3339(t), "2026-11-29T00:00:00Z");
+        assert_eq!(format_rfc3339(t + 4 * 3600 + 61), "2026-11-29T04:01:01Z");
+        assert_eq!(format_rfc3339(u64::MAX), "9999-12-31T23:59:59Z");
         assert_eq!(parse_rfc3339("2026-11-29T00:00:00Z"), Some(t));
         assert_eq!(parse_rfc3339("2026-11-29T01:30:00.25+01:30"), Some(t));
         assert_eq!(parse_rfc3339("2026-11-28T22:00:00-02:00"), Some(t));
+        for secs in [0, 59, 951_782_400, t, 4_102_444_800] {
+            assert_eq!(parse_rfc3339(&format_rfc3339(secs)), Some(secs));
+        }
         for bad in [
             "2026-11-29",
             "2026-13-01T00:00:00Z",
@@ -159,9 +94,19 @@ mod tests {
             "2026-11-29T24:00:00Z",
             "x026-11-29T00:00:00Z",
             "2026-11-29T00:00:00.Z",
+            "1969-12-31T23:59:59Z",
         ] {
             assert_eq!(parse_rfc3339(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn now_with_millis_is_rfc3339_with_three_digits() {
+        let s = rfc3339_now_millis();
+        assert_eq!(s.len(), "2026-11-29T04:00:00.123Z".len(), "{s}");
+        assert!(s.ends_with('Z') && s.as_bytes()[19] == b'.', "{s}");
+        let secs = parse_rfc3339(&s).unwrap();
+        assert!(secs.abs_diff(now_unix()) <= 1);
     }
 
     #[test]

@@ -4,7 +4,9 @@
 
 mod support;
 
+mod audit_route;
 mod authentication;
+mod claim_types;
 mod cli;
 mod clients;
 mod discovery;
@@ -17,5 +19,6 @@ mod metadata;
 mod operations;
 mod reload;
 mod rewriting;
+mod signatures;
 mod storm;
 mod token;

@@ -1,8 +1,10 @@
 //! The path classifier: only `GET|HEAD {base}/metadata` byte for byte is unauthenticated; a path
-//! that may be forwarded is below the base and free of dot segments, escapes, `;` and `\`.
+//! that may be forwarded is below the base and free of dot segments, escapes, `;` and `\`; a route
+//! template holds only FHIR words and placeholders.
 #![no_main]
 
 use fhir_edge::fhir::classify::{self, OwnEndpoint};
+use fhir_edge::fhir::vocabulary;
 use libfuzzer_sys::fuzz_target;
 
 const BASES: [&str; 3] = ["", "/fhir", "/fhir/r4"];
@@ -37,6 +39,18 @@ fuzz_target!(|data: &[u8]| {
         }
         _ => {}
     }
+    // A route template repeats only FHIR words: every segment is a listed resource type, keyword
+    // or operation name, or a placeholder; never client text.
     let template = classify::route_template(path, base);
     assert!(!template.contains('%') && !template.contains('?'));
+    if !template.starts_with('{') {
+        for seg in template.split('/').skip(1) {
+            assert!(
+                matches!(seg, "{id}" | "{other}" | "")
+                    || vocabulary::resource_type(seg.as_bytes()).is_some()
+                    || vocabulary::keyword_or_operation(seg.as_bytes()).is_some(),
+                "{template}"
+            );
+        }
+    }
 });

@@ -178,7 +178,7 @@ pub fn authenticate_with(
         }
     }
     let (claims, own) = verifier.verify(token)?;
-    let tenant = scope::tenant_from_scope(claims.scope.as_ref())?;
+    let tenant = scope::tenant_from_scope(claims.scope.as_deref())?;
     let grant = Arc::new(Grant {
         tenant,
         own,

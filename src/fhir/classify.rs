@@ -14,6 +14,8 @@
 
 use http::Method;
 
+use super::vocabulary;
+
 /// Splits a raw request target into path and query (without the `?`).
 pub fn split_target(target: &[u8]) -> (&[u8], Option<&[u8]>) {
     match target.iter().position(|&b| b == b'?') {
@@ -126,10 +128,13 @@ fn is_segment_byte(b: u8) -> bool {
         )
 }
 
-/// The route template of a path, for logs: resource types, `_`-keywords and `$`-operations are kept,
-/// ids become `{id}`. FHIR puts ids at odd positions (`Type/{id}/_history/{id}`,
-/// `Type/{id}/Compartment`), so ids never survive, and anything that is not a resource-type name at an
-/// even position becomes `{other}`. Never contains the query string.
+/// The route template of a path, for logs and metrics: only words of the FHIR vocabulary
+/// ([`super::vocabulary`]) survive. Resource type names are kept where FHIR puts a type (even
+/// positions: `Type/{id}/Compartment`), REST keywords and operation names wherever they appear; every
+/// other segment becomes `{id}` at an odd position (where FHIR puts ids:
+/// `Type/{id}/_history/{id}`) and `{other}` at an even one. A path segment is client text, so
+/// nothing outside the vocabulary is ever copied: `/Patient/_john.smith@x.org` is
+/// `/Patient/{id}`, `/Patient/1/Smith` is `/Patient/{id}/{other}`. Never contains the query string.
 pub fn route_template(path: &[u8], base: &str) -> String {
     let rest = match fhir_remainder(path, base) {
         Ok(rest) => rest,
@@ -144,17 +149,16 @@ pub fn route_template(path: &[u8], base: &str) -> String {
     let mut out = String::new();
     for (i, seg) in rest.split(|&b| b == b'/').enumerate() {
         out.push('/');
-        let keyword = seg.first().is_some_and(|&b| b == b'_' || b == b'$');
-        let type_name = seg.first().is_some_and(u8::is_ascii_uppercase)
-            && seg.len() <= 64
-            && seg.iter().all(u8::is_ascii_alphabetic);
-        let keep = keyword || (i % 2 == 0 && (type_name || seg == b"metadata"));
-        match (keep, i % 2) {
-            // Keywords and type names are ASCII by the checks above.
-            (true, _) => out.push_str(std::str::from_utf8(seg).unwrap_or("{other}")),
-            (false, 1) => out.push_str("{id}"),
-            (false, _) => out.push_str("{other}"),
-        }
+        let word = vocabulary::keyword_or_operation(seg).or_else(|| {
+            (i % 2 == 0)
+                .then(|| vocabulary::resource_type(seg))
+                .flatten()
+        });
+        out.push_str(match (word, i % 2) {
+            (Some(word), _) => word,
+            (None, 1) => "{id}",
+            (None, _) => "{other}",
+        });
     }
     out
 }
@@ -336,11 +340,80 @@ mod tests {
         assert_eq!(route_template(b"/metadata", ""), "/metadata");
         assert_eq!(route_template(b"/", ""), "/");
         assert_eq!(route_template(b"/john-smith", ""), "/{other}");
+        // Client text that merely looks like a FHIR word is not one.
+        assert_eq!(
+            route_template(b"/Patient/_john.smith@x.org", ""),
+            "/Patient/{id}"
+        );
+        assert_eq!(
+            route_template(b"/Patient/1/Smith", ""),
+            "/Patient/{id}/{other}"
+        );
+        assert_eq!(route_template(b"/Smith", ""), "/{other}");
+        assert_eq!(route_template(b"/$Smith", ""), "/{other}");
+        assert_eq!(
+            route_template(b"/MedicationOrder/7/$everything", ""),
+            "/MedicationOrder/{id}/$everything"
+        );
         // Found by the path_classifier fuzz target: a template never contains `?` or `%`, so it can
         // never be mistaken for (or carry) a query string.
         assert_eq!(route_template(b"/fhir/token", ""), "/{other}/{id}");
         assert_eq!(route_template(b"/Patient/../x", ""), "{invalid}");
         assert_eq!(route_template(b"/other", "/fhir"), "{outside-base}");
+    }
+
+    /// Random paths mixing FHIR words with client text that carries a canary, shaped like the words
+    /// (`_x`, `$x`, capitalised letters): no template segment is ever anything but a listed word or
+    /// a placeholder, so the canary never survives.
+    #[test]
+    fn route_templates_of_random_paths_keep_only_fhir_words() {
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let words = [
+            "Patient",
+            "Observation",
+            "_search",
+            "_history",
+            "$everything",
+            "metadata",
+        ];
+        let alphabet = b"ABCZabcz019-._~$:@!*+,='";
+        for _ in 0..20_000 {
+            let mut path = String::new();
+            for _ in 0..1 + next() % 6 {
+                path.push('/');
+                let pick = next() % 6;
+                if pick == 0 {
+                    path.push_str(words[(next() % words.len() as u64) as usize]);
+                    continue;
+                }
+                path.push_str(["", "_", "$", "P", "_P", "$P"][pick as usize]);
+                path.push_str("Canary");
+                for _ in 0..next() % 8 {
+                    path.push(char::from(
+                        alphabet[(next() % alphabet.len() as u64) as usize],
+                    ));
+                }
+            }
+            let template = route_template(path.as_bytes(), "");
+            assert!(!template.contains("Canary"), "{path} -> {template}");
+            if template.starts_with('{') {
+                continue;
+            }
+            for seg in template.split('/').skip(1) {
+                assert!(
+                    matches!(seg, "{id}" | "{other}")
+                        || vocabulary::resource_type(seg.as_bytes()).is_some()
+                        || vocabulary::keyword_or_operation(seg.as_bytes()).is_some(),
+                    "{path} -> {template}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -1,40 +1,40 @@
-//! Percent-decoding (RFC 3986 §2.1), the one implementation every parser here shares.
+//! Percent-decoding (RFC 3986 §2.1) and `application/x-www-form-urlencoded` bodies (WHATWG URL
+//! §5.1), on the `percent-encoding` crate: the one decoder every parser here shares.
 //!
-//! Malformed escapes (`%`, `%G1`) are kept literally rather than rejected: callers that must refuse
-//! them check for `%` themselves.
+//! Malformed escapes (`%`, `%G1`) are kept literally rather than rejected (as the crate does, and
+//! as WHATWG URL specifies): callers that must refuse them check for `%` themselves. Form bodies are
+//! split here rather than by `form_urlencoded`, which only offers a lossy UTF-8 reading: a token
+//! request whose parameters are not UTF-8 must be refused, not have U+FFFD put in its secret.
+
+use std::collections::HashMap;
+
+use percent_encoding::percent_decode;
 
 /// Decodes `%XX` escapes; with `plus_as_space`, also `+` as a space (the form-urlencoded rule,
-/// WHATWG URL §5.1).
+/// WHATWG URL §5.1). `+` is replaced before decoding, so `%2B` stays a plus sign.
 pub fn decode(raw: &[u8], plus_as_space: bool) -> Vec<u8> {
-    let mut out = Vec::with_capacity(raw.len());
-    let mut i = 0;
-    while i < raw.len() {
-        let c = raw[i];
-        if c == b'%' && i + 2 < raw.len() {
-            if let (Some(h), Some(l)) = (hex(raw[i + 1]), hex(raw[i + 2])) {
-                out.push(h << 4 | l);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(if plus_as_space && c == b'+' { b' ' } else { c });
-        i += 1;
+    if plus_as_space && raw.contains(&b'+') {
+        let spaced: Vec<u8> = raw
+            .iter()
+            .map(|&b| if b == b'+' { b' ' } else { b })
+            .collect();
+        return percent_decode(&spaced).collect();
     }
-    out
+    percent_decode(raw).collect()
 }
 
 /// Parses an `application/x-www-form-urlencoded` body (WHATWG URL §5.1) into name → value. `None`
 /// when a name repeats (RFC 6749 §3.1: parameters MUST NOT be included more than once) or a name or
 /// value is not UTF-8 after decoding. Parameters without a value count as omitted (RFC 6749 §3.1).
-pub fn parse_form(body: &[u8]) -> Option<std::collections::HashMap<String, String>> {
-    let mut out = std::collections::HashMap::new();
+pub fn parse_form(body: &[u8]) -> Option<HashMap<String, String>> {
+    let text = |raw: &[u8]| String::from_utf8(decode(raw, true)).ok();
+    let mut out = HashMap::new();
     for pair in body.split(|&b| b == b'&').filter(|p| !p.is_empty()) {
         let (name, value) = match pair.iter().position(|&b| b == b'=') {
             Some(i) => (&pair[..i], &pair[i + 1..]),
             None => (pair, &b""[..]),
         };
-        let name = String::from_utf8(decode(name, true)).ok()?;
-        let value = String::from_utf8(decode(value, true)).ok()?;
+        let (name, value) = (text(name)?, text(value)?);
         if out.contains_key(&name) {
             return None;
         }
@@ -47,12 +47,9 @@ pub fn parse_form(body: &[u8]) -> Option<std::collections::HashMap<String, Strin
 
 /// The value of one hex digit (either case).
 pub(crate) fn hex(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
-    }
+    char::from(c)
+        .to_digit(16)
+        .and_then(|d| u8::try_from(d).ok())
 }
 
 #[cfg(test)]
@@ -70,8 +67,13 @@ mod tests {
         assert!(!f.contains_key("empty") && !f.contains_key("x"));
         assert!(super::parse_form(b"a=1&a=2").is_none());
         assert!(super::parse_form(b"a=1&a=").is_none());
+        assert!(super::parse_form(b"a=1&%61=2").is_none());
         assert!(super::parse_form(b"a=%FF").is_none());
+        assert!(super::parse_form(b"%C3%28=1").is_none());
         assert!(super::parse_form(b"").unwrap().is_empty());
+        let f = super::parse_form(b"s=a%2Bb+c&t=%E2%9C%93").unwrap();
+        assert_eq!(f.get("s").map(String::as_str), Some("a+b c"));
+        assert_eq!(f.get("t").map(String::as_str), Some("\u{2713}"));
     }
 
     #[test]
@@ -79,9 +81,20 @@ mod tests {
         assert_eq!(decode(b"a%2Fb%2e", false), b"a/b.");
         assert_eq!(decode(b"a+b", false), b"a+b");
         assert_eq!(decode(b"a+b", true), b"a b");
+        assert_eq!(decode(b"%2B+", true), b"+ ");
         assert_eq!(decode(b"%", false), b"%");
         assert_eq!(decode(b"%4", false), b"%4");
         assert_eq!(decode(b"%G1", false), b"%G1");
         assert_eq!(decode(b"%41", false), b"A");
+        assert_eq!(decode(b"%%41", false), b"%A");
+    }
+
+    #[test]
+    fn hex_digits() {
+        assert_eq!(super::hex(b'0'), Some(0));
+        assert_eq!(super::hex(b'f'), Some(15));
+        assert_eq!(super::hex(b'F'), Some(15));
+        assert_eq!(super::hex(b'g'), None);
+        assert_eq!(super::hex(0xff), None);
     }
 }

@@ -1,8 +1,9 @@
 //! The audit (access) log: one JSON line per request, PHI-free by construction.
 //!
-//! A line says who (client id, tenant GUID and name, a hash of the token's `jti`), what (method and the
-//! **route template** — `/Patient/{id}`, `/Observation`, `/metadata`, `/token` — never ids or query
-//! strings, which are PHI), and how it went (status, upstream status, upstream, latency, bytes sent).
+//! A line says who (client id, tenant GUID and name, a hash of the token's `jti`), what (method, one
+//! of a fixed set or `OTHER`, and the **route template** — `/Patient/{id}`, `/Observation`,
+//! `/metadata`, `/token` — built only from FHIR words, never ids, names or query strings, which are
+//! PHI), and how it went (status, upstream status, upstream, latency, bytes sent).
 //! Every field is either a fixed vocabulary, a value fhir-edge generated, or an identifier of a
 //! tenant, client or upstream from its own configuration; nothing is copied from the request except
 //! a client-sent `X-Request-Id` that passed the request-id check. Lines go to stdout (default),
@@ -41,7 +42,9 @@ enum Sink {
 pub struct Record<'a> {
     pub time: &'a str,
     pub request_id: &'a str,
-    pub method: &'a str,
+    /// Written as [`method_label`]: a method is client text too.
+    #[serde(serialize_with = "serialize_method")]
+    pub method: &'a http::Method,
     pub route: &'a str,
     pub status: u16,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -94,6 +97,26 @@ impl AuditLog {
     }
 }
 
+/// The method as the log names it: one of the methods fhir-edge knows (RFC 9110 §9 and PATCH, RFC
+/// 5789), or `OTHER`. An extension method is any token the client chose, so it is never copied.
+pub fn method_label(method: &http::Method) -> &'static str {
+    use http::Method as M;
+    match *method {
+        M::GET => "GET",
+        M::HEAD => "HEAD",
+        M::POST => "POST",
+        M::PUT => "PUT",
+        M::PATCH => "PATCH",
+        M::DELETE => "DELETE",
+        M::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
+}
+
+fn serialize_method<S: serde::Serializer>(m: &&http::Method, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(method_label(m))
+}
+
 /// A short, stable, non-reversible handle on a token's `jti`: correlates the requests made with one
 /// token without putting anything usable in the log.
 pub fn jti_hash(jti: &str) -> String {
@@ -113,7 +136,7 @@ mod tests {
         let r = Record {
             time: "2026-11-29T00:00:00.000Z",
             request_id: "r1",
-            method: "GET",
+            method: &http::Method::GET,
             route: "/Patient/{id}",
             status: 200,
             upstream_status: Some(200),
@@ -136,5 +159,15 @@ mod tests {
         assert_eq!(v["route"], "/Patient/{id}");
         assert!(v.get("client_id").is_none());
         assert_eq!(v["jti_hash"].as_str().unwrap().len(), 16);
+        assert_eq!(v["method"], "GET");
+    }
+
+    #[test]
+    fn methods_outside_the_known_set_are_one_bucket() {
+        assert_eq!(method_label(&http::Method::PATCH), "PATCH");
+        for m in ["PROPFIND", "CANARYSMITH", "TRACE", "CONNECT", "get"] {
+            let m = http::Method::from_bytes(m.as_bytes()).unwrap();
+            assert_eq!(method_label(&m), "OTHER", "{m}");
+        }
     }
 }

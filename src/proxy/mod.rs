@@ -873,7 +873,7 @@ impl ProxyHttp for FhirEdge {
         let (path, _) = classify::split_target(req.raw_path());
         format!(
             "{} {}",
-            req.method,
+            audit::method_label(&req.method),
             classify::route_template(path, &self.settings.public.path)
         )
     }
@@ -918,7 +918,7 @@ impl ProxyHttp for FhirEdge {
         let record = audit::Record {
             time: &crate::time::rfc3339_now_millis(),
             request_id: &ctx.request_id,
-            method: req.method.as_str(),
+            method: &req.method,
             route: &template,
             status,
             upstream_status: ctx.upstream_status,

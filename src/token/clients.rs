@@ -1,11 +1,7 @@
 //! The client registry (`clients.yaml`): who may ask for tokens, for which tenants, with which secrets.
 //!
-//! Secrets are generated here (32 bytes from the OS, shown once) and stored only as salted SHA-256
-//! digests, compared in constant time. A slow password hash (argon2, bcrypt) protects *low-entropy*
-//! secrets against offline guessing; these secrets have 256 bits of entropy, so guessing is hopeless
-//! either way, and a slow hash would only let anyone make the token endpoint burn CPU. An unknown
-//! client costs the same digest work as a wrong secret, and both get the same answer.
-//!
+//! Secrets are generated, stored and checked by [`super::secrets`]: only salted digests live here.
+
 //! The file is hot-reloaded like the routing table ([`crate::reload`]). Changes (the CLI, the
 //! self-service endpoint) go through [`update_file`]: under an exclusive lock, read, change, validate the
 //! whole result, write a temporary file, fsync, rename over the original, fsync the directory, so the
@@ -15,12 +11,10 @@ use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
-use base64::Engine;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
+use super::secrets::{self, parse_hash, SALT_LEN};
+pub use super::secrets::{new_client_id, new_secret, NewSecret};
 use crate::config::problems::{whole_file, OrderedMap, Problems, Source};
 use crate::reload::Loadable;
 use crate::tenant::TenantId;
@@ -147,20 +141,6 @@ pub struct ClientRegistry {
     clients: HashMap<String, Client>,
 }
 
-const SALT_LEN: usize = 16;
-const DOMAIN: &[u8] = b"fhir-edge client secret v1\0";
-
-fn digest(salt: &[u8; SALT_LEN], secret: &[u8]) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(DOMAIN);
-    h.update(salt);
-    h.update(secret);
-    h.finalize().into()
-}
-
-/// Stands in for a client that does not exist, so it costs the same work as one that does.
-const DUMMY: ([u8; SALT_LEN], [u8; 32]) = ([0x5a; SALT_LEN], [0xa5; 32]);
-
 impl ClientRegistry {
     pub fn len(&self) -> usize {
         self.clients.len()
@@ -184,12 +164,12 @@ impl ClientRegistry {
         now: u64,
     ) -> Option<(&Client, &Secret)> {
         let Some(client) = self.clients.get(client_id) else {
-            let _ = bool::from(digest(&DUMMY.0, secret).ct_eq(&DUMMY.1));
+            secrets::matches_nothing(secret);
             return None;
         };
         let mut found = None;
         for s in &client.secrets {
-            if bool::from(digest(&s.salt, secret).ct_eq(&s.digest)) {
+            if secrets::matches(&s.salt, &s.digest, secret) {
                 found = Some(s);
             }
         }
@@ -346,78 +326,6 @@ fn validate_client(id: &str, e: &ClientEntry) -> Result<Client, (&'static str, S
         allowed,
         disabled: e.disabled,
         secrets,
-    })
-}
-
-fn parse_hash(h: &str) -> Option<([u8; SALT_LEN], [u8; 32])> {
-    let mut parts = h.split(':');
-    let (Some("sha256"), Some(salt), Some(dig), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return None;
-    };
-    let salt: [u8; SALT_LEN] = B64.decode(salt).ok()?.try_into().ok()?;
-    let dig: [u8; 32] = B64.decode(dig).ok()?.try_into().ok()?;
-    Some((salt, dig))
-}
-
-// ---------------------------------------------------------------------------------------------
-// Generating ids and secrets.
-
-fn random<const N: usize>() -> Result<[u8; N], String> {
-    let mut b = [0u8; N];
-    getrandom::fill(&mut b).map_err(|e| format!("no randomness from the OS: {e}"))?;
-    Ok(b)
-}
-
-/// A new client id: a random (version 4) UUID, like Azure AD application ids.
-pub fn new_client_id() -> Result<String, String> {
-    let mut b = random::<16>()?;
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    Ok(format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    ))
-}
-
-/// A freshly generated secret: the value to hand out once, and the entry to store.
-pub struct NewSecret {
-    pub secret: String,
-    pub entry: SecretEntry,
-}
-
-/// Generates a 256-bit secret and its stored form.
-pub fn new_secret(now: u64, expires: Option<u64>) -> Result<NewSecret, String> {
-    let secret = format!("fes_{}", B64.encode(random::<32>()?));
-    let salt = random::<SALT_LEN>()?;
-    let id_bytes = random::<4>()?;
-    let date = &format_rfc3339(now)[..10].replace('-', "");
-    let id = format!(
-        "s-{date}-{}",
-        id_bytes
-            .iter()
-            .map(|x| format!("{x:02x}"))
-            .collect::<String>()
-    );
-    let hash = format!(
-        "sha256:{}:{}",
-        B64.encode(salt),
-        B64.encode(digest(&salt, secret.as_bytes()))
-    );
-    Ok(NewSecret {
-        secret,
-        entry: SecretEntry {
-            id,
-            hash,
-            created: format_rfc3339(now),
-            expires: expires.map(format_rfc3339),
-        },
     })
 }
 
@@ -655,6 +563,19 @@ mod tests {
             &s.entry.id,
             &TenantId::parse("00000000-0000-0000-0000-000000000001").unwrap()
         ));
+    }
+
+    #[test]
+    fn an_unknown_client_costs_the_same_digest_work_as_a_known_one() {
+        let s = new_secret(1_000, None).unwrap();
+        let r = registry_with(&s, "");
+        let work = |id: &str| {
+            let before = secrets::digests_so_far();
+            assert!(r.authenticate(id, b"fes_wrong", 2_000).is_none());
+            secrets::digests_so_far() - before
+        };
+        assert_eq!(work("c1"), 1);
+        assert_eq!(work("no-such-client"), 1);
     }
 
     #[test]

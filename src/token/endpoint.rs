@@ -188,7 +188,7 @@ impl TokenService {
         now: u64,
     ) -> Result<(String, String), OAuthError> {
         let claimed = creds.candidates.first().map(|(id, _)| id.as_str());
-        if let Some(retry_after) = self.limiter.retry_after(claimed, source, now) {
+        if let Some(retry_after) = self.limiter.retry_after(claimed, source) {
             return Err(OAuthError::TooManyRequests { retry_after });
         }
         let mut matched = None;
@@ -198,7 +198,7 @@ impl TokenService {
             }
         }
         matched.ok_or_else(|| {
-            self.limiter.record_failure(claimed, source, now);
+            self.limiter.record_failure(claimed, source);
             OAuthError::InvalidClient { basic: creds.basic }
         })
     }

@@ -3,9 +3,9 @@
 //! The Teams EHR integration makes the interop partner the authorization server: the cloud client
 //! holds a `client_id`/`client_secret`, asks the token endpoint for a token with its customer's tenant
 //! GUID in `scope`, and can regenerate its secret and invalidate the old one. This module owns that:
-//! the signing keys ([`keys`]), the client registry ([`clients`]), the token endpoint ([`endpoint`]),
-//! the self-service secret management ([`manage`]) and the throttling of failed authentications
-//! ([`limiter`]). Tokens it issues are verified by [`crate::auth`] like any other issuer's, plus a
+//! the signing keys ([`keys`]), the client registry ([`clients`]) and its secrets ([`secrets`]),
+//! the token endpoint ([`endpoint`]), the self-service secret management ([`manage`]) and the
+//! throttling of failed authentications ([`limiter`]). Tokens it issues are verified by [`crate::auth`] like any other issuer's, plus a
 //! check against the live registry so revoked secrets and removed clients stop working at once.
 
 pub mod clients;
@@ -13,6 +13,7 @@ pub mod endpoint;
 pub mod keys;
 pub mod limiter;
 pub mod manage;
+pub mod secrets;
 
 use std::path::PathBuf;
 use std::time::Duration;
