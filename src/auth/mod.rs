@@ -22,9 +22,10 @@ pub use cache::TokenCache;
 pub use jwt::{Claims, Verifier, VerifyKey};
 
 /// Makes jsonwebtoken use fhir-edge's crypto provider, which keeps RSA and ECDSA keys parsed (see
-/// [`parsed_keys`]). It must run before anything else in the process uses jsonwebtoken; `main` calls it
-/// first, and the constructors of verifiers and signing keys call it too (it is idempotent). Returns
-/// whether the provider is in use (never with the `rust-crypto` backend).
+/// [`parsed_keys`]). Process-wide, so the library never calls it itself: the binary's `main` does,
+/// first ([`crate::install_crypto_provider`]); without it jsonwebtoken's own provider for the same
+/// backend verifies the same tokens. Idempotent. Returns whether the provider is in use (never with
+/// the `rust-crypto` backend).
 pub fn install_crypto() -> bool {
     #[cfg(feature = "aws-lc")]
     {

@@ -129,7 +129,6 @@ pub struct SigningKeys {
 
 impl SigningKeys {
     pub fn new(active: SigningKey, previous: Vec<SigningKey>) -> SigningKeys {
-        crate::auth::install_crypto();
         let keys: Vec<&Value> = std::iter::once(&active.jwk)
             .chain(previous.iter().map(|k| &k.jwk))
             .collect();
