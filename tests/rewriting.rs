@@ -150,8 +150,8 @@ fn a_large_body_is_rewritten_as_it_streams() {
     );
 }
 
-/// A rewritten response goes out chunked and leaves in one segment when it arrived whole
-/// (src/coalesce.rs); what arrives in pieces must still reach the client as it arrives, and the
+/// A rewritten response goes out chunked and leaves in one segment when it arrived whole (the flush
+/// hold in src/proxy/); what arrives in pieces must still reach the client as it arrives, and the
 /// connection must stay usable for the next request.
 #[test]
 fn a_rewritten_body_still_streams_while_the_upstream_sends_and_the_connection_stays_usable() {
