@@ -33,6 +33,13 @@ use pingora::services::listening::Service;
 /// at the end of every body, so nothing waits in the buffer).
 const DOWNSTREAM_WRITE_BUFFER: usize = 16 * 1024;
 
+/// Room on the wire beyond the URI and header limits for the request line's method and version,
+/// the header lines' `: ` and CRLFs, and the blank line.
+const HEADER_BLOCK_SLACK: usize = 1024;
+
+/// Pingora answers 400 to a header block longer than this (`MAX_HEADER_SIZE`, 1 MiB - 1).
+const PINGORA_MAX_HEADER_BLOCK: usize = 1_048_575;
+
 /// How the process was asked to start.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RunOptions {
@@ -114,7 +121,8 @@ pub fn build(mut settings: Settings, opts: RunOptions) -> Result<Server, StartEr
         grace_period_seconds: Some(s.grace_period_seconds),
         graceful_shutdown_timeout_seconds: Some(s.graceful_shutdown_timeout_seconds),
         upstream_keepalive_pool_size: s.upstream_keepalive_pool_size,
-        max_retries: s.max_retries,
+        // Pingora's `max_retries` counts attempts (0 would never send a request); ours counts retries.
+        max_retries: s.max_retries + 1,
         pid_file: s.pid_file.clone(),
         upgrade_sock: s.upgrade_sock.clone(),
         // Off by default: one single-threaded runtime per worker thread keeps a connection's tasks
@@ -144,10 +152,13 @@ pub fn build(mut settings: Settings, opts: RunOptions) -> Result<Server, StartEr
     );
     let mut app = pingora_proxy::http_proxy(&server.configuration, proxy);
     app.server_options = Some(server_options);
-    // Every connection gets a total deadline for each request's header block (slowloris).
+    // Every connection gets a total deadline for each request's header block (slowloris) and a
+    // cap on its size (answered 431 before Pingora's own 1 MiB cap answers 400).
+    let max_header_block = (limits.max_uri_bytes + limits.max_header_bytes + HEADER_BLOCK_SLACK)
+        .min(PINGORA_MAX_HEADER_BLOCK);
     let mut service = Service::new(
         "fhir-edge".to_string(),
-        HeaderDeadline::new(app, limits.header_timeout),
+        HeaderDeadline::new(app, limits.header_timeout, max_header_block),
     );
     let buffers = L4BufferSettings::default().write(DOWNSTREAM_WRITE_BUFFER);
     for addr in &settings.listen {
