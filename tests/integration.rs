@@ -18,3 +18,4 @@ mod reload;
 mod rewriting;
 mod storm;
 mod token;
+mod wire;
