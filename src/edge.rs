@@ -37,9 +37,15 @@ use crate::token::endpoint::TokenService;
 
 /// Downstream write buffer. Pingora's default (1,460 bytes, one MSS) sends a response header on its
 /// own and then each body chunk's size line, data and CRLF as separate `send`s. 16 KiB holds the header
-/// and a typical FHIR response's first chunk, so they leave together (Pingora still flushes after every
-/// chunk and at the end of every body, so nothing waits in the buffer).
+/// and a typical FHIR response's first chunk, so they leave together.
 const DOWNSTREAM_WRITE_BUFFER: usize = 16 * 1024;
+
+/// Room on the wire beyond the URI and header limits for the request line's method and version,
+/// the header lines' `: ` and CRLFs, and the blank line.
+const HEADER_BLOCK_SLACK: usize = 1024;
+
+/// Pingora answers 400 to a header block longer than this (`MAX_HEADER_SIZE`, 1 MiB - 1).
+const PINGORA_MAX_HEADER_BLOCK: usize = 1_048_575;
 
 /// Why an edge could not be built or mounted.
 #[derive(Debug, thiserror::Error)]
@@ -156,7 +162,9 @@ impl Edge {
             grace_period_seconds: Some(s.grace_period_seconds),
             graceful_shutdown_timeout_seconds: Some(s.graceful_shutdown_timeout_seconds),
             upstream_keepalive_pool_size: s.upstream_keepalive_pool_size,
-            max_retries: s.max_retries,
+            // Pingora's `max_retries` counts attempts (0 would never send a request); ours counts
+            // retries.
+            max_retries: s.max_retries + 1,
             pid_file: s.pid_file.clone(),
             upgrade_sock: s.upgrade_sock.clone(),
             // Off by default: one single-threaded runtime per worker thread keeps a connection's
@@ -256,10 +264,13 @@ fn proxy_service(
     server_options.keepalive_request_limit = Some(limits.keepalive_requests);
     let mut app = pingora_proxy::http_proxy(&server.configuration, proxy);
     app.server_options = Some(server_options);
-    // Every connection gets a total deadline for each request's header block (slowloris).
+    // Every connection gets a total deadline for each request's header block (slowloris) and a
+    // cap on its size (answered 431 before Pingora's own 1 MiB cap answers 400).
+    let max_header_block = (limits.max_uri_bytes + limits.max_header_bytes + HEADER_BLOCK_SLACK)
+        .min(PINGORA_MAX_HEADER_BLOCK);
     let mut service = Service::new(
         "fhir-edge".to_string(),
-        HeaderDeadline::new(app, limits.header_timeout),
+        HeaderDeadline::new(app, limits.header_timeout, max_header_block),
     );
     let buffers = L4BufferSettings::default().write(DOWNSTREAM_WRITE_BUFFER);
     for addr in &config.listen {

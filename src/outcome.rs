@@ -1,13 +1,16 @@
-//! Every response fhir-edge makes itself, in one place.
+//! Every response fhir-edge makes itself, in one place, and the one place where Pingora errors
+//! become responses ([`from_error`]).
 //!
-//! Each [`Outcome`] maps to one status, one FHIR `OperationOutcome` issue code and one static
-//! diagnostics text; the bodies are compile-time constants, so an error response can never echo a
-//! request (no path, query, header or token ever appears in one). The match is exhaustive: a new
-//! outcome does not compile until it has a response. Auth failures carry the RFC 6750 §3 challenge.
+//! Each [`Outcome`] maps to one status and one body: a FHIR `OperationOutcome` with a static
+//! diagnostics text, or at the OAuth endpoints an RFC 6749 §5.2 error with a fixed description. No
+//! body can echo a request (no path, query, header or token ever appears in one). The matches are
+//! exhaustive: a new outcome, or a new error type, does not compile until it has a response. Auth
+//! failures carry the RFC 6750 §3 challenge.
 
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
+use pingora::{Error, ErrorSource, ErrorType};
 
 use crate::auth::{AuthFailure, FailureClass};
 
@@ -32,6 +35,8 @@ pub enum Outcome {
     UpstreamUnavailable,
     UpstreamTimeout,
     Internal,
+    /// An error of the token endpoint, the JWKS, smart-configuration or client self-service.
+    OAuth(OAuthError),
 }
 
 macro_rules! operation_outcome {
@@ -68,6 +73,7 @@ impl Outcome {
             Outcome::UpstreamUnavailable => 502,
             Outcome::UpstreamTimeout => 504,
             Outcome::Internal => 500,
+            Outcome::OAuth(e) => e.status(),
         }
     }
 
@@ -86,11 +92,29 @@ impl Outcome {
             Outcome::UpstreamUnavailable => "upstream_unavailable",
             Outcome::UpstreamTimeout => "upstream_timeout",
             Outcome::Internal => "internal",
+            Outcome::OAuth(e) => e.label(),
         }
     }
 
-    fn body(self) -> &'static str {
+    /// The authentication failure behind this outcome, if it is one.
+    pub fn auth_failure(self) -> Option<AuthFailure> {
         match self {
+            Outcome::Auth(f) => Some(f),
+            _ => None,
+        }
+    }
+
+    fn body(self) -> Bytes {
+        Bytes::from_static(match self {
+            Outcome::OAuth(e) => return Bytes::from(e.body()),
+            fhir => fhir.fhir_body().as_bytes(),
+        })
+    }
+
+    fn fhir_body(self) -> &'static str {
+        match self {
+            // Has its own body (`body`).
+            Outcome::OAuth(_) => "",
             Outcome::Auth(f) => match f.class() {
                 FailureClass::NoCredentials => {
                     operation_outcome!("login", "A bearer access token is required.")
@@ -159,13 +183,21 @@ impl Outcome {
         })
     }
 
-    /// The response header for this outcome.
-    pub fn header(self, realm: &str, request_id: &str) -> pingora::Result<ResponseHeader> {
-        let body = self.body();
-        let mut h = ResponseHeader::build(self.status(), Some(6))?;
-        h.insert_header("content-type", "application/fhir+json")?;
+    /// The response header for this outcome, whose body is `body_len` bytes.
+    fn header(
+        self,
+        realm: &str,
+        request_id: &str,
+        body_len: usize,
+    ) -> pingora::Result<ResponseHeader> {
+        let mut h = ResponseHeader::build(self.status(), Some(7))?;
+        let content_type = match self {
+            Outcome::OAuth(_) => "application/json",
+            _ => "application/fhir+json",
+        };
+        h.insert_header("content-type", content_type)?;
         // Required: without Content-Length a keep-alive client waits for a body end that never comes.
-        h.insert_header("content-length", body.len().to_string())?;
+        h.insert_header("content-length", body_len.to_string())?;
         h.insert_header("cache-control", "no-store")?;
         if !request_id.is_empty() {
             h.insert_header("x-request-id", request_id)?;
@@ -173,8 +205,16 @@ impl Outcome {
         if let Some(c) = self.challenge(realm) {
             h.insert_header("www-authenticate", c)?;
         }
-        if self == Outcome::MethodNotAllowed {
-            h.insert_header("allow", ALLOW)?;
+        match self {
+            Outcome::MethodNotAllowed => h.insert_header("allow", ALLOW)?,
+            // RFC 6749 §5.1: token endpoint responses, errors included, are not cached.
+            Outcome::OAuth(e) => {
+                h.insert_header("pragma", "no-cache")?;
+                if let Some((name, value)) = e.extra_headers(realm) {
+                    h.insert_header(name, value)?;
+                }
+            }
+            _ => {}
         }
         Ok(h)
     }
@@ -188,7 +228,8 @@ impl Outcome {
         request_id: &str,
         close: bool,
     ) -> pingora::Result<()> {
-        let header = self.header(realm, request_id)?;
+        let body = self.body();
+        let header = self.header(realm, request_id, body.len())?;
         if close {
             // Pingora writes the Connection header from the session's keep-alive state.
             session.set_keepalive(None);
@@ -198,11 +239,76 @@ impl Outcome {
             .write_response_header(Box::new(header), head)
             .await?;
         if !head {
-            session
-                .write_response_body(Some(Bytes::from_static(self.body().as_bytes())), true)
-                .await?;
+            session.write_response_body(Some(body), true).await?;
         }
         Ok(())
+    }
+
+    /// This outcome as the bytes of a complete HTTP/1.1 response that closes the connection, for a
+    /// connection refused before Pingora has parsed a request (so there is no session to answer on).
+    pub fn closing_response(self) -> Vec<u8> {
+        let body = self.body();
+        let mut wire = Vec::with_capacity(256 + body.len());
+        if let Ok(mut h) = self.header("", "", body.len()) {
+            if h.insert_header("connection", "close").is_ok() {
+                let reason = h.status.canonical_reason().unwrap_or("");
+                wire.extend_from_slice(
+                    format!("HTTP/1.1 {} {reason}\r\n", h.status.as_u16()).as_bytes(),
+                );
+                h.header_to_h1_wire(&mut wire);
+                wire.extend_from_slice(b"\r\n");
+                wire.extend_from_slice(&body);
+            }
+        }
+        wire
+    }
+}
+
+/// The response for an error from any phase; `None` when the client connection is already dead.
+pub fn from_error(e: &Error) -> Option<Outcome> {
+    use ErrorType::*;
+    if let HTTPStatus(code) = e.etype() {
+        return Some(from_status(*code));
+    }
+    match e.esource() {
+        ErrorSource::Upstream => Some(match e.etype() {
+            ConnectTimedout | ReadTimedout | WriteTimedout => Outcome::UpstreamTimeout,
+            _ => Outcome::UpstreamUnavailable,
+        }),
+        ErrorSource::Downstream => match e.etype() {
+            ReadError | WriteError | ConnectionClosed | ReadTimedout | WriteTimedout => None,
+            _ => Some(Outcome::BadRequest),
+        },
+        ErrorSource::Internal | ErrorSource::Unset => Some(Outcome::Internal),
+    }
+}
+
+/// The outcome for an `HTTPStatus` error raised by a phase.
+fn from_status(code: u16) -> Outcome {
+    match code {
+        400 => Outcome::BadRequest,
+        404 => Outcome::NotFound,
+        405 => Outcome::MethodNotAllowed,
+        413 => Outcome::BodyTooLarge,
+        414 => Outcome::UriTooLong,
+        415 => Outcome::UnsupportedMediaType,
+        431 => Outcome::HeadersTooLarge,
+        502 => Outcome::UpstreamUnavailable,
+        504 => Outcome::UpstreamTimeout,
+        _ => Outcome::Internal,
+    }
+}
+
+/// The kind of an upstream failure, for metrics.
+pub fn upstream_error_kind(e: &Error) -> &'static str {
+    use ErrorType::*;
+    match e.etype() {
+        ConnectTimedout | ReadTimedout | WriteTimedout => "timeout",
+        ConnectRefused | ConnectNoRoute | ConnectError | BindError | SocketError
+        | TLSHandshakeFailure | TLSHandshakeTimedout | InvalidCert | HandshakeError => "connect",
+        ConnectionClosed | ReadError | WriteError => "reset",
+        InvalidHTTPHeader | H1Error | H2Error | InvalidH2 | H2Downgrade => "protocol",
+        _ => "other",
     }
 }
 
@@ -306,38 +412,29 @@ impl OAuthError {
         }
     }
 
-    /// Writes the error (always `Cache-Control: no-store`, `Pragma: no-cache`: RFC 6749 §5.1).
-    pub async fn respond(
-        self,
-        session: &mut Session,
-        realm: &str,
-        request_id: &str,
-    ) -> pingora::Result<()> {
-        let body = format!(
+    /// The JSON body (RFC 6749 §5.2).
+    fn body(self) -> String {
+        format!(
             r#"{{"error":"{}","error_description":"{}"}}"#,
             self.code(),
             self.description()
-        );
-        let mut extra: Vec<(&str, String)> = Vec::new();
+        )
+    }
+
+    /// The headers this error adds to the usual ones.
+    fn extra_headers(self, realm: &str) -> Option<(&'static str, String)> {
         match self {
-            OAuthError::InvalidClient { basic: true } => extra.push((
+            // RFC 6749 §5.2: a client that tried HTTP Basic gets a Basic challenge.
+            OAuthError::InvalidClient { basic: true } => Some((
                 "www-authenticate",
                 format!("Basic realm=\"{realm}\", charset=\"UTF-8\""),
             )),
             OAuthError::TooManyRequests { retry_after } => {
-                extra.push(("retry-after", retry_after.to_string()))
+                Some(("retry-after", retry_after.to_string()))
             }
-            OAuthError::MethodNotAllowed { allow } => extra.push(("allow", allow.to_string())),
-            _ => {}
+            OAuthError::MethodNotAllowed { allow } => Some(("allow", allow.to_string())),
+            _ => None,
         }
-        respond_json(
-            session,
-            self.status(),
-            Bytes::from(body),
-            request_id,
-            &extra,
-        )
-        .await
     }
 }
 
@@ -395,7 +492,7 @@ mod tests {
             Outcome::Internal,
         ];
         for o in all {
-            let v: serde_json::Value = serde_json::from_str(o.body()).unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&o.body()).unwrap();
             assert_eq!(v["resourceType"], "OperationOutcome");
             assert_eq!(v["issue"][0]["severity"], "error");
             assert!(v["issue"][0]["code"].is_string());

@@ -22,3 +22,4 @@ mod rewriting;
 mod signatures;
 mod storm;
 mod token;
+mod wire;

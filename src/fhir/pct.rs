@@ -45,13 +45,6 @@ pub fn parse_form(body: &[u8]) -> Option<HashMap<String, String>> {
     Some(out)
 }
 
-/// The value of one hex digit (either case).
-pub(crate) fn hex(c: u8) -> Option<u8> {
-    char::from(c)
-        .to_digit(16)
-        .and_then(|d| u8::try_from(d).ok())
-}
-
 #[cfg(test)]
 mod tests {
     use super::decode;
@@ -87,14 +80,5 @@ mod tests {
         assert_eq!(decode(b"%G1", false), b"%G1");
         assert_eq!(decode(b"%41", false), b"A");
         assert_eq!(decode(b"%%41", false), b"%A");
-    }
-
-    #[test]
-    fn hex_digits() {
-        assert_eq!(super::hex(b'0'), Some(0));
-        assert_eq!(super::hex(b'f'), Some(15));
-        assert_eq!(super::hex(b'F'), Some(15));
-        assert_eq!(super::hex(b'g'), None);
-        assert_eq!(super::hex(0xff), None);
     }
 }

@@ -27,6 +27,13 @@ fn is_pingora(target: &str) -> bool {
     target.starts_with("pingora")
 }
 
+/// Pingora errors that are routine for an operator: its upstream pool lost a race with its own
+/// idle watcher for a connection and opens a new one (`connectors::reused_stream`).
+fn is_benign(record: &Record) -> bool {
+    record.target() == "pingora_core::connectors"
+        && record.args().to_string() == "failed to acquire reusable stream"
+}
+
 impl Log for Logger {
     fn enabled(&self, m: &Metadata) -> bool {
         let cap = if is_pingora(m.target()) {
@@ -38,7 +45,7 @@ impl Log for Logger {
     }
 
     fn log(&self, record: &Record) {
-        if !self.enabled(record.metadata()) {
+        if !self.enabled(record.metadata()) || is_benign(record) {
             return;
         }
         let mut msg = record.args().to_string();

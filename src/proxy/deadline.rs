@@ -1,25 +1,33 @@
-//! A total deadline for reading each request's header block (slowloris defence).
+//! The downstream HTTP/1 connection as the proxy phases see it: a total deadline for each request's
+//! header block, a cap on its size, and a hold on flushes that the phases arm and release.
 //!
-//! Pingora's downstream read timeouts apply per read: a client that sends one byte every few seconds
-//! never trips them and can hold a connection (and its memory) for as long as its header allowance
-//! lasts. This module wraps every accepted connection in [`HeaderDeadlineStream`], which watches the
-//! bytes going in and out: the clock starts when a connection opens (for its first request) or at the
-//! first byte of each following request, and stops at the blank line that ends the header block; if it
-//! runs out first, the read fails with `TimedOut` and Pingora closes the connection. Bodies are not
-//! covered (they have per-read timeouts and size limits), and the clock restarts only after a final
-//! (non-1xx) response status line has been written, so a `100 Continue` does not arm it mid-body.
+//! Pingora's downstream read timeouts apply per read, so a client that sends one byte every few
+//! seconds never trips them (slowloris). [`DownstreamConn`] wraps every accepted connection: the
+//! clock starts when the connection opens and, for each later request, at its first byte; it stops
+//! at the blank line that ends the header block (the *client's* bytes, read here). If it runs out
+//! first, the read fails with `TimedOut` and Pingora closes the connection. A header block longer
+//! than the configured limits is answered `431` here and the connection closed: Pingora would cut it
+//! off at 1 MiB with a `400` of its own (RFC 6585 §5 names 431 for this).
 //!
-//! The same wrapper holds back the intermediate flushes of a chunked response the proxy asks it to
-//! ([`HeaderDeadlineStream::hold_response`], [`crate::proxy::coalesce`]), so a small rewritten response
-//! leaves in one `send`.
+//! Nothing here reads the bytes Pingora writes. The phases tell the connection what happens, through
+//! the handle [`downstream`] finds on the session: `logging` (always the last phase) says the
+//! response has ended, so the next byte read starts the next request's clock (and, when more bytes
+//! came than the request's body, the connection is not kept: a pipelined request was sent before
+//! this response, which `logging` answers by closing); `response_filter`
+//! asks to hold the flushes of a response whose length Pingora cannot know (a rewritten body, sent
+//! chunked), which Pingora would otherwise flush after its header, after each chunk and after the
+//! last chunk: three `send`s for a small Bundle instead of one. While a hold is armed a flush only
+//! marks the written bytes as owed; they go out at the end of the response (`logging` finishes the
+//! body, which flushes), before any read from the client (nothing held waits on the client or the
+//! upstream), and at shutdown. A mistake here costs a segment, never a stuck response.
 //!
 //! The wrapper is installed by [`HeaderDeadline`], a `ServerApp` around the proxy application.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -28,23 +36,26 @@ use pingora::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID,
     UniqueIDType, ALPN,
 };
+use pingora::proxy::Session;
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::proxy::coalesce::HeldFlush;
+use crate::outcome::Outcome;
 
-/// What the proxy asked for through [`HeaderDeadlineStream::hold_response`] and
-/// [`HeaderDeadlineStream::release_response`], applied at the next read, write or flush.
-const NO_REQUEST: u8 = 0;
-const HOLD: u8 = 1;
-const RELEASE: u8 = 2;
+/// Where a connection is in its request cycle, as far as the header goes.
+const HEADER: u8 = 0;
+/// The header block is complete (body, processing, response): no deadline.
+const DONE: u8 = 1;
+/// The response has ended: the next byte read starts a header.
+const IDLE: u8 = 2;
+/// The header block is over its size limit: answering 431, then discarding what the client sends.
+const REFUSING: u8 = 3;
 
-/// Finds the blank line (`\r\n\r\n`) that ends an HTTP header block in bytes that come in pieces,
-/// however they are cut: the request headers read here, and the response headers
-/// [`crate::proxy::coalesce`] follows as they are written.
+/// Finds the blank line (`\r\n\r\n`) that ends a request's header block in bytes read in pieces,
+/// however they are cut.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) struct BlankLine {
+pub struct BlankLine {
     /// How much of `\r\n\r\n` the bytes so far end with (0–3).
     seen: u8,
 }
@@ -52,7 +63,7 @@ pub(crate) struct BlankLine {
 impl BlankLine {
     /// The offset in `data` just past the blank line, if it ends there (and the scanner starts
     /// afresh); otherwise remembers how much of one `data` ends with.
-    pub(crate) fn find(&mut self, data: &[u8]) -> Option<usize> {
+    pub fn find(&mut self, data: &[u8]) -> Option<usize> {
         // Finish one the previous piece began, a byte at a time.
         let mut i = 0;
         while self.seen > 0 && i < data.len() {
@@ -85,140 +96,151 @@ impl BlankLine {
     }
 }
 
-/// For the randomized tests of the scanner and of the framing that uses it: a small xorshift
-/// generator, the same sequence on every run.
-#[cfg(test)]
-pub(crate) fn test_random(mut seed: u64) -> impl FnMut() -> u64 {
-    move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    }
-}
-
-/// Where a connection is in its request/response cycle, as far as header timing goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    /// Between requests: the next byte read starts a header.
-    Idle,
-    /// Reading a header block; the deadline runs.
-    Header,
-    /// The header block is complete (body, processing, response): no header deadline.
-    Done,
-}
-
-/// A connection with a total header-read deadline.
+/// A downstream connection with a header deadline, a header size cap and a flush hold.
 #[derive(Debug)]
-pub struct HeaderDeadlineStream {
+pub struct DownstreamConn {
     inner: Stream,
     limit: Duration,
-    phase: Phase,
+    max_header_bytes: usize,
+    /// `HEADER`, `DONE`, `IDLE` or `REFUSING`; the phases move it to `IDLE` through `&self`.
+    phase: AtomicU8,
     timer: Option<Pin<Box<Sleep>>>,
-    /// How much of the header's closing blank line the reads so far end with.
+    header_bytes: usize,
+    /// Client bytes read after the current request's header block: its body, and anything the
+    /// client sent before this response (a pipelined request).
+    after_header: AtomicUsize,
     blank: BlankLine,
-    /// Whether the next write is the start of a response header (an `HTTP/1.x` status line).
-    response_start: bool,
-    /// Flushes held back for the response being written.
-    held: HeldFlush,
-    /// A hold or release asked for by the proxy (which only has a shared reference).
-    request: AtomicU8,
+    /// The 431 still to be written while refusing, and how much of it has been.
+    refusal: Option<(Vec<u8>, usize)>,
+    /// Armed by `response_filter`, released when the response ends or fails.
+    hold: AtomicBool,
+    /// A flush was skipped while holding: the inner stream has bytes it has not sent.
+    owed: bool,
 }
 
-impl HeaderDeadlineStream {
-    pub fn new(inner: Stream, limit: Duration) -> HeaderDeadlineStream {
-        HeaderDeadlineStream {
+impl DownstreamConn {
+    pub fn new(inner: Stream, limit: Duration, max_header_bytes: usize) -> DownstreamConn {
+        DownstreamConn {
             inner,
             limit,
+            max_header_bytes,
             // The first request's clock starts when the connection opens.
-            phase: Phase::Header,
+            phase: AtomicU8::new(HEADER),
             timer: Some(Box::pin(tokio::time::sleep(limit))),
+            header_bytes: 0,
+            after_header: AtomicUsize::new(0),
             blank: BlankLine::default(),
-            response_start: false,
-            held: HeldFlush::default(),
-            request: AtomicU8::new(NO_REQUEST),
+            refusal: None,
+            hold: AtomicBool::new(false),
+            owed: false,
         }
     }
 
-    /// Holds the flushes of the response about to be written until its last chunk is written (so it
-    /// leaves in one `send`). For a chunked response only: anything else ends the hold at its first
-    /// byte. Called by the proxy between deciding the response header and Pingora writing it.
-    pub fn hold_response(&self) {
-        self.request.store(HOLD, Ordering::Relaxed);
+    /// Holds flushes until the response ends (see the module documentation).
+    pub fn hold_flushes(&self) {
+        self.hold.store(true, Ordering::Relaxed);
     }
 
-    /// Lets flushes through again (the response being held will not be written as announced).
-    pub fn release_response(&self) {
-        self.request.store(RELEASE, Ordering::Relaxed);
+    /// Lets flushes through again (an error response replaces the one being held). Returns whether
+    /// a hold was armed.
+    pub fn release_flushes(&self) -> bool {
+        self.hold.swap(false, Ordering::Relaxed)
     }
 
-    /// Applies what the proxy asked for since the last call.
-    fn take_request(&mut self) {
-        match std::mem::replace(self.request.get_mut(), NO_REQUEST) {
-            HOLD => self.held.arm(),
-            RELEASE => self.held.release(),
-            _ => {}
-        }
+    /// The response has ended: releases any hold (returning whether there was one) and makes the
+    /// next byte read start the next request's header clock.
+    pub fn response_ended(&self) -> bool {
+        let _ = self
+            .phase
+            .compare_exchange(DONE, IDLE, Ordering::Relaxed, Ordering::Relaxed);
+        self.release_flushes()
     }
 
-    fn arm(&mut self) {
-        self.phase = Phase::Header;
+    /// How many client bytes were read after the current request's header block. More than its
+    /// body means the client sent more before this response ended (a pipelined request).
+    pub fn bytes_after_header(&self) -> usize {
+        self.after_header.load(Ordering::Relaxed)
+    }
+
+    fn start_header(&mut self) {
+        *self.phase.get_mut() = HEADER;
+        self.header_bytes = 0;
+        *self.after_header.get_mut() = 0;
         self.blank = BlankLine::default();
         self.timer = Some(Box::pin(tokio::time::sleep_until(
             Instant::now() + self.limit,
         )));
     }
 
-    /// Scans newly read bytes for the end of the header block.
-    fn saw(&mut self, data: &[u8]) {
+    /// Follows newly read client bytes; returns false when the header block is over its limit.
+    fn saw(&mut self, data: &[u8]) -> bool {
         if data.is_empty() {
-            return;
+            return true;
         }
-        if self.phase == Phase::Idle {
-            self.arm();
+        if *self.phase.get_mut() == IDLE {
+            self.start_header();
         }
-        if self.phase != Phase::Header {
-            return;
+        if *self.phase.get_mut() != HEADER {
+            *self.after_header.get_mut() += data.len();
+            return true;
         }
-        if self.blank.find(data).is_some() {
-            self.phase = Phase::Done;
+        if let Some(end) = self.blank.find(data) {
+            *self.phase.get_mut() = DONE;
             self.timer = None;
-            self.response_start = true;
+            self.header_bytes += end;
+            *self.after_header.get_mut() += data.len() - end;
+            return true;
         }
+        self.header_bytes += data.len();
+        self.header_bytes <= self.max_header_bytes
     }
 
-    /// Notes the start of what is written: a final status line ends the request cycle.
-    fn wrote(&mut self, data: &[u8]) {
-        if !self.response_start || data.is_empty() {
-            return;
-        }
-        // `HTTP/1.1 200 …`: the status code's first digit is byte 9.
-        if data.len() >= 10 && data.starts_with(b"HTTP/1.") {
-            if data[9] != b'1' {
-                self.response_start = false;
-                self.phase = Phase::Idle;
+    /// Writes the 431, then reads and drops what the client sends until it has sent its header's end,
+    /// closed, or run out of time: a client still writing when the socket closed would get a reset
+    /// instead of the answer. Ready means end of stream for Pingora.
+    fn poll_refuse(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if let Some((wire, at)) = self.refusal.as_mut() {
+            while *at < wire.len() {
+                *at += ready!(Pin::new(&mut self.inner).poll_write(cx, &wire[*at..]))?;
             }
-        } else {
-            self.response_start = false;
+            ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
+            self.refusal = None;
+        }
+        let mut scratch = [0u8; 8192];
+        loop {
+            if self
+                .timer
+                .as_mut()
+                .is_some_and(|t| t.as_mut().poll(cx).is_ready())
+            {
+                return Poll::Ready(Ok(()));
+            }
+            let mut buf = ReadBuf::new(&mut scratch);
+            ready!(Pin::new(&mut self.inner).poll_read(cx, &mut buf))?;
+            if buf.filled().is_empty() || self.blank.find(buf.filled()).is_some() {
+                return Poll::Ready(Ok(()));
+            }
         }
     }
 }
 
-impl AsyncRead for HeaderDeadlineStream {
+impl AsyncRead for DownstreamConn {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        this.take_request();
-        if this.held.holding() {
-            // Pingora reads while it waits (for the upstream, or for the next request): nothing
+        if this.owed {
+            // A read may wait long (for the next request, or while the upstream answers): nothing
             // held may wait with it.
-            std::task::ready!(Pin::new(&mut this.inner).poll_flush(cx))?;
-            this.held.release();
+            ready!(Pin::new(&mut this.inner).poll_flush(cx))?;
+            this.owed = false;
         }
-        if this.phase == Phase::Header {
+        if *this.phase.get_mut() == REFUSING {
+            return this.poll_refuse(cx);
+        }
+        if *this.phase.get_mut() == HEADER {
             if let Some(t) = this.timer.as_mut() {
                 if t.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Err(std::io::Error::new(
@@ -229,47 +251,26 @@ impl AsyncRead for HeaderDeadlineStream {
             }
         }
         let before = buf.filled().len();
-        let res = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = &res {
-            this.saw(&buf.filled()[before..]);
+        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        if !this.saw(&buf.filled()[before..]) {
+            // Pingora never sees these bytes: the client is answered here.
+            buf.set_filled(before);
+            *this.phase.get_mut() = REFUSING;
+            this.refusal = Some((Outcome::HeadersTooLarge.closing_response(), 0));
+            log::debug!("request header block over its limit: 431");
+            return this.poll_refuse(cx);
         }
-        res
+        Poll::Ready(Ok(()))
     }
 }
 
-impl AsyncWrite for HeaderDeadlineStream {
+impl AsyncWrite for DownstreamConn {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        this.take_request();
-        let res = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = &res {
-            this.wrote(&buf[..*n]);
-            if this.held.holding() {
-                this.held.wrote(&buf[..*n]);
-            }
-        }
-        res
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        this.take_request();
-        if this.held.holding() {
-            // The inner stream buffers it; the last chunk's flush, or the next read, sends it.
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        // Shutting down flushes the inner stream's buffer first.
-        this.held.release();
-        Pin::new(&mut this.inner).poll_shutdown(cx)
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -277,33 +278,55 @@ impl AsyncWrite for HeaderDeadlineStream {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        // Written one slice at a time so the status-line check sees where each write starts.
-        let first = bufs
-            .iter()
-            .find(|b| !b.is_empty())
-            .map_or(&[][..], |b| &b[..]);
-        self.poll_write(cx, first)
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        false
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if *this.hold.get_mut() {
+            // The inner stream keeps the bytes; the end of the response, or the next read, sends them.
+            this.owed = true;
+            return Poll::Ready(Ok(()));
+        }
+        ready!(Pin::new(&mut this.inner).poll_flush(cx))?;
+        this.owed = false;
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        // Shutting down flushes the inner stream's buffer first.
+        *this.hold.get_mut() = false;
+        this.owed = false;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 
+/// The downstream HTTP/1 connection of a session (every accepted connection has one; an HTTP/2
+/// stream has none).
+pub fn downstream(session: &Session) -> Option<&DownstreamConn> {
+    session.stream()?.as_any().downcast_ref::<DownstreamConn>()
+}
+
 #[async_trait]
-impl Shutdown for HeaderDeadlineStream {
+impl Shutdown for DownstreamConn {
     async fn shutdown(&mut self) {
+        *self.hold.get_mut() = false;
         self.inner.shutdown().await
     }
 }
 
-impl UniqueID for HeaderDeadlineStream {
+impl UniqueID for DownstreamConn {
     fn id(&self) -> UniqueIDType {
         self.inner.id()
     }
 }
 
-impl Ssl for HeaderDeadlineStream {
+impl Ssl for DownstreamConn {
     fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
         self.inner.get_ssl()
     }
@@ -315,7 +338,7 @@ impl Ssl for HeaderDeadlineStream {
     }
 }
 
-impl GetTimingDigest for HeaderDeadlineStream {
+impl GetTimingDigest for DownstreamConn {
     fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
         self.inner.get_timing_digest()
     }
@@ -327,36 +350,39 @@ impl GetTimingDigest for HeaderDeadlineStream {
     }
 }
 
-impl GetProxyDigest for HeaderDeadlineStream {
+impl GetProxyDigest for DownstreamConn {
     fn get_proxy_digest(&self) -> Option<Arc<pingora::protocols::raw_connect::ProxyDigest>> {
         self.inner.get_proxy_digest()
     }
 }
 
-impl GetSocketDigest for HeaderDeadlineStream {
+impl GetSocketDigest for DownstreamConn {
     fn get_socket_digest(&self) -> Option<Arc<pingora::protocols::SocketDigest>> {
         self.inner.get_socket_digest()
     }
 }
 
 #[async_trait]
-impl Peek for HeaderDeadlineStream {
+impl Peek for DownstreamConn {
     async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
         self.inner.try_peek(buf).await
     }
 }
 
-/// Wraps a server application so every connection gets a [`HeaderDeadlineStream`].
+/// Wraps a server application so every connection is a [`DownstreamConn`].
 pub struct HeaderDeadline<A> {
     inner: Arc<A>,
     limit: Duration,
+    max_header_bytes: usize,
 }
 
 impl<A> HeaderDeadline<A> {
-    pub fn new(inner: A, limit: Duration) -> HeaderDeadline<A> {
+    /// `limit` is the total time for a header block; `max_header_bytes` its size on the wire.
+    pub fn new(inner: A, limit: Duration, max_header_bytes: usize) -> HeaderDeadline<A> {
         HeaderDeadline {
             inner: Arc::new(inner),
             limit,
+            max_header_bytes,
         }
     }
 }
@@ -368,11 +394,14 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderDeadline<A> {
         session: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        // A kept-alive connection comes back already wrapped.
-        let stream: Stream = if session.as_any().is::<HeaderDeadlineStream>() {
+        let stream: Stream = if session.as_any().is::<DownstreamConn>() {
             session
         } else {
-            Box::new(HeaderDeadlineStream::new(session, self.limit))
+            Box::new(DownstreamConn::new(
+                session,
+                self.limit,
+                self.max_header_bytes,
+            ))
         };
         self.inner.process_new(stream, shutdown).await
     }
@@ -382,277 +411,6 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderDeadline<A> {
     }
 }
 
-impl HeaderDeadlineStream {
-    /// For tests: the current phase's name.
-    #[cfg(test)]
-    fn phase_name(&self) -> &'static str {
-        match self.phase {
-            Phase::Idle => "idle",
-            Phase::Header => "header",
-            Phase::Done => "done",
-        }
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    fn wrapped(limit_ms: u64) -> (HeaderDeadlineStream, tokio::net::UnixStream) {
-        let (a, b) = tokio::net::UnixStream::pair().unwrap();
-        let inner: Stream = Box::new(pingora::protocols::l4::stream::Stream::from(a));
-        (
-            HeaderDeadlineStream::new(inner, Duration::from_millis(limit_ms)),
-            b,
-        )
-    }
-
-    #[tokio::test]
-    async fn a_trickled_header_is_cut_off_and_a_complete_one_is_not() {
-        let (mut s, mut client) = wrapped(200);
-        client
-            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let mut buf = [0u8; 256];
-        let n = s.read(&mut buf).await.unwrap();
-        assert!(n > 0);
-        assert_eq!(s.phase_name(), "done");
-        // The response ends the cycle; the next request's first byte starts a new clock.
-        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-            .await
-            .unwrap();
-        assert_eq!(s.phase_name(), "idle");
-        client.write_all(b"G").await.unwrap();
-        let _ = s.read(&mut buf).await.unwrap();
-        assert_eq!(s.phase_name(), "header");
-        let err = s.read(&mut buf).await.unwrap_err();
-        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
-    }
-
-    /// A buffered connection that records what each flush sends, and can refuse to be flushed.
-    #[derive(Debug, Default)]
-    struct Recorder {
-        buffered: Vec<u8>,
-        sent: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
-        flush_pending: bool,
-    }
-
-    impl AsyncRead for Recorder {
-        fn poll_read(
-            self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
-            buf: &mut ReadBuf<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            buf.put_slice(b"GET / HTTP/1.1\r\n\r\n");
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    impl AsyncWrite for Recorder {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<std::io::Result<usize>> {
-            self.get_mut().buffered.extend_from_slice(buf);
-            Poll::Ready(Ok(buf.len()))
-        }
-        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            let this = self.get_mut();
-            if this.flush_pending {
-                this.flush_pending = false;
-                cx.waker().wake_by_ref();
-                return Poll::Pending;
-            }
-            if !this.buffered.is_empty() {
-                let segment = std::mem::take(&mut this.buffered);
-                this.sent.lock().unwrap().push(segment);
-            }
-            Poll::Ready(Ok(()))
-        }
-        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            self.poll_flush(cx)
-        }
-    }
-
-    #[async_trait]
-    impl Shutdown for Recorder {
-        async fn shutdown(&mut self) {}
-    }
-    impl UniqueID for Recorder {
-        fn id(&self) -> UniqueIDType {
-            0
-        }
-    }
-    impl Ssl for Recorder {}
-    impl GetTimingDigest for Recorder {
-        fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
-            vec![]
-        }
-    }
-    impl GetProxyDigest for Recorder {
-        fn get_proxy_digest(&self) -> Option<Arc<pingora::protocols::raw_connect::ProxyDigest>> {
-            None
-        }
-    }
-    impl GetSocketDigest for Recorder {
-        fn get_socket_digest(&self) -> Option<Arc<pingora::protocols::SocketDigest>> {
-            None
-        }
-    }
-    impl Peek for Recorder {}
-
-    type Sent = Arc<std::sync::Mutex<Vec<Vec<u8>>>>;
-
-    fn recorded(flush_pending: bool) -> (HeaderDeadlineStream, Sent) {
-        let sent = Sent::default();
-        let inner = Recorder {
-            sent: sent.clone(),
-            flush_pending,
-            ..Recorder::default()
-        };
-        (
-            HeaderDeadlineStream::new(Box::new(inner), Duration::from_secs(5)),
-            sent,
-        )
-    }
-
-    /// Writes a chunked response the way Pingora does: each piece its own write, a flush after the
-    /// header, after each chunk and after the last chunk. Returns the bytes.
-    async fn write_chunked(s: &mut HeaderDeadlineStream, chunks: &[&[u8]]) -> Vec<u8> {
-        let mut all = Vec::new();
-        let head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
-        s.write_all(head).await.unwrap();
-        s.flush().await.unwrap();
-        all.extend_from_slice(head);
-        for c in chunks {
-            let size = format!("{:X}\r\n", c.len());
-            for piece in [size.as_bytes(), c, b"\r\n"] {
-                s.write_all(piece).await.unwrap();
-                all.extend_from_slice(piece);
-            }
-            s.flush().await.unwrap();
-        }
-        s.write_all(b"0\r\n\r\n").await.unwrap();
-        s.flush().await.unwrap();
-        all.extend_from_slice(b"0\r\n\r\n");
-        all
-    }
-
-    #[tokio::test]
-    async fn a_held_chunked_response_is_sent_in_one_flush_and_the_next_is_not_held() {
-        let (mut s, sent) = recorded(false);
-        s.hold_response();
-        let one = write_chunked(&mut s, &[b"{\"a\":1}", b"0\r\n\r\n"]).await;
-        assert_eq!(*sent.lock().unwrap(), vec![one.clone()]);
-        // Not armed again: the next response flushes as Pingora asks.
-        let two = write_chunked(&mut s, &[b"{}"]).await;
-        assert_eq!(
-            sent.lock().unwrap().len(),
-            4,
-            "header, chunk and end each sent"
-        );
-        assert_eq!(sent.lock().unwrap()[1..].concat(), two);
-    }
-
-    #[tokio::test]
-    async fn held_bytes_are_sent_before_the_next_read_and_on_release() {
-        // Pingora reads (the client, while it waits for the upstream) with a header held.
-        let (mut s, sent) = recorded(true);
-        s.hold_response();
-        s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-            .await
-            .unwrap();
-        s.flush().await.unwrap();
-        assert!(sent.lock().unwrap().is_empty());
-        // The first flush attempt is refused (a full socket): the read waits for it.
-        let mut buf = [0u8; 64];
-        assert!(s.read(&mut buf).await.unwrap() > 0);
-        assert_eq!(sent.lock().unwrap().len(), 1, "sent before the read");
-        // An error response replaces the held one: released, its flush goes through.
-        s.hold_response();
-        s.release_response();
-        s.write_all(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
-            .await
-            .unwrap();
-        s.flush().await.unwrap();
-        assert_eq!(sent.lock().unwrap().len(), 2);
-    }
-
-    #[tokio::test]
-    async fn a_response_that_is_not_chunked_is_not_held() {
-        let (mut s, sent) = recorded(false);
-        s.hold_response();
-        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
-            .await
-            .unwrap();
-        s.write_all(b"{}").await.unwrap();
-        s.flush().await.unwrap();
-        assert_eq!(
-            sent.lock().unwrap().len(),
-            1,
-            "the body's first byte ended the hold"
-        );
-    }
-
-    /// Against a plain search of the joined bytes, for random strings over `\r`, `\n` and one
-    /// other byte, cut anywhere.
-    #[test]
-    fn the_blank_line_scanner_agrees_with_a_plain_search() {
-        let mut next = test_random(0x2545_f491_4f6c_dd1d);
-        for _ in 0..20_000 {
-            let len = (next() % 24) as usize;
-            let bytes: Vec<u8> = (0..len).map(|_| b"\r\nx"[(next() % 3) as usize]).collect();
-            let want = bytes
-                .windows(4)
-                .position(|w| w == b"\r\n\r\n")
-                .map(|p| p + 4);
-            let cut = 1 + (next() % 6) as usize;
-            let mut scanner = BlankLine::default();
-            let mut got = None;
-            let mut at = 0;
-            for piece in bytes.chunks(cut) {
-                if let Some(end) = scanner.find(piece) {
-                    got = Some(at + end);
-                    break;
-                }
-                at += piece.len();
-            }
-            assert_eq!(got, want, "{bytes:?} cut {cut}");
-        }
-    }
-
-    #[tokio::test]
-    async fn the_end_of_the_header_is_found_wherever_the_reads_cut_it() {
-        let request = b"GET / HTTP/1.1\r\nHost: x\r\nX-A: \r\r\n\r\nbody";
-        let end = request.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-        for cut in 1..request.len() {
-            let (mut s, _client) = wrapped(5_000);
-            let mut fed = 0;
-            for piece in request.chunks(cut) {
-                assert_eq!(s.phase_name(), "header", "cut {cut}, {fed} bytes in");
-                s.saw(piece);
-                fed += piece.len();
-                if fed >= end {
-                    break;
-                }
-            }
-            assert_eq!(s.phase_name(), "done", "cut {cut}");
-        }
-    }
-
-    #[tokio::test]
-    async fn a_continue_response_does_not_rearm_the_clock() {
-        let (mut s, mut client) = wrapped(5_000);
-        client
-            .write_all(b"POST / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n")
-            .await
-            .unwrap();
-        let mut buf = [0u8; 256];
-        assert!(s.read(&mut buf).await.unwrap() > 0);
-        s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.unwrap();
-        assert_eq!(s.phase_name(), "done");
-    }
-}
+#[path = "deadline_tests.rs"]
+mod tests;
