@@ -45,7 +45,6 @@ compile_error!("enable a JWT crypto backend: `aws-lc` (default) or `rust-crypto`
 pub mod auth;
 pub mod config;
 pub mod edge;
-pub mod fasthash;
 pub mod fhir;
 pub mod memory;
 pub mod ops;

@@ -7,6 +7,7 @@
 //! the file that names them.
 
 pub mod problems;
+pub mod routes;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
