@@ -9,8 +9,8 @@
 //! Limits, so a hostile or broken file costs bounded memory and time (the file's size is bounded
 //! before it is read: [`super::read::MAX_FILE_BYTES`]): YAML nesting, aliases and what an anchor may
 //! hold are capped below; serde_json refuses nesting deeper than 128 in what it reads, and skips
-//! the rest without recursing. Duplicate keys in any YAML
-//! mapping are refused; in JSON the formats' own types refuse them.
+//! the rest without recursing. Duplicate keys in any YAML mapping are refused; in JSON the formats'
+//! own types refuse them.
 //!
 //! Messages never quote the file: a value may be a credential (`upstream_headers`), so the
 //! readers' source snippets are off and quoted values in their messages are cut.
