@@ -18,8 +18,9 @@ use serde_json::json;
 
 use fhir_edge::auth::{self, scope::tenant_from_scope, TokenCache, Verifier, VerifyKey};
 use fhir_edge::config::RouteDefaults;
-use fhir_edge::routing::RoutingTable;
+use fhir_edge::routing::{RoutingTable, TableContext};
 use fhir_edge::tenant::TenantId;
+use serde::de::IgnoredAny;
 
 const ISS: &str = "https://issuer.bench/";
 const BACKEND: &str = if cfg!(feature = "aws-lc") {
@@ -113,7 +114,12 @@ fn table(n: usize) -> RoutingTable {
             1024 + i % 60000
         ));
     }
-    RoutingTable::from_text(&PathBuf::from("bench-routes.yaml"), &text, &defaults()).unwrap()
+    RoutingTable::from_text(
+        &PathBuf::from("bench-routes.yaml"),
+        &text,
+        &defaults().into(),
+    )
+    .unwrap()
 }
 
 fn defaults() -> RouteDefaults {
@@ -126,14 +132,6 @@ fn defaults() -> RouteDefaults {
         public_base: "https://edge.bench/fhir".into(),
         tenant_label: fhir_edge::ops::metrics::TenantLabel::Name,
     }
-}
-
-/// The change check before it read eight bytes per step (byte-wise FNV-1a): the baseline for
-/// `reload_100k/change_check`.
-fn fnv1a_bytewise(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
 }
 
 /// The reload's CPU work for a 100,000-tenant table written as JSON and as YAML the way
@@ -149,17 +147,15 @@ fn bench_reload(c: &mut Criterion) {
     }
     let text = serde_json::to_string_pretty(&json!({ "tenants": tenants })).unwrap();
     let path = PathBuf::from("bench-routes.json");
-    let defaults = defaults();
+    let ctx: TableContext = defaults().into();
     let mut g = c.benchmark_group("reload_100k");
     g.sample_size(10);
+    // SHA-256 of the text: what a check of an unchanged file costs besides reading it.
     g.bench_function("change_check", |b| {
-        b.iter(|| fhir_edge::reload::hash_text(black_box(&text)))
-    });
-    g.bench_function("change_check_fnv1a_bytewise_before", |b| {
-        b.iter(|| fnv1a_bytewise(black_box(&text)))
+        b.iter(|| fhir_edge::reload::read::fingerprint(black_box(text.as_bytes())))
     });
     g.bench_function("parse_validate_build_json", |b| {
-        b.iter(|| RoutingTable::from_text(&path, black_box(&text), &defaults).unwrap())
+        b.iter(|| RoutingTable::from_text(&path, black_box(&text), &ctx).unwrap())
     });
     // The same table as YAML, written the way `benches/load.rs` and most operators write it.
     let mut yaml = String::from("tenants:\n");
@@ -171,15 +167,15 @@ fn bench_reload(c: &mut Criterion) {
     }
     let yaml_path = PathBuf::from("bench-routes.yaml");
     g.bench_function("parse_validate_build_yaml", |b| {
-        b.iter(|| RoutingTable::from_text(&yaml_path, black_box(&yaml), &defaults).unwrap())
+        b.iter(|| RoutingTable::from_text(&yaml_path, black_box(&yaml), &ctx).unwrap())
     });
-    // Reading only (no validation or build): the fast reader against the general YAML parser it
-    // stands in for, on the same text.
-    g.bench_function("read_yaml_fast", |b| {
-        b.iter(|| fhir_edge::routing::read_routes_yaml(black_box(&yaml), false).unwrap())
+    // Parsing only (nothing built), by the YAML reader in use against the one it replaced, on the
+    // same text.
+    g.bench_function("read_yaml_serde_saphyr", |b| {
+        b.iter(|| fhir_edge::reload::parse::parse::<IgnoredAny>(black_box(&yaml)).unwrap())
     });
-    g.bench_function("read_yaml_general", |b| {
-        b.iter(|| fhir_edge::routing::read_routes_yaml(black_box(&yaml), true).unwrap())
+    g.bench_function("read_yaml_serde_yaml_ng", |b| {
+        b.iter(|| serde_yaml_ng::from_str::<IgnoredAny>(black_box(&yaml)).unwrap())
     });
     g.finish();
 }

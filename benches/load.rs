@@ -463,9 +463,9 @@ fn routes_yaml(n: usize, upstream_port: u16, name_prefix: &str) -> String {
     out
 }
 
-/// [`routes_yaml`] with a leading document marker: valid YAML the fast reader leaves to the general
-/// parser.
-fn routes_yaml_general(n: usize, upstream_port: u16, name_prefix: &str) -> String {
+/// [`routes_yaml`] with a leading document marker: the same table (one reader reads both; a build
+/// that had a second YAML reader sent this form to the slower one).
+fn routes_yaml_marked(n: usize, upstream_port: u16, name_prefix: &str) -> String {
     format!("---\n{}", routes_yaml(n, upstream_port, name_prefix))
 }
 
@@ -1094,9 +1094,8 @@ fn tenants(s: &Settings) {
         (10, "YAML", routes_yaml, None),
         (100_000, "YAML", routes_yaml, None),
         (100_000, "JSON", routes_json, None),
-        // The same YAML behind a `---` document marker, which the fast reader declines: the
-        // general YAML parser's figures in the same run, as the baseline for the fast reader's.
-        (100_000, "YAML, general parser", routes_yaml_general, None),
+        // The same YAML behind a `---` document marker: must cost what the plain YAML costs.
+        (100_000, "YAML after ---", routes_yaml_marked, None),
     ];
     // Another build (e.g. the previous commit's) with the same YAML table, to judge a change.
     if let Ok(bin) = std::env::var("FHIR_EDGE_BASELINE") {
@@ -1146,7 +1145,7 @@ fn tenants(s: &Settings) {
     }
     if let [small, yaml, json, general, ..] = rates.as_slice() {
         println!(
-            "100,000 / 10 tenants throughput ratio: {:.3} (YAML table), {:.3} (JSON table), {:.3} (YAML, general parser)",
+            "100,000 / 10 tenants throughput ratio: {:.3} (YAML table), {:.3} (JSON table), {:.3} (YAML after ---)",
             yaml / small,
             json / small,
             general / small

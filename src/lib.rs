@@ -52,7 +52,6 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod edge;
-pub mod fasthash;
 pub mod fhir;
 pub mod memory;
 pub mod ops;

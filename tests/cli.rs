@@ -5,9 +5,14 @@ use std::path::Path;
 use std::process::Command;
 
 fn check(config: &Path) -> (bool, String) {
+    check_with(config, &[])
+}
+
+fn check_with(config: &Path, extra: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_fhir-edge"))
         .args(["check", "--config"])
         .arg(config)
+        .args(extra)
         .output()
         .unwrap();
     (
@@ -114,4 +119,34 @@ fn keygen_writes_a_private_key_file_that_the_token_endpoint_loads() {
         assert!(!second.status.success());
         assert_eq!(std::fs::read_to_string(&out).unwrap(), pem);
     }
+}
+
+#[test]
+fn check_offline_resolves_no_host_names_but_checks_everything_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("fhir-edge.yaml");
+    let keys = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/keys");
+    // `.invalid` never resolves (RFC 6761): only an offline check can pass.
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen: [\"127.0.0.1:8080\"]\npublic_base_url: \"https://edge.example/fhir\"\nroutes_file: routes.yaml\nmetadata_upstream: \"https://meta.example.invalid/r4\"\nauth:\n  issuers:\n    - issuer: i\n      audience: a\n      keys:\n        - {{ alg: ES256, public_key_file: {}/es256.pub.pem }}\n",
+            keys.display()
+        ),
+    )
+    .unwrap();
+    let routes = dir.path().join("routes.yaml");
+    let good = "tenants:\n  145f4184-1b0b-41c7-ba24-b3c1291bfda1:\n    name: a\n    upstream: \"https://fhir.hospital-a.invalid/r4\"\n";
+    std::fs::write(&routes, good).unwrap();
+
+    let (ok, out) = check_with(&cfg, &["--offline"]);
+    assert!(ok, "offline check failed: {out}");
+    let (ok, out) = check(&cfg);
+    assert!(!ok, "an unresolvable host passed the online check: {out}");
+    assert!(out.contains("resolve"), "{out}");
+
+    // Offline still refuses what is wrong with the file itself.
+    std::fs::write(&routes, good.replace("name: a", "name: a\n    name: b")).unwrap();
+    let (ok, out) = check_with(&cfg, &["--offline"]);
+    assert!(!ok, "a duplicate key passed the offline check: {out}");
 }

@@ -302,3 +302,70 @@ fn a_large_tables_garbage_is_returned_to_the_os_after_a_reload() {
         "after a reload: resident {rss} KiB, peak {peak} KiB, file {text_kib} KiB"
     );
 }
+
+/// A routing file larger than the limit is refused before it is read whole, with a message that
+/// says why, and the last good table keeps serving.
+#[test]
+fn a_routes_file_over_the_size_limit_is_refused_and_the_last_table_serves() {
+    let env = Env::start();
+    let file = fs::File::create(env.proxy.routes_path()).unwrap();
+    file.set_len(100 << 20).unwrap();
+    assert!(
+        eventually(WITHIN, || env.proxy.logs().contains("larger than 32 MiB")),
+        "{}",
+        env.proxy.logs()
+    );
+    assert_eq!(probe(&env, TENANT_A), (200, "tenant-a".into()));
+}
+
+/// The same table written as JSON (what generators should write) loads like the YAML one, and a
+/// key given twice inside an entry rejects the JSON file as it does the YAML one.
+#[test]
+fn a_json_routes_file_reloads_and_a_duplicate_key_in_it_is_rejected() {
+    let env = Env::start();
+    let entry =
+        |name: &str, upstream: &str| serde_json::json!({"name": name, "upstream": upstream});
+    let json = serde_json::json!({"tenants": {
+        TENANT_A: entry("tenant-a", &env.a.url("/r4")),
+        TENANT_B: entry("tenant-b", &env.b.url("")),
+        TENANT_C: entry("tenant-c", &env.b.url("/c")),
+    }})
+    .to_string();
+    fs::write(env.proxy.routes_path(), &json).unwrap();
+    assert!(eventually(WITHIN, || probe(&env, TENANT_C).0 == 200));
+    let dup = json.replacen(r#""name":"tenant-c""#, r#""name":"tenant-c","name":"x""#, 1);
+    assert_ne!(dup, json);
+    fs::write(env.proxy.routes_path(), dup).unwrap();
+    assert!(
+        eventually(WITHIN, || env
+            .proxy
+            .logs()
+            .contains("duplicate field `name`")),
+        "{}",
+        env.proxy.logs()
+    );
+    assert_eq!(probe(&env, TENANT_C), (200, "tenant-b".into()));
+}
+
+/// Each poll checks the file even when nothing changed, and the metric of the last check's time
+/// moves with it: a reloader that stops checking shows as a growing age, which deploy/prometheus
+/// alerts on.
+#[test]
+fn every_poll_is_recorded_as_a_check_in_the_metrics() {
+    let env = Env::start_with(|c| c.server = "  reload_poll_seconds: 1".into());
+    let series = "fhir_edge_config_last_check_timestamp_seconds{file=\"routes\"}";
+    let value = |m: &str| {
+        m.lines()
+            .find_map(|l| l.strip_prefix(series))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    let first = value(&env.proxy.metrics_when(|m| value(m).is_some())).unwrap();
+    assert!(first > 1.7e9, "{first}");
+    let later = env
+        .proxy
+        .metrics_when(|m| value(m).is_some_and(|v| v > first));
+    assert!(
+        value(&later).unwrap() > first,
+        "no check recorded after {first}"
+    );
+}

@@ -16,7 +16,7 @@ use pingora::server::Server;
 
 use crate::config::{Config, MetadataSource, Settings};
 use crate::reload::{Live, Loadable};
-use crate::routing::RoutingTable;
+use crate::routing::{RoutingTable, TableContext};
 use crate::token::clients::ClientRegistry;
 use crate::token::keys::{keygen, KeyAlg};
 use crate::Edge;
@@ -159,10 +159,13 @@ fn check(config: PathBuf, offline: bool) -> anyhow::Result<ExitCode> {
             problems.push(format!("{}: metadata_upstream: {m}", config.display()));
         }
     }
-    match Live::<RoutingTable>::load_file(
-        settings.routes_file.clone(),
-        settings.route_defaults.clone(),
-    ) {
+    let defaults = settings.route_defaults.clone();
+    let context = if offline {
+        TableContext::offline(defaults)
+    } else {
+        TableContext::from(defaults)
+    };
+    match Live::<RoutingTable>::load_file(settings.routes_file.clone(), context) {
         Ok(t) => summary.push(format!(
             "routing table {}: {}",
             settings.routes_file.display(),

@@ -9,6 +9,7 @@
 
 mod issuers;
 pub mod problems;
+pub mod routes;
 pub mod settings;
 mod token;
 mod validate;
@@ -193,7 +194,12 @@ mod tests {
             Ok(_) => panic!("empty settings validated"),
             Err(p) => p.to_string(),
         };
-        for key in ["public_base_url", "routes_file", "listen", "metadata_upstream"] {
+        for key in [
+            "public_base_url",
+            "routes_file",
+            "listen",
+            "metadata_upstream",
+        ] {
             assert!(problems.contains(key), "{key} not named in:\n{problems}");
         }
     }

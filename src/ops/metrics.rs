@@ -50,6 +50,7 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     pub config_generation: IntGaugeVec,
     pub config_last_success: IntGaugeVec,
+    pub config_last_check: IntGaugeVec,
     pub routing_tenants: IntGauge,
     pub clients_registered: IntGauge,
     pub metadata_refresh_failures: IntCounter,
@@ -196,6 +197,12 @@ impl Metrics {
                 "Unix time of the last successful load, by file.",
                 &["file"],
             )?,
+            config_last_check: gauge_vec(
+                &r,
+                "fhir_edge_config_last_check_timestamp_seconds",
+                "Unix time the file was last read and checked for changes (each event and poll), by file.",
+                &["file"],
+            )?,
             routing_tenants: {
                 let g = IntGauge::new("fhir_edge_routing_tenants", "Tenants in the current routing table.")?;
                 r.register(Box::new(g.clone()))?;
@@ -246,6 +253,9 @@ impl Metrics {
         self.config_last_success
             .with_label_values(&[file])
             .set(i64::try_from(live.last_success.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
+        self.config_last_check
+            .with_label_values(&[file])
+            .set(i64::try_from(live.last_check.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
         for (result, total) in [
             ("applied", generation.saturating_sub(1)),
             ("rejected", live.failures.load(Ordering::Relaxed)),

@@ -201,20 +201,15 @@ impl Loadable for ClientRegistry {
 
     fn from_text(path: &Path, text: &str, _: &()) -> Result<Self, Problems> {
         let mut src = Source::new(path, text);
-        let file: ClientsFile = if text.trim().is_empty() {
+        if text.trim().is_empty() {
             return Err(whole_file(
                 path,
                 "file is empty (an empty registry is `clients: {}`)",
             ));
-        } else {
-            match serde_yaml_ng::from_str(text) {
-                Ok(f) => f,
-                Err(e) => {
-                    src.yaml_error(&e);
-                    return Err(Problems(src.problems));
-                }
-            }
-        };
+        }
+        // The hot files' reader: bounded, duplicate keys refused, values never quoted.
+        let file: ClientsFile =
+            crate::reload::parse::parse(text).map_err(|e| e.into_problems(path, ""))?;
         let mut clients = HashMap::with_capacity(file.clients.0.len());
         let mut seen_lower = HashSet::new();
         for (id, entry) in &file.clients.0 {
