@@ -57,7 +57,7 @@ pub struct SecretEntry {
 const HEADER: &str = "\
 # fhir-edge client registry. Managed by `fhir-edge clients ...` and the clients' self-service endpoint,
 # which rewrite this file atomically; hand edits are fine too (the file is validated as a whole and
-# hot-reloaded). Secrets are stored only as salted SHA-256 digests. Reference: README.md (\"Clients\").
+# hot-reloaded). Secrets are stored only as salted SHA-256 digests. Reference: docs/tokens-and-clients.md.
 ";
 
 // ---------------------------------------------------------------------------------------------
