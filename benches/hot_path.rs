@@ -6,6 +6,7 @@
 //! Every group name carries the JWT crypto backend it was built with, so the two backends can be
 //! compared: `cargo bench --bench hot_path` (aws-lc-rs, the default) and
 //! `cargo bench --bench hot_path --no-default-features --features rust-crypto`.
+#![allow(unreachable_pub)]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::hint::black_box;
@@ -16,10 +17,10 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use jsonwebtoken::{encode, Algorithm, DecodingKey, EncodingKey, Header};
 use serde_json::json;
 
-use fhir_edge::auth::{self, scope::tenant_from_scope, TokenCache, Verifier, VerifyKey};
-use fhir_edge::config::RouteDefaults;
-use fhir_edge::routing::{RoutingTable, TableContext};
-use fhir_edge::tenant::TenantId;
+use fhir_edge::internals::auth::{self, scope::tenant_from_scope, TokenCache, Verifier, VerifyKey};
+use fhir_edge::internals::config::RouteDefaults;
+use fhir_edge::internals::routing::{RoutingTable, TableContext};
+use fhir_edge::internals::tenant::TenantId;
 use serde::de::IgnoredAny;
 
 const ISS: &str = "https://issuer.bench/";
@@ -130,7 +131,7 @@ fn defaults() -> RouteDefaults {
         idle_timeout: Duration::from_secs(1),
         ca_der: None,
         public_base: "https://edge.bench/fhir".into(),
-        tenant_label: fhir_edge::ops::metrics::TenantLabel::Name,
+        tenant_label: fhir_edge::internals::ops::metrics::TenantLabel::Name,
     }
 }
 
@@ -152,7 +153,7 @@ fn bench_reload(c: &mut Criterion) {
     g.sample_size(10);
     // SHA-256 of the text: what a check of an unchanged file costs besides reading it.
     g.bench_function("change_check", |b| {
-        b.iter(|| fhir_edge::reload::read::fingerprint(black_box(text.as_bytes())))
+        b.iter(|| fhir_edge::internals::reload::read::fingerprint(black_box(text.as_bytes())))
     });
     g.bench_function("parse_validate_build_json", |b| {
         b.iter(|| RoutingTable::from_text(&path, black_box(&text), &ctx).unwrap())
@@ -172,7 +173,9 @@ fn bench_reload(c: &mut Criterion) {
     // Parsing only (nothing built), by the YAML reader in use against the one it replaced, on the
     // same text.
     g.bench_function("read_yaml_serde_saphyr", |b| {
-        b.iter(|| fhir_edge::reload::parse::parse::<IgnoredAny>(black_box(&yaml)).unwrap())
+        b.iter(|| {
+            fhir_edge::internals::reload::parse::parse::<IgnoredAny>(black_box(&yaml)).unwrap()
+        })
     });
     g.bench_function("read_yaml_serde_yaml_ng", |b| {
         b.iter(|| serde_yaml_ng::from_str::<IgnoredAny>(black_box(&yaml)).unwrap())

@@ -26,6 +26,7 @@
 //! upstream can do, the limit for any proxy. "pingora bare" is this executable running a Pingora
 //! proxy that only forwards (`benches/load/floor.rs`): the framework's own cost, the floor for
 //! fhir-edge. Peer configs: `benches/load/`.
+#![allow(unreachable_pub)]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;

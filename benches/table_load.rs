@@ -5,16 +5,17 @@
 //! `cargo bench --bench table_load` (all cases), or `cargo bench --bench table_load -- json`
 //! (one of `json`, `yaml`, `parse-saphyr`, `parse-yaml-ng`). `TABLE_TENANTS` changes the size.
 //! Times are for one idle core; the whole proxy adds its own memory (Pingora, threads) to these peaks.
+#![allow(unreachable_pub)]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use fhir_edge::config::RouteDefaults;
-use fhir_edge::ops::metrics::TenantLabel;
-use fhir_edge::reload::{Live, ReloadOutcome};
-use fhir_edge::routing::RoutingTable;
+use fhir_edge::internals::config::RouteDefaults;
+use fhir_edge::internals::ops::metrics::TenantLabel;
+use fhir_edge::internals::reload::{Live, ReloadOutcome};
+use fhir_edge::internals::routing::RoutingTable;
 
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
@@ -93,7 +94,7 @@ fn run_case(case: &str, dir: &Path) {
         let started = Instant::now();
         match parser {
             "saphyr" => {
-                fhir_edge::reload::parse::parse::<serde::de::IgnoredAny>(&text).unwrap();
+                fhir_edge::internals::reload::parse::parse::<serde::de::IgnoredAny>(&text).unwrap();
             }
             _ => {
                 serde_yaml_ng::from_str::<serde::de::IgnoredAny>(&text).unwrap();

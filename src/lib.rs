@@ -5,24 +5,24 @@
 //! endpoint; fhir-edge is that endpoint.
 //!
 //! ## One request
-//! 1. [`proxy::FhirEdge::request_filter`](pingora::proxy::ProxyHttp::request_filter) checks size limits, then
-//!    classifies the raw path once ([`fhir::classify`]): `GET|HEAD {base}/metadata` (byte-exact) is answered by
-//!    [`fhir::discovery`] (the upstream CapabilityStatement with SMART `oauth-uris` for fhir-edge's token
+//! 1. `proxy::FhirEdge::request_filter` checks size limits, then
+//!    classifies the raw path once (`fhir::classify`): `GET|HEAD {base}/metadata` (byte-exact) is answered by
+//!    `fhir::discovery` (the upstream CapabilityStatement with SMART `oauth-uris` for fhir-edge's token
 //!    endpoint); the token endpoint, JWKS, smart-configuration and client self-service are answered by
-//!    [`token`]; everything else needs a bearer token.
-//! 2. The token is extracted and verified ([`auth`]): the key chosen by `kid` fixes the algorithm,
+//!    `token`; everything else needs a bearer token.
+//! 2. The token is extracted and verified (`auth`): the key chosen by `kid` fixes the algorithm,
 //!    issuer and audience. The tenant GUID comes from the verified `scope` claim and from nothing else.
-//! 3. The tenant's [`routing::Route`] is taken from one snapshot of the hot-reloaded routing table and
+//! 3. The tenant's `routing::Route` is taken from one snapshot of the hot-reloaded routing table and
 //!    kept in the request context for every later phase. Unknown tenant: 403, no default route.
-//! 4. Path grammar and method policy ([`fhir::classify`]); `POST {base}` on a read-only route must be a batch
-//!    of reads ([`fhir::batch`]).
+//! 4. Path grammar and method policy (`fhir::classify`); `POST {base}` on a read-only route must be a batch
+//!    of reads (`fhir::batch`).
 //! 5. `upstream_peer` clones the peer built when the table loaded; `upstream_request_filter` sets the
 //!    upstream target (route base path + path + raw query, byte-exact), `Host`, forwarding headers and
 //!    the route's upstream headers, and drops the client's credentials and forwarding claims.
 //! 6. Responses: upstream base URLs in `Location` headers and JSON bodies are rewritten to the public
-//!    base as they stream ([`fhir::rewrite`]).
+//!    base as they stream (`fhir::rewrite`).
 //! 7. Every error from any phase becomes a FHIR `OperationOutcome` (or, at the OAuth endpoints, an RFC
-//!    6749 error) in [`outcome`].
+//!    6749 error) in `outcome`.
 //!
 //! ## Mounting it in another Pingora server
 //! [`Edge`] is the public API: build it from [`Settings`] (a file, or constructed in code) and add it to
@@ -48,20 +48,20 @@ compile_error!("enable exactly one JWT crypto backend: `aws-lc` (default) or `ru
 #[cfg(not(any(feature = "aws-lc", feature = "rust-crypto")))]
 compile_error!("enable a JWT crypto backend: `aws-lc` (default) or `rust-crypto`");
 
-pub mod auth;
+pub(crate) mod auth;
 pub mod cli;
-pub mod config;
-pub mod edge;
-pub mod fhir;
-pub mod memory;
-pub mod ops;
-pub mod outcome;
-pub mod proxy;
-pub mod reload;
-pub mod routing;
-pub mod tenant;
-pub mod time;
-pub mod token;
+pub(crate) mod config;
+pub(crate) mod edge;
+pub(crate) mod fhir;
+pub(crate) mod memory;
+pub(crate) mod ops;
+pub(crate) mod outcome;
+pub(crate) mod proxy;
+pub(crate) mod reload;
+pub(crate) mod routing;
+pub(crate) mod tenant;
+pub(crate) mod time;
+pub(crate) mod token;
 
 pub use config::problems::{Problem, Problems};
 pub use config::settings::{
@@ -83,4 +83,70 @@ pub fn install_crypto_provider() -> bool {
 /// carry request bytes fenced off). An embedder may use its own logger instead.
 pub fn init_logging(level: log::LevelFilter) {
     ops::logging::init(level)
+}
+
+/// Not API: the internals that the fuzz targets (`fuzz/`), the benchmarks (`benches/`) and a few tests
+/// drive directly. No stability promise; an embedder uses [`Edge`] and [`Settings`].
+#[doc(hidden)]
+pub mod internals {
+    pub mod auth {
+        pub use crate::auth::jwt::{Verifier, VerifyKey};
+        pub use crate::auth::{authenticate, install_crypto, TokenCache};
+        pub mod bearer {
+            pub use crate::auth::bearer::extract;
+        }
+        pub mod scope {
+            pub use crate::auth::scope::{tenant_from_scope, tenant_in};
+        }
+    }
+    pub mod config {
+        pub use crate::config::RouteDefaults;
+    }
+    pub mod fhir {
+        pub mod classify {
+            pub use crate::fhir::classify::{
+                fhir_remainder, is_public_metadata, own_endpoint, route_template, split_target,
+                OwnEndpoint,
+            };
+        }
+        pub mod rewrite {
+            pub use crate::fhir::rewrite::Rewrites;
+        }
+        pub mod vocabulary {
+            pub use crate::fhir::vocabulary::{keyword_or_operation, resource_type};
+        }
+    }
+    pub mod ops {
+        pub mod metrics {
+            pub use crate::ops::metrics::TenantLabel;
+        }
+    }
+    pub mod proxy {
+        pub mod deadline {
+            pub use crate::proxy::deadline::BlankLine;
+        }
+    }
+    pub mod reload {
+        pub use crate::reload::{Live, Loadable, ReloadOutcome};
+        pub mod parse {
+            pub use crate::reload::parse::{parse, Syntax};
+        }
+        pub mod read {
+            pub use crate::reload::read::fingerprint;
+        }
+    }
+    pub mod routing {
+        pub use crate::routing::{RoutingTable, TableContext};
+    }
+    pub mod tenant {
+        pub use crate::tenant::TenantId;
+    }
+    pub mod token {
+        pub mod clients {
+            pub use crate::token::clients::ClientRegistry;
+        }
+        pub mod keys {
+            pub use crate::token::keys::SigningKey;
+        }
+    }
 }

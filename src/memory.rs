@@ -23,24 +23,24 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 /// Files at least this large are followed by a release.
-pub const LARGE_TEXT: usize = 1 << 20;
+pub(crate) const LARGE_TEXT: usize = 1 << 20;
 
 /// Set by a reload of a large file, cleared by [`release_marked`].
 static MARKED: AtomicBool = AtomicBool::new(false);
 
 /// Notes that a large file's build has left garbage for [`release_marked`].
-pub fn mark_garbage() {
+pub(crate) fn mark_garbage() {
     MARKED.store(true, Ordering::Relaxed);
 }
 
 /// Whether [`mark_garbage`] was called since the last [`release_marked`].
-pub fn is_marked() -> bool {
+pub(crate) fn is_marked() -> bool {
     MARKED.load(Ordering::Relaxed)
 }
 
 /// [`release_freed`], if a large load has marked garbage since the last call and a release function
 /// is installed.
-pub fn release_marked() {
+pub(crate) fn release_marked() {
     if let Some(release) = RELEASE.get() {
         if MARKED.swap(false, Ordering::Relaxed) {
             release();
@@ -53,7 +53,7 @@ static RELEASE: OnceLock<fn()> = OnceLock::new();
 
 /// Installs the release function (the first one given wins) and runs it for a large start-up load
 /// that came before it.
-pub fn set_release(release: Option<fn()>) {
+pub(crate) fn set_release(release: Option<fn()>) {
     if let Some(f) = release {
         let _ = RELEASE.set(f);
         release_marked();
@@ -63,7 +63,7 @@ pub fn set_release(release: Option<fn()>) {
 /// Returns the memory freed so far to the OS through the embedder's release function (0.3–3.5 ms with
 /// mimalloc's `mi_collect` after a 100k reload). Without one yet, the garbage is marked for
 /// [`set_release`].
-pub fn release_freed() {
+pub(crate) fn release_freed() {
     match RELEASE.get() {
         Some(release) => release(),
         None => mark_garbage(),

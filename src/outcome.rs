@@ -16,7 +16,7 @@ use crate::auth::{AuthFailure, FailureClass};
 
 /// A response made by the proxy rather than an upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     Auth(AuthFailure),
     /// The path is not below the public base.
     NotFound,
@@ -55,7 +55,7 @@ macro_rules! operation_outcome {
 const ALLOW: &str = "GET, HEAD, POST";
 
 impl Outcome {
-    pub fn status(self) -> u16 {
+    pub(crate) fn status(self) -> u16 {
         match self {
             Outcome::Auth(f) => match f.class() {
                 FailureClass::NoCredentials | FailureClass::InvalidToken => 401,
@@ -78,7 +78,7 @@ impl Outcome {
     }
 
     /// Stable snake_case name, for the audit log.
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Outcome::Auth(f) => f.as_str(),
             Outcome::NotFound => "not_found",
@@ -97,7 +97,7 @@ impl Outcome {
     }
 
     /// The authentication failure behind this outcome, if it is one.
-    pub fn auth_failure(self) -> Option<AuthFailure> {
+    pub(crate) fn auth_failure(self) -> Option<AuthFailure> {
         match self {
             Outcome::Auth(f) => Some(f),
             _ => None,
@@ -221,7 +221,7 @@ impl Outcome {
 
     /// Writes this outcome as the whole response (no body for `HEAD`). With `close`, the connection
     /// is not kept alive afterwards (and the response says `Connection: close`).
-    pub async fn respond(
+    pub(crate) async fn respond(
         self,
         session: &mut Session,
         realm: &str,
@@ -246,7 +246,7 @@ impl Outcome {
 
     /// This outcome as the bytes of a complete HTTP/1.1 response that closes the connection, for a
     /// connection refused before Pingora has parsed a request (so there is no session to answer on).
-    pub fn closing_response(self) -> Vec<u8> {
+    pub(crate) fn closing_response(self) -> Vec<u8> {
         let body = self.body();
         let mut wire = Vec::with_capacity(256 + body.len());
         if let Ok(mut h) = self.header("", "", body.len()) {
@@ -265,7 +265,7 @@ impl Outcome {
 }
 
 /// The response for an error from any phase; `None` when the client connection is already dead.
-pub fn from_error(e: &Error) -> Option<Outcome> {
+pub(crate) fn from_error(e: &Error) -> Option<Outcome> {
     use ErrorType::*;
     if let HTTPStatus(code) = e.etype() {
         return Some(from_status(*code));
@@ -300,7 +300,7 @@ fn from_status(code: u16) -> Outcome {
 }
 
 /// The kind of an upstream failure, for metrics.
-pub fn upstream_error_kind(e: &Error) -> &'static str {
+pub(crate) fn upstream_error_kind(e: &Error) -> &'static str {
     use ErrorType::*;
     match e.etype() {
         ConnectTimedout | ReadTimedout | WriteTimedout => "timeout",
@@ -315,7 +315,7 @@ pub fn upstream_error_kind(e: &Error) -> &'static str {
 /// RFC 6749 §5.2 errors of the token endpoint and the client self-service endpoint. Descriptions are
 /// fixed texts: they explain the rule that was broken and never quote the request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OAuthError {
+pub(crate) enum OAuthError {
     /// 400, with what was wrong.
     InvalidRequest(&'static str),
     /// 401; `basic` when the client tried HTTP Basic (RFC 6749 §5.2: answer with a Basic challenge).
@@ -342,7 +342,7 @@ pub enum OAuthError {
 }
 
 impl OAuthError {
-    pub fn status(self) -> u16 {
+    pub(crate) fn status(self) -> u16 {
         match self {
             OAuthError::InvalidRequest(_)
             | OAuthError::UnsupportedGrantType
@@ -359,7 +359,7 @@ impl OAuthError {
     }
 
     /// Stable snake_case name, for metrics and the audit log (finer than the `error` code).
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             OAuthError::InvalidRequest(_) => "invalid_request",
             OAuthError::InvalidClient { .. } => "invalid_client",
@@ -377,7 +377,7 @@ impl OAuthError {
 
     /// The `error` code (RFC 6749 §5.2; `slow_down`-style codes are not standard, so 429 says
     /// `invalid_request` with a description and a `Retry-After`).
-    pub fn code(self) -> &'static str {
+    pub(crate) fn code(self) -> &'static str {
         match self {
             OAuthError::InvalidRequest(_)
             | OAuthError::MethodNotAllowed { .. }
@@ -440,7 +440,7 @@ impl OAuthError {
 
 /// Writes a complete JSON response that must not be cached (token responses, JWKS, client
 /// management, OAuth errors). No body for `HEAD`.
-pub async fn respond_json(
+pub(crate) async fn respond_json(
     session: &mut Session,
     status: u16,
     body: Bytes,

@@ -11,7 +11,7 @@ use time::format_description::well_known::{Iso8601, Rfc3339};
 use time::{OffsetDateTime, PrimitiveDateTime};
 
 /// Seconds since the Unix epoch (0 if the clock is before 1970).
-pub fn now_unix() -> u64 {
+pub(crate) fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -25,7 +25,7 @@ fn utc(secs: u64) -> OffsetDateTime {
 }
 
 /// `2026-11-29T04:00:00Z`
-pub fn format_rfc3339(secs: u64) -> String {
+pub(crate) fn format_rfc3339(secs: u64) -> String {
     // Whole seconds in years 1970..=9999 always format; the fallback is never reached.
     utc(secs)
         .format(&Rfc3339)
@@ -40,7 +40,7 @@ const MILLIS: EncodedConfig = Config::DEFAULT
     .encode();
 
 /// `2026-11-29T04:00:00.123Z`, now.
-pub fn rfc3339_now_millis() -> String {
+pub(crate) fn rfc3339_now_millis() -> String {
     OffsetDateTime::now_utc()
         .format(&Iso8601::<MILLIS>)
         .unwrap_or_else(|_| format_rfc3339(now_unix()))
@@ -48,13 +48,13 @@ pub fn rfc3339_now_millis() -> String {
 
 /// Parses `YYYY-MM-DDTHH:MM:SS[.fraction](Z|±HH:MM)` (RFC 3339 §5.6) into Unix seconds; `None` for
 /// anything else or a time before 1970.
-pub fn parse_rfc3339(s: &str) -> Option<u64> {
+pub(crate) fn parse_rfc3339(s: &str) -> Option<u64> {
     let t = OffsetDateTime::parse(s, &Rfc3339).ok()?;
     u64::try_from(t.unix_timestamp()).ok()
 }
 
 /// Parses `90s`, `30m`, `12h`, `7d` (a bare number is seconds) into seconds.
-pub fn parse_duration(s: &str) -> Option<u64> {
+pub(crate) fn parse_duration(s: &str) -> Option<u64> {
     let s = s.trim();
     let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u64 = digits.parse().ok()?;

@@ -109,7 +109,7 @@ fn keygen_writes_a_private_key_file_that_the_token_endpoint_loads() {
         );
         let pem = std::fs::read_to_string(&out).unwrap();
         assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"), "PKCS#8 PEM");
-        let key = fhir_edge::token::keys::SigningKey::from_pem(&pem).unwrap();
+        let key = fhir_edge::internals::token::keys::SigningKey::from_pem(&pem).unwrap();
         assert!(
             printed.contains(&key.kid),
             "the printed kid is the key's thumbprint: {printed}"

@@ -1,5 +1,6 @@
 //! fhir-edge integration tests: the real binary, stub upstreams and real clients over loopback.
 //! One file per behaviour.
+#![allow(unreachable_pub)]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;

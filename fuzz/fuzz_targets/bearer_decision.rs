@@ -4,7 +4,7 @@
 
 use std::sync::OnceLock;
 
-use fhir_edge::auth::{self, scope::tenant_in, TokenCache, Verifier, VerifyKey};
+use fhir_edge::internals::auth::{self, scope::tenant_in, TokenCache, Verifier, VerifyKey};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use libfuzzer_sys::fuzz_target;
 

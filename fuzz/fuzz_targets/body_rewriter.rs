@@ -3,7 +3,7 @@
 //! in the plain or the JSON-escaped form.
 #![no_main]
 
-use fhir_edge::fhir::rewrite::Rewrites;
+use fhir_edge::internals::fhir::rewrite::Rewrites;
 use libfuzzer_sys::fuzz_target;
 
 const PUBLIC: &str = "https://edge.example/fhir";

@@ -6,11 +6,11 @@
 use std::path::Path;
 use std::time::Duration;
 
-use fhir_edge::config::RouteDefaults;
-use fhir_edge::ops::metrics::TenantLabel;
-use fhir_edge::reload::Loadable;
-use fhir_edge::routing::{RoutingTable, TableContext};
-use fhir_edge::token::clients::ClientRegistry;
+use fhir_edge::internals::config::RouteDefaults;
+use fhir_edge::internals::ops::metrics::TenantLabel;
+use fhir_edge::internals::reload::Loadable;
+use fhir_edge::internals::routing::{RoutingTable, TableContext};
+use fhir_edge::internals::token::clients::ClientRegistry;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -3,7 +3,7 @@
 //! joined bytes finds the first `\r\n\r\n`, and nothing before it.
 #![no_main]
 
-use fhir_edge::proxy::deadline::BlankLine;
+use fhir_edge::internals::proxy::deadline::BlankLine;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -3,8 +3,8 @@
 //! template holds only FHIR words and placeholders.
 #![no_main]
 
-use fhir_edge::fhir::classify::{self, OwnEndpoint};
-use fhir_edge::fhir::vocabulary;
+use fhir_edge::internals::fhir::classify::{self, OwnEndpoint};
+use fhir_edge::internals::fhir::vocabulary;
 use libfuzzer_sys::fuzz_target;
 
 const BASES: [&str; 3] = ["", "/fhir", "/fhir/r4"];

@@ -70,7 +70,7 @@ static B64TOKEN: [bool; 256] = {
 
 /// True when the raw query string carries an `access_token` parameter (RFC 6750 §2.3), also when its
 /// name is percent-encoded.
-pub fn query_has_access_token(query: &[u8]) -> bool {
+pub(crate) fn query_has_access_token(query: &[u8]) -> bool {
     query.split(|&b| b == b'&').any(|pair| {
         let name = pair.split(|&b| b == b'=').next().unwrap_or_default();
         crate::fhir::pct::decode(name, true).eq_ignore_ascii_case(b"access_token")

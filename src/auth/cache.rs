@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 use super::{AuthFailure, Grant};
 
 /// The key of one token: SHA-256 of its bytes.
-pub type Key = [u8; 32];
+pub(crate) type Key = [u8; 32];
 
 pub struct TokenCache {
     inner: Option<quick_cache::sync::Cache<Key, Arc<Grant>>>,

@@ -190,7 +190,7 @@ impl Verifier {
 
 /// Signs and verifies a throwaway token: `jsonwebtoken` compiles without a crypto backend and only
 /// panics at the first use, so find out at start-up rather than on the first request.
-pub fn self_test() -> Result<(), String> {
+pub(crate) fn self_test() -> Result<(), String> {
     let outcome = std::panic::catch_unwind(|| {
         use jsonwebtoken::{encode, EncodingKey, Header};
         let secret = b"fhir-edge start-up self test, not a real key";

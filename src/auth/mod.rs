@@ -6,12 +6,12 @@
 //! `invalid_request`; a bad token → 401 `invalid_token`; a good token that grants no routable tenant →
 //! 403 `insufficient_scope`.
 
-pub mod bearer;
-pub mod cache;
-pub mod jwt;
+pub(crate) mod bearer;
+pub(crate) mod cache;
+pub(crate) mod jwt;
 #[cfg(feature = "aws-lc")]
-pub mod parsed_keys;
-pub mod scope;
+pub(crate) mod parsed_keys;
+pub(crate) mod scope;
 
 use std::sync::Arc;
 
@@ -19,10 +19,10 @@ use http::HeaderMap;
 
 use crate::tenant::TenantId;
 pub use cache::TokenCache;
-pub use jwt::{Claims, Verifier, VerifyKey};
+pub(crate) use jwt::{Verifier, VerifyKey};
 
 /// Makes jsonwebtoken use fhir-edge's crypto provider, which keeps RSA and ECDSA keys parsed (see
-/// [`parsed_keys`]). Process-wide, so the library never calls it itself: the binary's `main` does,
+/// `parsed_keys`). Process-wide, so the library never calls it itself: the binary's `main` does,
 /// first ([`crate::install_crypto_provider`]); without it jsonwebtoken's own provider for the same
 /// backend verifies the same tokens. Idempotent. Returns whether the provider is in use (never with
 /// the `rust-crypto` backend).
@@ -139,7 +139,7 @@ pub struct Grant {
 
 /// How a grant was obtained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Lookup {
+pub(crate) enum Lookup {
     /// Found in the token cache (signature not checked again).
     Hit,
     /// Verified now (and cached, if the cache is on).
@@ -160,7 +160,7 @@ pub fn authenticate(
 }
 
 /// [`authenticate`], also saying whether the cache answered.
-pub fn authenticate_with(
+pub(crate) fn authenticate_with(
     verifier: &Verifier,
     cache: &TokenCache,
     headers: &HeaderMap,

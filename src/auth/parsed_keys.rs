@@ -52,7 +52,7 @@ fn provider() -> &'static CryptoProvider {
 /// Makes this provider jsonwebtoken's process-wide one. It has to run before anything else in the
 /// process uses jsonwebtoken (which otherwise settles on its own provider for good); `main` calls it
 /// first. Returns whether this provider is the one in use.
-pub fn install() -> bool {
+pub(crate) fn install() -> bool {
     let ours = provider();
     match CryptoProvider::install_default(ours) {
         Ok(()) => true,

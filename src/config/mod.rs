@@ -8,9 +8,9 @@
 //! off its network. Relative paths resolve against the directory of the file that names them.
 
 mod issuers;
-pub mod problems;
-pub mod routes;
-pub mod settings;
+pub(crate) mod problems;
+pub(crate) mod routes;
+pub(crate) mod settings;
 mod token;
 mod validate;
 
@@ -25,11 +25,11 @@ use crate::ops::metrics::TenantLabel;
 use crate::routing::upstream::{PeerSettings, UpstreamUrl};
 use crate::token::TokenSettings;
 
-pub use settings::Settings;
+pub(crate) use settings::Settings;
 
 /// Where the CapabilityStatement served at `{base}/metadata` comes from.
 #[derive(Debug, Clone)]
-pub enum MetadataSource {
+pub(crate) enum MetadataSource {
     /// An upstream FHIR server's own `/metadata` (resolved when the edge is built).
     Upstream(UpstreamUrl),
     /// A checked CapabilityStatement read from a file.
@@ -38,7 +38,7 @@ pub enum MetadataSource {
 
 /// The public face of the proxy: what clients see.
 #[derive(Debug, Clone)]
-pub struct PublicBase {
+pub(crate) struct PublicBase {
     /// `https://edge.example.org/fhir` (no trailing slash).
     pub url: String,
     pub scheme: String,
@@ -50,7 +50,7 @@ pub struct PublicBase {
 
 /// A TLS listener.
 #[derive(Debug, Clone)]
-pub struct TlsListener {
+pub(crate) struct TlsListener {
     pub addr: SocketAddr,
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
@@ -58,7 +58,7 @@ pub struct TlsListener {
 
 /// Request size and connection limits (Pingora's own defaults are loose for an internet edge).
 #[derive(Debug, Clone)]
-pub struct Limits {
+pub(crate) struct Limits {
     pub max_uri_bytes: usize,
     pub max_header_bytes: usize,
     pub max_headers: usize,
@@ -75,7 +75,7 @@ pub struct Limits {
 
 /// Process and upstream-connection settings.
 #[derive(Debug, Clone)]
-pub struct ServerConfig {
+pub(crate) struct ServerConfig {
     pub threads: usize,
     /// One work-stealing runtime for all worker threads (Pingora's default) instead of one runtime
     /// per thread.
@@ -122,8 +122,7 @@ impl RouteDefaults {
 }
 
 /// Everything `fhir-edge.yaml` says, validated: what the rest of the crate reads.
-pub struct Config {
-    pub config_path: PathBuf,
+pub(crate) struct Config {
     pub listen: Vec<SocketAddr>,
     pub tls_listeners: Vec<TlsListener>,
     pub public: PublicBase,
@@ -150,7 +149,7 @@ pub struct Config {
 
 impl Config {
     /// Reads the config file and validates it, with problems located in the file's text.
-    pub fn load(path: &Path) -> Result<Config, Problems> {
+    pub(crate) fn load(path: &Path) -> Result<Config, Problems> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| whole_file(path, format!("cannot read: {e}")))?;
         let settings = Settings::from_yaml(path, &text)?;
@@ -159,15 +158,14 @@ impl Config {
     }
 
     /// Validates settings built in code (problems name key paths, with no line numbers).
-    pub fn from_settings(settings: Settings) -> Result<Config, Problems> {
+    pub(crate) fn from_settings(settings: Settings) -> Result<Config, Problems> {
         let origin = settings.base_dir.join("<settings>");
         let mut src = Source::new(&origin, "");
         Config::validate(settings, &mut src)
     }
 
     fn validate(settings: Settings, src: &mut Source) -> Result<Config, Problems> {
-        let config_path = src.path.to_path_buf();
-        match validate::validate(settings, config_path, src) {
+        match validate::validate(settings, src) {
             Some(c) if src.problems.is_empty() => Ok(c),
             _ => Err(Problems(std::mem::take(&mut src.problems))),
         }

@@ -58,14 +58,14 @@ impl fmt::Display for Problems {
 impl std::error::Error for Problems {}
 
 /// A file being validated: its path and text, to attach positions to problems.
-pub struct Source<'a> {
+pub(crate) struct Source<'a> {
     pub path: &'a Path,
     pub text: &'a str,
     pub problems: Vec<Problem>,
 }
 
 impl<'a> Source<'a> {
-    pub fn new(path: &'a Path, text: &'a str) -> Self {
+    pub(crate) fn new(path: &'a Path, text: &'a str) -> Self {
         Source {
             path,
             text,
@@ -75,7 +75,7 @@ impl<'a> Source<'a> {
 
     /// Records a problem at the first line where `needle` appears (a key or value as written in the
     /// file), or without a position when it does not appear verbatim.
-    pub fn at(&mut self, needle: &str, key: impl Into<String>, message: impl Into<String>) {
+    pub(crate) fn at(&mut self, needle: &str, key: impl Into<String>, message: impl Into<String>) {
         let (line, column) = match self.locate(needle) {
             Some((l, c)) => (Some(l), Some(c)),
             None => (None, None),
@@ -90,7 +90,7 @@ impl<'a> Source<'a> {
     }
 
     /// Records a serde/YAML error, with the position the parser reported.
-    pub fn yaml_error(&mut self, err: &serde_yaml_ng::Error) {
+    pub(crate) fn yaml_error(&mut self, err: &serde_yaml_ng::Error) {
         let (line, column) = match err.location() {
             Some(loc) => (Some(loc.line()), Some(loc.column())),
             None => (None, None),
@@ -122,7 +122,7 @@ impl<'a> Source<'a> {
     }
 
     /// Ok when nothing was recorded.
-    pub fn finish(self) -> Result<(), Problems> {
+    pub(crate) fn finish(self) -> Result<(), Problems> {
         if self.problems.is_empty() {
             Ok(())
         } else {
@@ -132,7 +132,7 @@ impl<'a> Source<'a> {
 }
 
 /// A problem about a file as a whole (unreadable, empty).
-pub fn whole_file(path: &Path, message: impl Into<String>) -> Problems {
+pub(crate) fn whole_file(path: &Path, message: impl Into<String>) -> Problems {
     Problems(vec![Problem {
         file: path.to_path_buf(),
         line: None,
@@ -147,7 +147,7 @@ pub fn whole_file(path: &Path, message: impl Into<String>) -> Problems {
 /// mapping in the same order.
 /// The keys are `String`s unless the file's reader can borrow them from its text (`K = Cow<str>`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OrderedMap<V, K = String>(pub Vec<(K, V)>);
+pub(crate) struct OrderedMap<V, K = String>(pub Vec<(K, V)>);
 
 impl<V, K> Default for OrderedMap<V, K> {
     fn default() -> Self {

@@ -16,7 +16,7 @@ use serde::Deserialize;
 /// allows (serde_json, for values without escapes); the entry is dropped as soon as its route is built.
 #[derive(Deserialize, Debug, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct TenantEntry<'t> {
+pub(crate) struct TenantEntry<'t> {
     #[serde(borrow)]
     pub name: Cow<'t, str>,
     #[serde(borrow)]
@@ -48,7 +48,7 @@ fn yes() -> bool {
 /// (a map would keep the last one silently, and serde_json does not refuse it); spellings that differ
 /// only in case are refused when the route is built, as header names are case-insensitive.
 #[derive(Debug, Default, PartialEq)]
-pub struct Headers<'t>(pub Vec<(Cow<'t, str>, Cow<'t, str>)>);
+pub(crate) struct Headers<'t>(pub Vec<(Cow<'t, str>, Cow<'t, str>)>);
 
 impl<'de: 't, 't> Deserialize<'de> for Headers<'t> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -80,7 +80,7 @@ impl<'de: 't, 't> Deserialize<'de> for Headers<'t> {
 
 /// A string that borrows from the text where the parser can. `Cow<str>`'s own `Deserialize` always
 /// copies, and serde's `borrow` attribute cannot reach map keys.
-pub struct Text<'t>(pub Cow<'t, str>);
+pub(crate) struct Text<'t>(pub Cow<'t, str>);
 
 impl<'de: 't, 't> Deserialize<'de> for Text<'t> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -107,7 +107,7 @@ impl<'de: 't, 't> Deserialize<'de> for Text<'t> {
 /// The document (`tenants`, and no other key, exactly once), handing each tenant's key and entry to
 /// `each` in file order. `at` is the key path being read (`tenants.<key>`), so that a parse error,
 /// which names only the field, is reported with the entry it is in.
-pub struct RoutesDocument<'a, F> {
+pub(crate) struct RoutesDocument<'a, F> {
     pub each: F,
     pub at: &'a mut String,
 }

@@ -1,7 +1,7 @@
 //! The checks of each section of [`Settings`], and the assembly of [`Config`] from them.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use crate::auth::{TokenCache, Verifier, VerifyKey};
@@ -19,7 +19,7 @@ use crate::routing::upstream::{read_ca_file, UpstreamUrl};
 
 /// Validates every section; returns `None` when a value needed to build [`Config`] is missing (its
 /// problem is already recorded).
-pub(super) fn validate(f: Settings, config_path: PathBuf, src: &mut Source) -> Option<Config> {
+pub(super) fn validate(f: Settings, src: &mut Source) -> Option<Config> {
     let dir = f.base_dir.clone();
     let dir = dir.as_path();
     let (listen, tls_listeners) = listeners(&f, dir, src);
@@ -74,7 +74,6 @@ pub(super) fn validate(f: Settings, config_path: PathBuf, src: &mut Source) -> O
         })
         .ok();
     Some(Config {
-        config_path,
         listen,
         tls_listeners,
         public: public?,

@@ -9,7 +9,7 @@
 use serde::Deserialize;
 
 /// True when `content_type` is a JSON media type FHIR uses.
-pub fn is_json_media_type(content_type: &[u8]) -> bool {
+pub(crate) fn is_json_media_type(content_type: &[u8]) -> bool {
     let essence = content_type
         .split(|&b| b == b';')
         .next()
@@ -47,7 +47,7 @@ struct Request<'a> {
 }
 
 /// True when `body` is a JSON `batch` Bundle whose every entry is a `GET` or `HEAD`.
-pub fn is_batch_of_reads(body: &[u8]) -> bool {
+pub(crate) fn is_batch_of_reads(body: &[u8]) -> bool {
     let Ok(b) = serde_json::from_slice::<Bundle>(body) else {
         return false;
     };

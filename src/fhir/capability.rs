@@ -9,12 +9,13 @@ use serde_json::{json, Value};
 
 use super::discovery::SecurityUris;
 
-pub const OAUTH_URIS: &str =
+pub(crate) const OAUTH_URIS: &str =
     "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris";
 /// The system the Teams document shows for the security service coding.
-pub const TEAMS_SERVICE_SYSTEM: &str = "http://hl7.org/fhir/ValueSet/restful-security-service";
+pub(crate) const TEAMS_SERVICE_SYSTEM: &str =
+    "http://hl7.org/fhir/ValueSet/restful-security-service";
 /// The canonical code system of the same code.
-pub const CANONICAL_SERVICE_SYSTEM: &str =
+pub(crate) const CANONICAL_SERVICE_SYSTEM: &str =
     "http://terminology.hl7.org/CodeSystem/restful-security-service";
 
 /// The oauth-uris extension and the security service codings, as the Teams document shows them.
@@ -39,7 +40,7 @@ fn security_elements(s: &SecurityUris) -> (Value, Value) {
 
 /// Adds or replaces the security elements, points `implementation.url` at the public base, repairs
 /// what R4 clients choke on, and validates the result. `Err` lists what is wrong.
-pub fn transform(
+pub(crate) fn transform(
     mut st: Value,
     public_base: &str,
     security: Option<&SecurityUris>,

@@ -47,9 +47,9 @@ pub enum OwnEndpoint<'a> {
     Manage(&'a [u8]),
 }
 
-pub const JWKS_PATH: &str = "/.well-known/jwks.json";
-pub const SMART_CONFIGURATION_PATH: &str = "/.well-known/smart-configuration";
-pub const AUTHORIZE_PATH: &str = "/authorize";
+pub(crate) const JWKS_PATH: &str = "/.well-known/jwks.json";
+pub(crate) const SMART_CONFIGURATION_PATH: &str = "/.well-known/smart-configuration";
+pub(crate) const AUTHORIZE_PATH: &str = "/authorize";
 
 /// Which of fhir-edge's own endpoints `path` names, if any. Exact byte comparisons, like the metadata
 /// rule: these endpoints do not take a bearer token, so no normalisation may widen them.
@@ -129,7 +129,7 @@ fn is_segment_byte(b: u8) -> bool {
 }
 
 /// The route template of a path, for logs and metrics: only words of the FHIR vocabulary
-/// ([`super::vocabulary`]) survive. Resource type names are kept where FHIR puts a type (even
+/// (`super::vocabulary`) survive. Resource type names are kept where FHIR puts a type (even
 /// positions: `Type/{id}/Compartment`), REST keywords and operation names wherever they appear; every
 /// other segment becomes `{id}` at an odd position (where FHIR puts ids:
 /// `Type/{id}/_history/{id}`) and `{other}` at an even one. A path segment is client text, so
@@ -165,7 +165,7 @@ pub fn route_template(path: &[u8], base: &str) -> String {
 
 /// What the method policy says about a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MethodPolicy {
+pub(crate) enum MethodPolicy {
     Allowed,
     /// `POST {base}`: allowed when the body is a `batch` Bundle of reads, checked as it streams.
     BatchOfReads,
@@ -175,7 +175,7 @@ pub enum MethodPolicy {
 
 /// The methods the Patients app uses: reads, `POST [type]/_search` and `POST [base]` (batch).
 /// Everything else is a write, refused unless the tenant's route allows writes.
-pub fn method_policy(method: &Method, remainder: &[u8], allow_writes: bool) -> MethodPolicy {
+pub(crate) fn method_policy(method: &Method, remainder: &[u8], allow_writes: bool) -> MethodPolicy {
     if method == Method::GET || method == Method::HEAD {
         return MethodPolicy::Allowed;
     }

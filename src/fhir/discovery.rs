@@ -29,16 +29,14 @@ use serde_json::{json, Value};
 use crate::ops::metrics::Metrics;
 use crate::routing::upstream::Upstream;
 
-pub use super::capability::{
-    transform, CANONICAL_SERVICE_SYSTEM, OAUTH_URIS, TEAMS_SERVICE_SYSTEM,
-};
+pub(crate) use super::capability::transform;
 
 /// Largest upstream CapabilityStatement accepted (real ones are a few hundred KB).
 const MAX_STATEMENT_BYTES: usize = 16 * 1024 * 1024;
 
 /// The absolute URLs advertised to clients.
 #[derive(Debug, Clone)]
-pub struct SecurityUris {
+pub(crate) struct SecurityUris {
     pub token: String,
     pub authorize: String,
     pub register: String,
@@ -47,7 +45,7 @@ pub struct SecurityUris {
 }
 
 /// Where the CapabilityStatement comes from.
-pub enum Source {
+pub(crate) enum Source {
     Upstream(Box<Upstream>),
     /// A statement read from a file at start-up (already parsed).
     File(Value),
@@ -59,7 +57,7 @@ struct Cached {
 }
 
 /// Builds, caches and serves the discovery documents.
-pub struct Discovery {
+pub(crate) struct Discovery {
     source: Source,
     ttl: Duration,
     public_base: String,
@@ -73,10 +71,10 @@ pub struct Discovery {
 
 /// Why no statement can be served.
 #[derive(Debug)]
-pub struct Unavailable;
+pub(crate) struct Unavailable;
 
 impl Discovery {
-    pub fn new(
+    pub(crate) fn new(
         source: Source,
         ttl: Duration,
         public_base: String,
@@ -98,13 +96,13 @@ impl Discovery {
     }
 
     /// The `.well-known/smart-configuration` document, when fhir-edge runs the token endpoint.
-    pub fn smart_configuration(&self) -> Option<Bytes> {
+    pub(crate) fn smart_configuration(&self) -> Option<Bytes> {
         self.smart_configuration.clone()
     }
 
     /// The CapabilityStatement to serve, from the cache when fresh. `Err` only when no statement
     /// has ever been built.
-    pub async fn metadata(&self) -> Result<Bytes, Unavailable> {
+    pub(crate) async fn metadata(&self) -> Result<Bytes, Unavailable> {
         let cached = self.cache.load_full();
         if let Some(c) = &cached {
             if c.fetched.elapsed() < self.ttl {
@@ -241,7 +239,7 @@ fn smart_configuration(s: &SecurityUris) -> Bytes {
 
 /// The response media type for `_format` / `Accept`, or `None` when the client only accepts
 /// something other than JSON (fhir-edge serves the statement as JSON only).
-pub fn negotiate(format: Option<&str>, accept: Option<&str>) -> Option<&'static str> {
+pub(crate) fn negotiate(format: Option<&str>, accept: Option<&str>) -> Option<&'static str> {
     const FHIR_JSON: &str = "application/fhir+json";
     if let Some(f) = format {
         return match f.trim() {

@@ -3,10 +3,10 @@
 //! documents fhir-edge serves itself ([`discovery`]; the CapabilityStatement is built by
 //! [`capability`]), and the FHIR words a log may repeat ([`vocabulary`]).
 
-pub mod batch;
-pub mod capability;
-pub mod classify;
-pub mod discovery;
-pub mod pct;
-pub mod rewrite;
-pub mod vocabulary;
+pub(crate) mod batch;
+pub(crate) mod capability;
+pub(crate) mod classify;
+pub(crate) mod discovery;
+pub(crate) mod pct;
+pub(crate) mod rewrite;
+pub(crate) mod vocabulary;

@@ -12,7 +12,7 @@ use percent_encoding::percent_decode;
 
 /// Decodes `%XX` escapes; with `plus_as_space`, also `+` as a space (the form-urlencoded rule,
 /// WHATWG URL §5.1). `+` is replaced before decoding, so `%2B` stays a plus sign.
-pub fn decode(raw: &[u8], plus_as_space: bool) -> Vec<u8> {
+pub(crate) fn decode(raw: &[u8], plus_as_space: bool) -> Vec<u8> {
     if plus_as_space && raw.contains(&b'+') {
         let spaced: Vec<u8> = raw
             .iter()
@@ -26,7 +26,7 @@ pub fn decode(raw: &[u8], plus_as_space: bool) -> Vec<u8> {
 /// Parses an `application/x-www-form-urlencoded` body (WHATWG URL §5.1) into name → value. `None`
 /// when a name repeats (RFC 6749 §3.1: parameters MUST NOT be included more than once) or a name or
 /// value is not UTF-8 after decoding. Parameters without a value count as omitted (RFC 6749 §3.1).
-pub fn parse_form(body: &[u8]) -> Option<HashMap<String, String>> {
+pub(crate) fn parse_form(body: &[u8]) -> Option<HashMap<String, String>> {
     let text = |raw: &[u8]| String::from_utf8(decode(raw, true)).ok();
     let mut out = HashMap::new();
     for pair in body.split(|&b| b == b'&').filter(|p| !p.is_empty()) {

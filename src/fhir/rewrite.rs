@@ -248,12 +248,12 @@ impl BodyRewriter {
 
 /// A `Content-Encoding` fhir-edge cannot decode (br, zstd, stacked encodings).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UnsupportedEncoding;
+pub(crate) struct UnsupportedEncoding;
 
 /// Decodes a compressed upstream body so it can be rewritten (fhir-edge asks upstreams for
 /// `Accept-Encoding: identity`, but a server may compress anyway; no compressed JSON may pass
 /// unrewritten).
-pub enum Decoder {
+pub(crate) enum Decoder {
     Gzip(flate2::write::GzDecoder<Vec<u8>>),
     /// HTTP `deflate` is the zlib format (RFC 9110 §8.4.1.2).
     Zlib(flate2::write::ZlibDecoder<Vec<u8>>),
@@ -262,7 +262,7 @@ pub enum Decoder {
 impl Decoder {
     /// A decoder for a `Content-Encoding` value; `Ok(None)` for identity, `Err` for an encoding
     /// that cannot be decoded here.
-    pub fn for_encoding(value: &[u8]) -> Result<Option<Decoder>, UnsupportedEncoding> {
+    pub(crate) fn for_encoding(value: &[u8]) -> Result<Option<Decoder>, UnsupportedEncoding> {
         let v = value.trim_ascii();
         if v.is_empty() || v.eq_ignore_ascii_case(b"identity") {
             Ok(None)
@@ -280,7 +280,7 @@ impl Decoder {
     }
 
     /// Decodes the next chunk (and finishes the stream at `eos`).
-    pub fn feed(&mut self, chunk: &[u8], eos: bool) -> std::io::Result<Vec<u8>> {
+    pub(crate) fn feed(&mut self, chunk: &[u8], eos: bool) -> std::io::Result<Vec<u8>> {
         use std::io::Write;
         macro_rules! run {
             ($d:expr) => {{

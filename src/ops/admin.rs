@@ -17,7 +17,7 @@ use crate::reload::Live;
 use crate::routing::RoutingTable;
 use crate::token::endpoint::TokenService;
 
-pub struct Admin {
+pub(crate) struct Admin {
     pub metrics: Arc<Metrics>,
     pub routes: Arc<Live<RoutingTable>>,
     pub token: Option<Arc<TokenService>>,

@@ -19,14 +19,14 @@ use sha2::{Digest, Sha256};
 
 /// Where audit lines go.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
+pub(crate) enum Target {
     Stdout,
     Stderr,
     File(PathBuf),
     Off,
 }
 
-pub struct AuditLog {
+pub(crate) struct AuditLog {
     sink: Sink,
 }
 
@@ -39,7 +39,7 @@ enum Sink {
 
 /// One request.
 #[derive(Serialize)]
-pub struct Record<'a> {
+pub(crate) struct Record<'a> {
     pub time: &'a str,
     pub request_id: &'a str,
     /// Written as [`method_label`]: a method is client text too.
@@ -68,7 +68,7 @@ pub struct Record<'a> {
 }
 
 impl AuditLog {
-    pub fn open(target: &Target) -> std::io::Result<AuditLog> {
+    pub(crate) fn open(target: &Target) -> std::io::Result<AuditLog> {
         let sink = match target {
             Target::Stdout => Sink::Stdout,
             Target::Stderr => Sink::Stderr,
@@ -80,12 +80,12 @@ impl AuditLog {
         Ok(AuditLog { sink })
     }
 
-    pub fn enabled(&self) -> bool {
+    pub(crate) fn enabled(&self) -> bool {
         !matches!(self.sink, Sink::Off)
     }
 
     /// Writes one line; `Err` when it could not be written (counted by the caller).
-    pub fn write(&self, record: &Record) -> std::io::Result<()> {
+    pub(crate) fn write(&self, record: &Record) -> std::io::Result<()> {
         let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
         line.push(b'\n');
         match &self.sink {
@@ -99,7 +99,7 @@ impl AuditLog {
 
 /// The method as the log names it: one of the methods fhir-edge knows (RFC 9110 §9 and PATCH, RFC
 /// 5789), or `OTHER`. An extension method is any token the client chose, so it is never copied.
-pub fn method_label(method: &http::Method) -> &'static str {
+pub(crate) fn method_label(method: &http::Method) -> &'static str {
     use http::Method as M;
     match *method {
         M::GET => "GET",
@@ -119,7 +119,7 @@ fn serialize_method<S: serde::Serializer>(m: &&http::Method, s: S) -> Result<S::
 
 /// A short, stable, non-reversible handle on a token's `jti`: correlates the requests made with one
 /// token without putting anything usable in the log.
-pub fn jti_hash(jti: &str) -> String {
+pub(crate) fn jti_hash(jti: &str) -> String {
     let d = Sha256::digest(jti.as_bytes());
     d.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }

@@ -72,7 +72,7 @@ impl Log for Logger {
 }
 
 /// Installs the logger (once per process; later calls only change nothing).
-pub fn init(level: LevelFilter) {
+pub(crate) fn init(level: LevelFilter) {
     if log::set_boxed_logger(Box::new(Logger { level })).is_ok() {
         log::set_max_level(level);
     }

@@ -28,13 +28,13 @@ pub enum TenantLabel {
 
 /// The label value for requests that have no tenant route (auth failures, discovery, the token
 /// endpoint).
-pub const NO_TENANT: &str = "none";
+pub(crate) const NO_TENANT: &str = "none";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
@@ -59,7 +59,7 @@ pub struct Metrics {
 }
 
 /// Method classes (bounded).
-pub fn method_class(method: &http::Method, search: bool, batch: bool) -> &'static str {
+pub(crate) fn method_class(method: &http::Method, search: bool, batch: bool) -> &'static str {
     match *method {
         http::Method::GET | http::Method::HEAD => "read",
         http::Method::POST if search => "search",
@@ -72,7 +72,7 @@ pub fn method_class(method: &http::Method, search: bool, batch: bool) -> &'stati
 }
 
 /// Status classes (bounded); 0 means no response was sent (the client went away).
-pub fn status_class(status: u16) -> &'static str {
+pub(crate) fn status_class(status: u16) -> &'static str {
     match status {
         100..=199 => "1xx",
         200..=299 => "2xx",
@@ -120,7 +120,7 @@ fn histogram(
 }
 
 impl Metrics {
-    pub fn new() -> prometheus::Result<Metrics> {
+    pub(crate) fn new() -> prometheus::Result<Metrics> {
         let r = Registry::new();
         let lookups = counter(
             &r,
@@ -245,7 +245,7 @@ impl Metrics {
 
     /// Brings the file gauges and reload counters up to date from a hot-reloaded file's bookkeeping
     /// (called at scrape time, so the reload path stays free of metrics code).
-    pub fn observe_file<T: Loadable>(&self, file: &str, live: &Live<T>) {
+    pub(crate) fn observe_file<T: Loadable>(&self, file: &str, live: &Live<T>) {
         let generation = live.generation.load(Ordering::Relaxed);
         self.config_generation
             .with_label_values(&[file])
@@ -267,7 +267,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of everything.
-    pub fn render(&self) -> Vec<u8> {
+    pub(crate) fn render(&self) -> Vec<u8> {
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             log::error!("cannot encode metrics: {e}");

@@ -1,7 +1,7 @@
 //! What operators see: Prometheus [`metrics`], the PHI-free [`audit`] log, the [`admin`] listener
 //! (`/metrics`, `/healthz`, `/readyz`) and the process [`logging`] with Pingora's records fenced off.
 
-pub mod admin;
-pub mod audit;
-pub mod logging;
-pub mod metrics;
+pub(crate) mod admin;
+pub(crate) mod audit;
+pub(crate) mod logging;
+pub(crate) mod metrics;

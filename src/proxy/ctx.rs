@@ -11,7 +11,7 @@ use crate::routing::Route;
 use crate::tenant::TenantId;
 
 /// Per-request state.
-pub struct RequestCtx {
+pub(crate) struct RequestCtx {
     pub(crate) start: Instant,
     pub(crate) request_id: String,
     /// The tenant's route, from the routing-table snapshot taken for this request.

@@ -98,7 +98,7 @@ impl BlankLine {
 
 /// A downstream connection with a header deadline, a header size cap and a flush hold.
 #[derive(Debug)]
-pub struct DownstreamConn {
+pub(crate) struct DownstreamConn {
     inner: Stream,
     limit: Duration,
     max_header_bytes: usize,
@@ -119,7 +119,7 @@ pub struct DownstreamConn {
 }
 
 impl DownstreamConn {
-    pub fn new(inner: Stream, limit: Duration, max_header_bytes: usize) -> DownstreamConn {
+    pub(crate) fn new(inner: Stream, limit: Duration, max_header_bytes: usize) -> DownstreamConn {
         DownstreamConn {
             inner,
             limit,
@@ -137,19 +137,19 @@ impl DownstreamConn {
     }
 
     /// Holds flushes until the response ends (see the module documentation).
-    pub fn hold_flushes(&self) {
+    pub(crate) fn hold_flushes(&self) {
         self.hold.store(true, Ordering::Relaxed);
     }
 
     /// Lets flushes through again (an error response replaces the one being held). Returns whether
     /// a hold was armed.
-    pub fn release_flushes(&self) -> bool {
+    pub(crate) fn release_flushes(&self) -> bool {
         self.hold.swap(false, Ordering::Relaxed)
     }
 
     /// The response has ended: releases any hold (returning whether there was one) and makes the
     /// next byte read start the next request's header clock.
-    pub fn response_ended(&self) -> bool {
+    pub(crate) fn response_ended(&self) -> bool {
         let _ = self
             .phase
             .compare_exchange(DONE, IDLE, Ordering::Relaxed, Ordering::Relaxed);
@@ -158,7 +158,7 @@ impl DownstreamConn {
 
     /// How many client bytes were read after the current request's header block. More than its
     /// body means the client sent more before this response ended (a pipelined request).
-    pub fn bytes_after_header(&self) -> usize {
+    pub(crate) fn bytes_after_header(&self) -> usize {
         self.after_header.load(Ordering::Relaxed)
     }
 
@@ -308,7 +308,7 @@ impl AsyncWrite for DownstreamConn {
 
 /// The downstream HTTP/1 connection of a session (every accepted connection has one; an HTTP/2
 /// stream has none).
-pub fn downstream(session: &Session) -> Option<&DownstreamConn> {
+pub(crate) fn downstream(session: &Session) -> Option<&DownstreamConn> {
     session.stream()?.as_any().downcast_ref::<DownstreamConn>()
 }
 
@@ -370,7 +370,7 @@ impl Peek for DownstreamConn {
 }
 
 /// Wraps a server application so every connection is a [`DownstreamConn`].
-pub struct HeaderDeadline<A> {
+pub(crate) struct HeaderDeadline<A> {
     inner: Arc<A>,
     limit: Duration,
     max_header_bytes: usize,
@@ -378,7 +378,7 @@ pub struct HeaderDeadline<A> {
 
 impl<A> HeaderDeadline<A> {
     /// `limit` is the total time for a header block; `max_header_bytes` its size on the wire.
-    pub fn new(inner: A, limit: Duration, max_header_bytes: usize) -> HeaderDeadline<A> {
+    pub(crate) fn new(inner: A, limit: Duration, max_header_bytes: usize) -> HeaderDeadline<A> {
         HeaderDeadline {
             inner: Arc::new(inner),
             limit,

@@ -9,11 +9,11 @@
 //! [`crate::outcome`]. fhir-edge's own endpoints are in [`own`]; the downstream connection's header
 //! deadline and flush hold in [`deadline`].
 
-pub mod ctx;
-pub mod deadline;
+pub(crate) mod ctx;
+pub(crate) mod deadline;
 mod forward;
 mod own;
-pub mod request_id;
+pub(crate) mod request_id;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -26,7 +26,7 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, OrErr, Result};
 
-pub use self::ctx::RequestCtx;
+pub(crate) use self::ctx::RequestCtx;
 use crate::config::Config as Settings;
 use crate::fhir::batch;
 use crate::fhir::classify;
@@ -42,7 +42,7 @@ use crate::tenant::TenantId;
 use crate::token::endpoint::TokenService;
 
 /// The fhir-edge proxy: mount it with `pingora::proxy::http_proxy_service` (see [`crate::edge`]).
-pub struct FhirEdge {
+pub(crate) struct FhirEdge {
     settings: Arc<Settings>,
     routes: Arc<Live<RoutingTable>>,
     /// The token endpoint and client registry, when configured.
@@ -54,7 +54,7 @@ pub struct FhirEdge {
 }
 
 impl FhirEdge {
-    pub fn new(
+    pub(crate) fn new(
         settings: Arc<Settings>,
         routes: Arc<Live<RoutingTable>>,
         token: Option<Arc<TokenService>>,

@@ -9,13 +9,13 @@ use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-pub struct RequestIds {
+pub(crate) struct RequestIds {
     prefix: u64,
     counter: AtomicU64,
 }
 
 impl RequestIds {
-    pub fn new() -> RequestIds {
+    pub(crate) fn new() -> RequestIds {
         // RandomState is seeded from the OS per process: good enough for uniqueness, not a secret.
         let prefix = RandomState::new().hash_one(std::process::id());
         RequestIds {
@@ -24,7 +24,7 @@ impl RequestIds {
         }
     }
 
-    pub fn accept_or_generate(&self, sent: Option<&[u8]>) -> String {
+    pub(crate) fn accept_or_generate(&self, sent: Option<&[u8]>) -> String {
         if let Some(s) = sent.filter(|s| is_sane(s)) {
             // is_sane admits ASCII only.
             if let Ok(s) = std::str::from_utf8(s) {

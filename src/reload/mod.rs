@@ -25,11 +25,11 @@ use arc_swap::{ArcSwap, Guard};
 
 use crate::config::problems::{whole_file, Problems};
 
-pub mod parse;
-pub mod read;
-pub mod watch;
+pub(crate) mod parse;
+pub(crate) mod read;
+pub(crate) mod watch;
 
-pub use watch::{Reload, Reloader, RELEASE_AFTER};
+pub(crate) use watch::{Reload, Reloader};
 
 /// A value built from one file's text.
 pub trait Loadable: Send + Sync + Sized + 'static {

@@ -89,7 +89,7 @@ impl ParseError {
 
 /// Reads `text` (in the [`Syntax`] it is written in) through `seed`, which sees every mapping as it
 /// is parsed.
-pub fn parse_seed<'de, S: DeserializeSeed<'de>>(
+pub(crate) fn parse_seed<'de, S: DeserializeSeed<'de>>(
     text: &'de str,
     seed: S,
 ) -> Result<S::Value, ParseError> {
@@ -98,7 +98,7 @@ pub fn parse_seed<'de, S: DeserializeSeed<'de>>(
 
 /// [`parse_seed`] in a given syntax (JSON text is YAML too: the fuzz target comparing the two reads it
 /// both ways).
-pub fn parse_seed_as<'de, S: DeserializeSeed<'de>>(
+pub(crate) fn parse_seed_as<'de, S: DeserializeSeed<'de>>(
     syntax: Syntax,
     text: &'de str,
     seed: S,
@@ -121,7 +121,7 @@ pub fn parse_seed_as<'de, S: DeserializeSeed<'de>>(
     }
 }
 
-/// Reads `text` into a `T` (see [`parse_seed`]).
+/// Reads `text` into a `T` (see `parse_seed`).
 pub fn parse<'de, T: serde::Deserialize<'de>>(text: &'de str) -> Result<T, ParseError> {
     parse_seed(text, std::marker::PhantomData::<T>)
 }

@@ -13,17 +13,17 @@ use sha2::{Digest, Sha256};
 /// The largest hot-reloaded file read, in bytes: a 100,000-tenant routing table is ~11 MB as JSON and
 /// ~10 MB as YAML. A larger file is refused before it is read whole, so a runaway generator or a wrong
 /// path cannot make a reload allocate without bound.
-pub const MAX_FILE_BYTES: u64 = 32 << 20;
+pub(crate) const MAX_FILE_BYTES: u64 = 32 << 20;
 
 /// A file's SHA-256.
-pub type Fingerprint = [u8; 32];
+pub(crate) type Fingerprint = [u8; 32];
 
 /// How much of a file is hashed at a time when only its fingerprint is wanted.
 const BLOCK: usize = 64 << 10;
 
 /// The fingerprint of `path`'s text, read in blocks (most checks find a file unchanged, and then its
 /// text is never held whole).
-pub fn fingerprint_file(path: &Path) -> io::Result<Fingerprint> {
+pub(crate) fn fingerprint_file(path: &Path) -> io::Result<Fingerprint> {
     let mut file = File::open(path)?;
     let mut hash = Sha256::new();
     let mut buf = vec![0; BLOCK];
@@ -45,7 +45,7 @@ pub fn fingerprint_file(path: &Path) -> io::Result<Fingerprint> {
 }
 
 /// `path`'s whole text and its fingerprint, from one read (so the two always agree).
-pub fn read_file(path: &Path) -> io::Result<(String, Fingerprint)> {
+pub(crate) fn read_file(path: &Path) -> io::Result<(String, Fingerprint)> {
     let file = File::open(path)?;
     let hint = file.metadata().map_or(0, |m| m.len().min(MAX_FILE_BYTES));
     let mut bytes = Vec::with_capacity(usize::try_from(hint).unwrap_or(0));

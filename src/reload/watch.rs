@@ -34,10 +34,10 @@ use super::{Live, Loadable, ReloadOutcome};
 /// How long after the last reload of a large file its garbage is handed back to the OS (a burst of
 /// reloads reuses it meanwhile). Shorter than tokio's 10 s keep-alive of idle blocking threads, so the
 /// release most likely runs on the thread whose heap holds the freed pages.
-pub const RELEASE_AFTER: Duration = Duration::from_secs(3);
+pub(crate) const RELEASE_AFTER: Duration = Duration::from_secs(3);
 
 /// A file the [`Reloader`] keeps current (implemented by every [`Live<T>`]).
-pub trait Reload: Send + Sync {
+pub(crate) trait Reload: Send + Sync {
     fn path(&self) -> &Path;
     fn reload(&self, force: bool, settle: bool) -> ReloadOutcome;
 }
@@ -135,7 +135,7 @@ impl Seen {
 }
 
 /// The background service that keeps every [`Live`] file current.
-pub struct Reloader {
+pub(crate) struct Reloader {
     pub files: Vec<Arc<dyn Reload>>,
     pub debounce: Duration,
     /// Zero disables the poll.

@@ -24,7 +24,7 @@ use crate::tenant::{GuidText, TenantId};
 
 mod build;
 mod route;
-pub mod upstream;
+pub(crate) mod upstream;
 
 /// One tenant's route, shared by every request of that tenant while this table is current.
 #[derive(Debug)]
@@ -116,7 +116,7 @@ impl Resolve {
 }
 
 /// What building a table needs besides the file: the static config's route defaults, and how to
-/// resolve upstream host names. `RouteDefaults` converts into it with [`Resolve::Dns`].
+/// resolve upstream host names. `RouteDefaults` converts into it with `Resolve::Dns`.
 #[derive(Debug, Clone)]
 pub struct TableContext {
     pub defaults: RouteDefaults,

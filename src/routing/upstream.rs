@@ -190,7 +190,7 @@ impl Upstream {
 }
 
 /// Reads a PEM file of CA certificates into DER blobs.
-pub fn read_ca_file(path: &std::path::Path) -> Result<Vec<Vec<u8>>, String> {
+pub(crate) fn read_ca_file(path: &std::path::Path) -> Result<Vec<Vec<u8>>, String> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::CertificateDer;
     let iter = CertificateDer::pem_file_iter(path).map_err(|e| format!("cannot read: {e}"))?;

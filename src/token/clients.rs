@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::secrets::{self, parse_hash, SALT_LEN};
-pub use super::secrets::{new_client_id, new_secret, NewSecret};
+pub(crate) use super::secrets::{new_client_id, new_secret};
 use crate::config::problems::{whole_file, OrderedMap, Problems, Source};
 use crate::reload::Loadable;
 use crate::tenant::TenantId;
@@ -26,14 +26,14 @@ use crate::time::{format_rfc3339, parse_rfc3339};
 /// `clients.yaml` as written on disk.
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ClientsFile {
+pub(crate) struct ClientsFile {
     #[serde(default)]
     pub clients: OrderedMap<ClientEntry>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ClientEntry {
+pub(crate) struct ClientEntry {
     pub name: String,
     /// Tenant GUIDs, or `["*"]` for every tenant in the routing table.
     pub allowed_tenants: Vec<String>,
@@ -45,7 +45,7 @@ pub struct ClientEntry {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SecretEntry {
+pub(crate) struct SecretEntry {
     pub id: String,
     /// `sha256:<salt, base64url>:<digest, base64url>`
     pub hash: String,
@@ -329,7 +329,7 @@ fn validate_client(id: &str, e: &ClientEntry) -> Result<Client, (&'static str, S
 
 /// Reads `path` (a missing file counts as an empty registry), applies `change`, validates the whole
 /// result and replaces the file atomically, all under an exclusive lock on `<path>.lock`.
-pub fn update_file<R>(
+pub(crate) fn update_file<R>(
     path: &Path,
     change: impl FnOnce(&mut ClientsFile) -> Result<R, String>,
 ) -> Result<R, String> {
@@ -399,14 +399,14 @@ fn write_atomically(path: &Path, data: &[u8]) -> Result<(), String> {
 // Operations (the `fhir-edge clients …` CLI; each one is a single atomic update of the file).
 
 /// What `add` and `rotate` hand out once.
-pub struct Issued {
+pub(crate) struct Issued {
     pub client_id: String,
     pub secret: String,
     pub secret_id: String,
 }
 
 /// Registers a new client with one secret.
-pub fn add_client(
+pub(crate) fn add_client(
     path: &Path,
     name: &str,
     allowed_tenants: Vec<String>,
@@ -434,7 +434,7 @@ pub fn add_client(
 
 /// Adds a new secret. With `keep_old`, the client's other secrets expire that many seconds from now;
 /// without, they keep working until revoked.
-pub fn rotate(
+pub(crate) fn rotate(
     path: &Path,
     client_id: &str,
     keep_old: Option<u64>,
@@ -458,25 +458,25 @@ pub fn rotate(
 }
 
 /// Revokes one secret at once (the operator may remove a client's last secret).
-pub fn revoke_secret(path: &Path, client_id: &str, secret_id: &str) -> Result<(), String> {
+pub(crate) fn revoke_secret(path: &Path, client_id: &str, secret_id: &str) -> Result<(), String> {
     update_file(path, |f| {
         f.get_mut(client_id)?.revoke_secret(secret_id, false)
     })
 }
 
-pub fn set_disabled(path: &Path, client_id: &str, disabled: bool) -> Result<(), String> {
+pub(crate) fn set_disabled(path: &Path, client_id: &str, disabled: bool) -> Result<(), String> {
     update_file(path, |f| {
         f.get_mut(client_id)?.disabled = disabled;
         Ok(())
     })
 }
 
-pub fn remove_client(path: &Path, client_id: &str) -> Result<(), String> {
+pub(crate) fn remove_client(path: &Path, client_id: &str) -> Result<(), String> {
     update_file(path, |f| f.remove(client_id))
 }
 
 impl ClientsFile {
-    pub fn get_mut(&mut self, client_id: &str) -> Result<&mut ClientEntry, String> {
+    pub(crate) fn get_mut(&mut self, client_id: &str) -> Result<&mut ClientEntry, String> {
         self.clients
             .0
             .iter_mut()
@@ -485,7 +485,7 @@ impl ClientsFile {
             .ok_or_else(|| format!("no client `{client_id}`"))
     }
 
-    pub fn remove(&mut self, client_id: &str) -> Result<(), String> {
+    pub(crate) fn remove(&mut self, client_id: &str) -> Result<(), String> {
         let before = self.clients.0.len();
         self.clients.0.retain(|(id, _)| id != client_id);
         if self.clients.0.len() == before {
@@ -497,7 +497,7 @@ impl ClientsFile {
 
 impl ClientEntry {
     /// Removes secret `secret_id`; with `keep_one`, refuses to remove the client's last secret.
-    pub fn revoke_secret(&mut self, secret_id: &str, keep_one: bool) -> Result<(), String> {
+    pub(crate) fn revoke_secret(&mut self, secret_id: &str, keep_one: bool) -> Result<(), String> {
         let Some(i) = self.secrets.iter().position(|s| s.id == secret_id) else {
             return Err(format!("no secret `{secret_id}`"));
         };
@@ -511,7 +511,7 @@ impl ClientEntry {
     }
 
     /// Sets `expires = now + keep_old` on every other secret that would outlive it.
-    pub fn expire_others(&mut self, keep: &str, expires: u64) {
+    pub(crate) fn expire_others(&mut self, keep: &str, expires: u64) {
         for s in self.secrets.iter_mut().filter(|s| s.id != keep) {
             let sooner = s
                 .expires
@@ -531,7 +531,7 @@ mod tests {
 
     const T: &str = "145f4184-1b0b-41c7-ba24-b3c1291bfda1";
 
-    fn registry_with(secret: &NewSecret, extra: &str) -> ClientRegistry {
+    fn registry_with(secret: &super::super::secrets::NewSecret, extra: &str) -> ClientRegistry {
         let text = format!(
             "clients:\n  c1:\n    name: Teams\n    allowed_tenants: [\"{T}\"]\n{extra}    secrets:\n      - id: {}\n        hash: \"{}\"\n        created: \"{}\"\n",
             secret.entry.id, secret.entry.hash, secret.entry.created

@@ -36,7 +36,7 @@ use crate::routing::RoutingTable;
 use crate::tenant::TenantId;
 
 /// Everything the token and management endpoints need, shared by all requests.
-pub struct TokenService {
+pub(crate) struct TokenService {
     pub settings: TokenSettings,
     pub clients: Arc<Live<ClientRegistry>>,
     pub routes: Arc<Live<RoutingTable>>,
@@ -46,7 +46,7 @@ pub struct TokenService {
 }
 
 /// The parts of a request the endpoints look at.
-pub struct RequestView<'a> {
+pub(crate) struct RequestView<'a> {
     pub method: &'a Method,
     pub query: Option<&'a [u8]>,
     pub headers: &'a HeaderMap,
@@ -54,7 +54,7 @@ pub struct RequestView<'a> {
 }
 
 /// Largest token request body read (a real one is a few hundred bytes).
-pub const MAX_FORM_BYTES: usize = 16 * 1024;
+pub(crate) const MAX_FORM_BYTES: usize = 16 * 1024;
 
 /// Query parameters that would mean credentials or grant data travel in the URL.
 const FORBIDDEN_IN_QUERY: &[&[u8]] = &[
@@ -67,13 +67,13 @@ const FORBIDDEN_IN_QUERY: &[&[u8]] = &[
 ];
 
 /// A client's claimed identity and secret, as presented.
-pub struct Credentials {
+pub(crate) struct Credentials {
     pub candidates: Vec<(String, String)>,
     pub basic: bool,
 }
 
 impl TokenService {
-    pub fn new(
+    pub(crate) fn new(
         settings: TokenSettings,
         clients: Arc<Live<ClientRegistry>>,
         routes: Arc<Live<RoutingTable>>,
@@ -96,7 +96,7 @@ impl TokenService {
     }
 
     /// Checks that need no body: method, credentials in the URL, media type.
-    pub fn precheck(&self, req: &RequestView) -> Result<(), OAuthError> {
+    pub(crate) fn precheck(&self, req: &RequestView) -> Result<(), OAuthError> {
         if req.method != Method::POST {
             return Err(OAuthError::MethodNotAllowed { allow: "POST" });
         }
@@ -135,7 +135,12 @@ impl TokenService {
     }
 
     /// Handles a token request whose body has been read.
-    pub fn token(&self, req: &RequestView, body: &[u8], now: u64) -> Result<Issued, OAuthError> {
+    pub(crate) fn token(
+        &self,
+        req: &RequestView,
+        body: &[u8],
+        now: u64,
+    ) -> Result<Issued, OAuthError> {
         let form = crate::fhir::pct::parse_form(body).ok_or(OAuthError::InvalidRequest(
             "Every parameter must appear at most once, in UTF-8.",
         ))?;
@@ -180,7 +185,7 @@ impl TokenService {
 
     /// Throttle, then check each candidate (id, secret) reading; counts a failure when none matches.
     /// Returns the client id and the id of the secret that matched.
-    pub fn authenticate_client(
+    pub(crate) fn authenticate_client(
         &self,
         registry: &ClientRegistry,
         creds: &Credentials,
@@ -237,7 +242,7 @@ impl TokenService {
 }
 
 /// A token response, and for the access log whom it was issued to.
-pub struct Issued {
+pub(crate) struct Issued {
     pub body: Bytes,
     pub client_id: String,
     pub tenant: TenantId,
@@ -261,7 +266,7 @@ fn granted_scope(requested: &str, tenant: &TenantId) -> String {
 
 /// The client authentication the request presents (RFC 6749 §2.3.1): HTTP Basic or body parameters,
 /// never both.
-pub fn credentials(
+pub(crate) fn credentials(
     headers: &HeaderMap,
     form: &HashMap<String, String>,
 ) -> Result<Credentials, OAuthError> {
@@ -297,7 +302,9 @@ pub fn credentials(
 /// Candidate (client_id, secret) readings of an `Authorization: Basic` header: form-urldecoded (RFC
 /// 6749 §2.3.1, what simple-oauth2 and openid-client send) and, when different, raw (what the Python
 /// OAuth libraries send). `None` without an Authorization header.
-pub fn basic_candidates(headers: &HeaderMap) -> Result<Option<Vec<(String, String)>>, OAuthError> {
+pub(crate) fn basic_candidates(
+    headers: &HeaderMap,
+) -> Result<Option<Vec<(String, String)>>, OAuthError> {
     let mut values = headers.get_all(http::header::AUTHORIZATION).iter();
     let value = match (values.next(), values.next()) {
         (None, _) => return Ok(None),

@@ -35,7 +35,7 @@ impl std::fmt::Debug for SigningKey {
 
 /// Which kind of key `keygen` makes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyAlg {
+pub(crate) enum KeyAlg {
     ES256,
     RS256,
 }
@@ -120,7 +120,7 @@ fn thumbprint(canonical_jwk: &str) -> String {
 }
 
 /// The active key and the previous ones, plus the JWKS document that publishes them.
-pub struct SigningKeys {
+pub(crate) struct SigningKeys {
     pub active: SigningKey,
     pub previous: Vec<SigningKey>,
     /// `{"keys": [...]}`, active key first; serialised once.
@@ -128,7 +128,7 @@ pub struct SigningKeys {
 }
 
 impl SigningKeys {
-    pub fn new(active: SigningKey, previous: Vec<SigningKey>) -> SigningKeys {
+    pub(crate) fn new(active: SigningKey, previous: Vec<SigningKey>) -> SigningKeys {
         let keys: Vec<&Value> = std::iter::once(&active.jwk)
             .chain(previous.iter().map(|k| &k.jwk))
             .collect();
@@ -140,12 +140,12 @@ impl SigningKeys {
         }
     }
 
-    pub fn all(&self) -> impl Iterator<Item = &SigningKey> {
+    pub(crate) fn all(&self) -> impl Iterator<Item = &SigningKey> {
         std::iter::once(&self.active).chain(self.previous.iter())
     }
 
     /// Signs a throwaway token with the active key and verifies it (for readiness).
-    pub fn self_check(&self) -> Result<(), String> {
+    pub(crate) fn self_check(&self) -> Result<(), String> {
         use jsonwebtoken::{decode, encode, Header, Validation};
         let k = &self.active;
         let claims = json!({"exp": u64::MAX / 2, "iss": "self-check", "aud": "self-check"});
@@ -161,7 +161,7 @@ impl SigningKeys {
 
 /// Generates a new private key and writes it as PKCS#8 PEM to `out` (mode 0600; never overwrites).
 /// Returns the new key's `kid`.
-pub fn keygen(alg: KeyAlg, out: &Path) -> Result<String, String> {
+pub(crate) fn keygen(alg: KeyAlg, out: &Path) -> Result<String, String> {
     let pem = generate_pem(alg)?;
     let key = SigningKey::from_pem(&pem)?;
     write_new_private_file(out, pem.as_bytes())?;
@@ -197,7 +197,7 @@ fn generate_pem(alg: KeyAlg) -> Result<String, String> {
 }
 
 /// Creates `path` with mode 0600 and writes `data`, refusing to replace an existing file.
-pub fn write_new_private_file(path: &Path, data: &[u8]) -> Result<(), String> {
+pub(crate) fn write_new_private_file(path: &Path, data: &[u8]) -> Result<(), String> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .write(true)

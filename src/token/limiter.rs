@@ -25,20 +25,20 @@ const SLOTS: usize = 8192;
 
 /// The configured limits.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub(crate) struct Limits {
     pub per_client: u32,
     pub per_source: u32,
     pub window_seconds: u64,
 }
 
-pub struct FailureLimiter {
+pub(crate) struct FailureLimiter {
     limits: Limits,
     clients: Rate,
     sources: Rate,
 }
 
 impl FailureLimiter {
-    pub fn new(limits: Limits) -> FailureLimiter {
+    pub(crate) fn new(limits: Limits) -> FailureLimiter {
         // Half-windows of at least a second: Rate's reset check subtracts 1,000 ms from its clock
         // and would underflow in its first second with a shorter interval (only `window_seconds:
         // 1` is affected, and it gets halves of a second: throttled for at most two).
@@ -55,7 +55,7 @@ impl FailureLimiter {
     }
 
     /// Seconds to wait when `client` or `source` is over its limit, else `None`.
-    pub fn retry_after(&self, client: Option<&str>, source: Option<IpAddr>) -> Option<u64> {
+    pub(crate) fn retry_after(&self, client: Option<&str>, source: Option<IpAddr>) -> Option<u64> {
         let by_client = client.and_then(|c| {
             self.clients
                 .rate_with(&c, |r| wait(&r, self.limits.per_client))
@@ -68,7 +68,7 @@ impl FailureLimiter {
     }
 
     /// Counts one failed authentication against `client` and `source`.
-    pub fn record_failure(&self, client: Option<&str>, source: Option<IpAddr>) {
+    pub(crate) fn record_failure(&self, client: Option<&str>, source: Option<IpAddr>) {
         if let Some(c) = client {
             self.clients.observe(&c, 1);
         }

@@ -24,14 +24,14 @@ use crate::outcome::OAuthError;
 
 /// Which management resource a path names.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Resource {
+pub(crate) enum Resource {
     Client(String),
     Secrets(String),
     Secret(String, String),
 }
 
 /// Parses the path below the management path (`/{client_id}[/secrets[/{secret_id}]]`).
-pub fn parse(rest: &[u8]) -> Option<Resource> {
+pub(crate) fn parse(rest: &[u8]) -> Option<Resource> {
     let rest = std::str::from_utf8(rest).ok()?.strip_prefix('/')?;
     let ok = |s: &str| {
         !s.is_empty()
@@ -52,14 +52,14 @@ pub fn parse(rest: &[u8]) -> Option<Resource> {
 }
 
 /// A successful management response.
-pub struct Reply {
+pub(crate) struct Reply {
     pub status: u16,
     pub body: Bytes,
 }
 
 impl TokenService {
     /// Handles one management request (blocking: it may write `clients.yaml`).
-    pub fn manage(
+    pub(crate) fn manage(
         &self,
         method: &Method,
         resource: &Resource,

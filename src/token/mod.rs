@@ -8,18 +8,18 @@
 //! throttling of failed authentications ([`limiter`]). Tokens it issues are verified by [`crate::auth`] like any other issuer's, plus a
 //! check against the live registry so revoked secrets and removed clients stop working at once.
 
-pub mod clients;
-pub mod endpoint;
-pub mod keys;
-pub mod limiter;
-pub mod manage;
-pub mod secrets;
+pub(crate) mod clients;
+pub(crate) mod endpoint;
+pub(crate) mod keys;
+pub(crate) mod limiter;
+pub(crate) mod manage;
+pub(crate) mod secrets;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 /// The validated `token_endpoint` section of the config.
-pub struct TokenSettings {
+pub(crate) struct TokenSettings {
     /// Path of the token endpoint below the public base (`/token`).
     pub path: String,
     /// Absolute URL advertised to clients.

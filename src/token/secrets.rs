@@ -16,7 +16,7 @@ use subtle::ConstantTimeEq;
 
 use crate::time::format_rfc3339;
 
-pub const SALT_LEN: usize = 16;
+pub(crate) const SALT_LEN: usize = 16;
 const DOMAIN: &[u8] = b"fhir-edge client secret v1\0";
 
 /// Stands in for the stored secret of a client that does not exist. Its digest is not the digest of
@@ -42,19 +42,19 @@ fn digest(salt: &[u8; SALT_LEN], secret: &[u8]) -> [u8; 32] {
 
 /// Whether `presented` is the secret stored as (`salt`, `stored`): one digest, compared in constant
 /// time.
-pub fn matches(salt: &[u8; SALT_LEN], stored: &[u8; 32], presented: &[u8]) -> bool {
+pub(crate) fn matches(salt: &[u8; SALT_LEN], stored: &[u8; 32], presented: &[u8]) -> bool {
     bool::from(digest(salt, presented).ct_eq(stored))
 }
 
 /// The work of [`matches`] against a dummy stored secret, for a client id that does not exist.
 /// Nothing matches the dummy, so the answer is always no.
-pub fn matches_nothing(presented: &[u8]) {
+pub(crate) fn matches_nothing(presented: &[u8]) {
     // `black_box` keeps the compiler from dropping a comparison whose result is unused.
     std::hint::black_box(matches(&DUMMY_SALT, &DUMMY_DIGEST, presented));
 }
 
 /// The salt and digest of a stored `sha256:<salt, base64url>:<digest, base64url>`.
-pub fn parse_hash(h: &str) -> Option<([u8; SALT_LEN], [u8; 32])> {
+pub(crate) fn parse_hash(h: &str) -> Option<([u8; SALT_LEN], [u8; 32])> {
     let mut parts = h.split(':');
     let (Some("sha256"), Some(salt), Some(dig), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -77,7 +77,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// A new client id: a random (version 4) UUID, like Azure AD application ids.
-pub fn new_client_id() -> Result<String, String> {
+pub(crate) fn new_client_id() -> Result<String, String> {
     let mut b = random::<16>()?;
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
@@ -93,13 +93,13 @@ pub fn new_client_id() -> Result<String, String> {
 }
 
 /// A freshly generated secret: the value to hand out once, and the entry to store.
-pub struct NewSecret {
+pub(crate) struct NewSecret {
     pub secret: String,
     pub entry: super::clients::SecretEntry,
 }
 
 /// Generates a 256-bit secret and its stored form.
-pub fn new_secret(now: u64, expires: Option<u64>) -> Result<NewSecret, String> {
+pub(crate) fn new_secret(now: u64, expires: Option<u64>) -> Result<NewSecret, String> {
     let secret = format!("fes_{}", B64.encode(random::<32>()?));
     let salt = random::<SALT_LEN>()?;
     let created = format_rfc3339(now);
@@ -123,7 +123,7 @@ pub fn new_secret(now: u64, expires: Option<u64>) -> Result<NewSecret, String> {
 
 /// Digests this thread has computed so far.
 #[cfg(test)]
-pub fn digests_so_far() -> usize {
+pub(crate) fn digests_so_far() -> usize {
     DIGESTS.with(std::cell::Cell::get)
 }
 
