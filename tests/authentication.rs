@@ -30,7 +30,7 @@ fn assert_outcome(r: reqwest::blocking::Response, status: u16, challenge: Option
     assert_eq!(body["resourceType"], "OperationOutcome", "{why}");
 }
 
-const INVALID: &str = r#"Bearer realm="fhir-edge", error="invalid_token""#;
+use crate::support::INVALID_TOKEN_CHALLENGE as INVALID;
 
 #[test]
 fn valid_rs256_es256_and_hs256_tokens_reach_their_tenant() {

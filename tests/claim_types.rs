@@ -7,23 +7,7 @@ use serde_json::json;
 
 use crate::support::proxy::ISSUER;
 use crate::support::tokens::{claims, sign_with};
-use crate::support::{client, Env, TENANT_A};
-
-const INVALID: &str = r#"Bearer realm="fhir-edge", error="invalid_token""#;
-
-fn status_and_challenge(env: &Env, token: &str) -> (u16, String) {
-    let r = client()
-        .get(env.proxy.url("/Patient/123"))
-        .header("authorization", format!("Bearer {token}"))
-        .send()
-        .unwrap();
-    let www = r
-        .headers()
-        .get("www-authenticate")
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default();
-    (r.status().as_u16(), www)
-}
+use crate::support::{status_and_challenge, Env, INVALID_TOKEN_CHALLENGE as INVALID, TENANT_A};
 
 fn rs(c: &serde_json::Value) -> String {
     sign_with(Some("rs1"), "rs1", Algorithm::RS256, Some("at+jwt"), c)

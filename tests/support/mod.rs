@@ -231,3 +231,21 @@ impl Env {
             .as_u16()
     }
 }
+
+/// The challenge of a 401 for a bad token (RFC 6750 §3.1) with the test config's realm.
+pub const INVALID_TOKEN_CHALLENGE: &str = r#"Bearer realm="fhir-edge", error="invalid_token""#;
+
+/// `GET /Patient/123` with `token`: the status and the `WWW-Authenticate` header ("" when absent).
+pub fn status_and_challenge(env: &Env, token: &str) -> (u16, String) {
+    let r = client()
+        .get(env.proxy.url("/Patient/123"))
+        .header("authorization", format!("Bearer {token}"))
+        .send()
+        .unwrap();
+    let www = r
+        .headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    (r.status().as_u16(), www)
+}
