@@ -199,6 +199,29 @@ fn bench_verify(c: &mut Criterion) {
     g.finish();
 }
 
+/// A key from a fetched JWK Set (an Entra-shaped RSA key without `alg`, and an ES256 JWK) against the
+/// same key from a PEM file: the per-token cost of a remote-JWKS issuer.
+fn bench_remote_keys(c: &mut Criterion) {
+    let file = verifier();
+    let mut g = c.benchmark_group(format!("jwt_verify_key_source/{BACKEND}"));
+    for (fixture, kid, file_kid, alg) in [
+        ("entra-jwks.json", "entra-rs", "rs1", Algorithm::RS256),
+        ("jwks.json", "jwks-es", "es1", Algorithm::ES256),
+    ] {
+        let remote = Verifier::with_fetched_jwks(ISS, AUD, &[alg], &key(fixture), 30).unwrap();
+        let enc = encoding_key(file_kid);
+        let from_file = mint_with(&enc, file_kid, alg, &tenant(1), 0);
+        let from_jwks = mint_with(&enc, kid, alg, &tenant(1), 0);
+        g.bench_function(format!("{alg:?}/file"), |b| {
+            b.iter(|| file.verify(black_box(&from_file)).unwrap())
+        });
+        g.bench_function(format!("{alg:?}/jwks_uri"), |b| {
+            b.iter(|| remote.verify(black_box(&from_jwks)).unwrap())
+        });
+    }
+    g.finish();
+}
+
 /// What the token endpoint pays per token for the signature.
 fn bench_sign(c: &mut Criterion) {
     let mut g = c.benchmark_group(format!("jwt_sign/{BACKEND}"));
@@ -342,6 +365,7 @@ criterion_group!(
     benches,
     bench_key_handling,
     bench_verify,
+    bench_remote_keys,
     bench_sign,
     bench_scope,
     bench_lookup,

@@ -204,7 +204,7 @@ pub struct Claims {
 }
 
 impl Claims {
-    fn from_members(mut m: Map<String, Value>) -> Result<Claims, AuthFailure> {
+    pub(crate) fn from_members(mut m: Map<String, Value>) -> Result<Claims, AuthFailure> {
         let mut take = |name: &str| m.remove(name);
         let c = Claims {
             iss: string(take("iss"))?,

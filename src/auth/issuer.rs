@@ -146,3 +146,80 @@ impl Issuer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::claims::strict_object;
+
+    const A: &str = "145f4184-1b0b-41c7-ba24-b3c1291bfda1";
+    const B: &str = "3c2f9d6e-8a41-4b7e-9f0d-2a6c5e1b7d34";
+
+    fn issuer(
+        tenants: Option<&[&str]>,
+        scope_claim: ScopeClaim,
+        tenant_claim: Option<&str>,
+    ) -> Issuer {
+        let spec = IssuerSpec {
+            iss: "i".into(),
+            label: "i".into(),
+            audience: "a".into(),
+            own: false,
+            tenants: tenants.map(|l| l.iter().filter_map(|t| TenantId::parse(t)).collect()),
+            scope_claim,
+            tenant_claim: tenant_claim.map(Into::into),
+        };
+        Issuer::new(spec, Vec::new(), None).unwrap()
+    }
+
+    fn claims(json: &str) -> Claims {
+        let m = strict_object(json.as_bytes(), 8).unwrap();
+        Claims::from_members(m).unwrap()
+    }
+
+    #[test]
+    fn an_issuer_grants_only_its_tenants() {
+        let i = issuer(Some(&[A]), ScopeClaim::Scope, None);
+        assert_eq!(
+            i.tenant(&claims(&format!(r#"{{"scope":"{A}"}}"#))),
+            Ok(TenantId::parse(A).unwrap())
+        );
+        assert_eq!(
+            i.tenant(&claims(&format!(r#"{{"scope":"{B}"}}"#))),
+            Err(AuthFailure::IssuerTenant)
+        );
+        let any = issuer(None, ScopeClaim::Scope, None);
+        assert!(any
+            .tenant(&claims(&format!(r#"{{"scope":"{B}"}}"#)))
+            .is_ok());
+    }
+
+    #[test]
+    fn the_tenant_comes_from_the_configured_claim_only() {
+        let scp = issuer(None, ScopeClaim::Scp, None);
+        assert!(scp
+            .tenant(&claims(&format!(r#"{{"scp":["x.read","{A}"]}}"#)))
+            .is_ok());
+        assert_eq!(
+            scp.tenant(&claims(&format!(r#"{{"scope":"{A}"}}"#))),
+            Err(AuthFailure::NoTenant),
+            "an scp issuer does not read scope"
+        );
+        let tid = issuer(Some(&[B]), ScopeClaim::Scope, Some("tid"));
+        assert!(tid
+            .tenant(&claims(&format!(r#"{{"tid":"{B}","scope":"{A}"}}"#)))
+            .is_ok());
+        assert_eq!(
+            tid.tenant(&claims(&format!(r#"{{"scope":"{B}"}}"#))),
+            Err(AuthFailure::NoTenant)
+        );
+        assert_eq!(
+            tid.tenant(&claims(&format!(r#"{{"tid":["{B}"]}}"#))),
+            Err(AuthFailure::NoTenant)
+        );
+        assert_eq!(
+            tid.tenant(&claims(&format!(r#"{{"tid":"{A}"}}"#))),
+            Err(AuthFailure::IssuerTenant)
+        );
+    }
+}

@@ -98,6 +98,39 @@ impl Verifier {
         Verifier::from_issuers(issuers, leeway_seconds)
     }
 
+    /// A verifier with one issuer whose keys came from a fetched JWK Set (`jwks`, read as a fetch
+    /// reads it), trusting any tenant: the shape of a remote issuer for benchmarks and tests.
+    pub fn with_fetched_jwks(
+        issuer: &str,
+        audience: &str,
+        algorithms: &[Algorithm],
+        jwks: &[u8],
+        leeway_seconds: u64,
+    ) -> Result<Verifier, String> {
+        use super::keys::{read_jwks, JwksOrigin};
+        use super::remote::{Remote, Source};
+        let read = read_jwks(jwks, algorithms, JwksOrigin::Remote, 100)?;
+        let remote = Remote::new(
+            Source::JwksUri(format!("{issuer}/jwks")),
+            crate::config::settings::FetchSettings::default(),
+            None,
+            None,
+            algorithms.to_vec(),
+        );
+        let spec = IssuerSpec {
+            iss: issuer.into(),
+            label: issuer.into(),
+            audience: audience.into(),
+            own: false,
+            tenants: None,
+            scope_claim: ScopeClaim::Scope,
+            tenant_claim: None,
+        };
+        let i = Issuer::new(spec, Vec::new(), Some(remote))?;
+        i.set_fetched(read.keys)?;
+        Ok(Verifier::from_issuers(vec![Arc::new(i)], leeway_seconds))
+    }
+
     /// Number of keys held now.
     pub fn key_count(&self) -> usize {
         self.issuers.values().map(|i| i.keys().len()).sum()
