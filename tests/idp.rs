@@ -521,17 +521,21 @@ fn a_flood_of_unknown_kids_costs_at_most_one_fetch_and_valid_tokens_keep_working
     let flood: Vec<String> = (0..1000)
         .map(|i| token_signed(&issuer, &format!("made-up-{i}"), 0, TENANT_A))
         .collect();
-    let valid = token_signed(&issuer, "stub-rs", 0, TENANT_A);
+    // Valid tokens, each presented once (so each is verified, not found in the token cache), then
+    // the last one again until the flood is over.
+    let valid: Vec<String> = (0..200)
+        .map(|_| token_signed(&issuer, "stub-rs", 0, TENANT_A))
+        .collect();
 
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let port = env.proxy.port;
     let steady = {
-        let (done, valid) = (done.clone(), valid.clone());
+        let done = done.clone();
         std::thread::spawn(move || {
             let mut statuses = Vec::new();
             while !done.load(Ordering::SeqCst) || statuses.is_empty() {
-                statuses
-                    .push(raw::get(port, "/Patient/123", Some(&format!("Bearer {valid}"))).status);
+                let t = &valid[statuses.len().min(valid.len() - 1)];
+                statuses.push(raw::get(port, "/Patient/123", Some(&format!("Bearer {t}"))).status);
             }
             statuses
         })
@@ -945,4 +949,37 @@ fn check_fetches_and_validates_the_keys_and_offline_does_not_fetch() {
     assert!(out.contains(&issuer) || out.contains("stub"), "{out}");
     let (ok, out) = check(&env.proxy, &["--offline"]);
     assert!(ok, "{out}");
+}
+
+#[test]
+fn scp_as_a_list_or_a_string_and_tenants_any() {
+    let idp = stub_with_key();
+    let issuer = idp.url("");
+    let mut cfg = Issuer::jwks_uri(&issuer, "okta", &idp.url(KEYS)).line("scope_claim: scp");
+    cfg.tenants = "any".into();
+    let env = cfg.env();
+    await_ready(&env.proxy);
+    let with_scp = |scp: Value| {
+        let mut c = claims_from(&issuer, "");
+        c.as_object_mut().unwrap().remove("scope");
+        c["scp"] = scp;
+        sign_json(
+            &json!({"alg": "RS256", "typ": "at+jwt", "kid": "stub-rs"}),
+            &c,
+            &fixture_key(0),
+            Algorithm::RS256,
+        )
+    };
+    // Okta: a list; Entra ID: a space-separated string. `tenants: any` lets both tenants through.
+    assert_eq!(
+        status(&env, &with_scp(json!(["system/*.read", TENANT_A]))),
+        200,
+        "{}",
+        env.proxy.logs()
+    );
+    assert_eq!(
+        status(&env, &with_scp(json!(format!("system/*.read {TENANT_B}")))),
+        200
+    );
+    assert_eq!((env.a.count(), env.b.count()), (1, 1));
 }
