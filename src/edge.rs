@@ -21,6 +21,7 @@ use pingora::server::Server;
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 
+use crate::auth::remote::KeyRefresher;
 use crate::config::problems::Problems;
 use crate::config::{Config, MetadataSource, Settings};
 use crate::fhir::discovery::{self, Discovery, SecurityUris};
@@ -124,6 +125,9 @@ impl Edge {
             }
         };
         let metrics = Arc::new(Metrics::new().map_err(|e| EdgeError::Metrics(e.to_string()))?);
+        for issuer in config.verifier.issuers() {
+            metrics.observe_issuer(issuer);
+        }
         let audit =
             AuditLog::open(&config.access_log).map_err(|e| EdgeError::AccessLog(e.to_string()))?;
         let discovery = Arc::new(Discovery::new(
@@ -213,8 +217,9 @@ impl Edge {
         line
     }
 
-    /// Adds the proxy service (with its listeners), the reloader of the hot files and the admin
-    /// listener to `server`. The listeners open only after the reloader's watchers are in place, so no
+    /// Adds the proxy service (with its listeners), the reloader of the hot files, the refresher of
+    /// fetched issuer keys (when an issuer has `jwks_uri` or `discovery`) and the admin listener to
+    /// `server`. The listeners open only after the reloader's watchers are in place, so no
     /// edit after start-up goes unnoticed.
     pub fn add_to(self, server: &mut Server) -> Result<(), EdgeError> {
         let config = Arc::new(self.config);
@@ -241,12 +246,28 @@ impl Edge {
             },
         ));
         proxy_handle.add_dependency(&reload_handle);
+        let issuers: Vec<_> = config.verifier.issuers().cloned().collect();
+        let remote: Vec<_> = issuers
+            .iter()
+            .filter(|i| i.remote.is_some())
+            .cloned()
+            .collect();
+        if !remote.is_empty() {
+            server.add_service(background_service(
+                "issuer keys",
+                KeyRefresher {
+                    issuers: remote,
+                    metrics: self.metrics.clone(),
+                },
+            ));
+        }
         server.add_service(admin_service(
             config.admin_listen,
             Admin {
                 metrics: self.metrics,
                 routes: self.routes,
                 token: self.token,
+                issuers,
             },
         ));
         Ok(())

@@ -65,9 +65,9 @@ pub(crate) mod token;
 
 pub use config::problems::{Problem, Problems};
 pub use config::settings::{
-    AdminSettings, AuthSettings, FailedAuthSettings, IssuerKeySettings, IssuerSettings,
-    LimitSettings, LogSettings, ServerSettings, Settings, TlsListenerSettings,
-    TokenEndpointSettings,
+    AdminSettings, AuthSettings, FailedAuthSettings, FetchSettings, IssuerKeySettings,
+    IssuerSettings, IssuerTenants, LimitSettings, LogSettings, ScopeClaim, ServerSettings,
+    Settings, TlsListenerSettings, TokenEndpointSettings,
 };
 pub use edge::{Edge, EdgeError};
 

@@ -320,7 +320,7 @@ fn an_issuer_can_be_configured_by_jwks_file_and_its_keys_pin_the_issuer() {
     let jwks = crate::support::proxy::fixture("keys/jwks.json");
     let env = Env::start_with(|c| {
         c.extra_issuers = format!(
-            "    - issuer: \"https://jwks-issuer.test/\"\n      audience: \"{}\"\n      jwks_file: {}\n",
+            "    - issuer: \"https://jwks-issuer.test/\"\n      audience: \"{}\"\n      tenants: any\n      jwks_file: {}\n",
             crate::support::proxy::AUDIENCE,
             jwks.display()
         );

@@ -45,7 +45,7 @@ fn check_reports_every_problem_with_file_line_and_key() {
     let cfg = dir.path().join("fhir-edge.yaml");
     std::fs::write(
         &cfg,
-        "listen: [\"nope\"]\npublic_base_url: \"ftp://x\"\nroutes_file: routes.yaml\nmetadata_upstream: \"http://127.0.0.1:1\"\nauth:\n  issuers:\n    - issuer: i\n      audience: a\n      keys:\n        - { alg: HS256, secret_file: short.secret }\n",
+        "listen: [\"nope\"]\npublic_base_url: \"ftp://x\"\nroutes_file: routes.yaml\nmetadata_upstream: \"http://127.0.0.1:1\"\nauth:\n  issuers:\n    - issuer: i\n      audience: a\n      tenants: any\n      keys:\n        - { alg: HS256, secret_file: short.secret }\n",
     )
     .unwrap();
     std::fs::write(dir.path().join("short.secret"), "too-short").unwrap();
@@ -64,7 +64,7 @@ fn check_reports_every_problem_with_file_line_and_key() {
     // A valid config with a broken routing table.
     std::fs::write(
         &cfg,
-        "listen: [\"127.0.0.1:1\"]\npublic_base_url: \"http://x\"\nroutes_file: routes.yaml\nmetadata_upstream: \"http://127.0.0.1:1\"\nauth:\n  issuers:\n    - issuer: i\n      audience: a\n      keys:\n        - { alg: HS256, secret_file: long.secret }\n",
+        "listen: [\"127.0.0.1:1\"]\npublic_base_url: \"http://x\"\nroutes_file: routes.yaml\nmetadata_upstream: \"http://127.0.0.1:1\"\nauth:\n  issuers:\n    - issuer: i\n      audience: a\n      tenants: any\n      keys:\n        - { alg: HS256, secret_file: long.secret }\n",
     )
     .unwrap();
     std::fs::write(dir.path().join("long.secret"), "x".repeat(40)).unwrap();
@@ -130,7 +130,7 @@ fn check_offline_resolves_no_host_names_but_checks_everything_else() {
     std::fs::write(
         &cfg,
         format!(
-            "listen: [\"127.0.0.1:8080\"]\npublic_base_url: \"https://edge.example/fhir\"\nroutes_file: routes.yaml\nmetadata_upstream: \"https://meta.example.invalid/r4\"\nauth:\n  issuers:\n    - issuer: i\n      audience: a\n      keys:\n        - {{ alg: ES256, public_key_file: {}/es256.pub.pem }}\n",
+            "listen: [\"127.0.0.1:8080\"]\npublic_base_url: \"https://edge.example/fhir\"\nroutes_file: routes.yaml\nmetadata_upstream: \"https://meta.example.invalid/r4\"\nauth:\n  issuers:\n    - issuer: i\n      audience: a\n      tenants: any\n      keys:\n        - {{ alg: ES256, public_key_file: {}/es256.pub.pem }}\n",
             keys.display()
         ),
     )

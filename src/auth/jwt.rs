@@ -1,20 +1,25 @@
 //! JWT access-token verification (RFC 7519, RFC 9068, RFC 8725).
 //!
-//! Keys are loaded once, at start-up, each with the one algorithm it may verify: the key is chosen
-//! by the header's `kid` (or, without a `kid`, as the only configured key of the header's `alg`), and
-//! the key then fixes the algorithm, issuer and audience. That shuts out `alg: none` and the
-//! "HS256 signed with the RSA public key" confusion (RFC 8725 §2.1, §3.1). `jku`, `x5u`, `x5c` and `jwk`
-//! headers are never followed or used. `exp`, `iss` and `aud` are required; `nbf` is checked when present;
-//! `typ` must say this is an access token or a JWT (RFC 9068 §2.1, RFC 8725 §3.11).
+//! The token is read once ([`super::claims::read`]): header and claims, strictly. Its `iss` picks the
+//! trusted [`Issuer`] (exactly equal, or 401); the header's `kid` (or, without one, its `alg`) picks
+//! one of that issuer's current keys, and the key fixes the algorithms it may verify (RFC 8725 §2.1,
+//! §3.1). Only then is the signature checked, and then the claims: `exp`, `iss` and `aud` are
+//! required, `nbf` is checked when present, each with the configured leeway. `jku`, `x5u`, `x5c` and
+//! `jwk` headers are never followed or used.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use jsonwebtoken::{decode, decode_header, errors::ErrorKind, Algorithm, DecodingKey, Validation};
-use serde::Deserialize;
+use jsonwebtoken::{Algorithm, DecodingKey};
 
+use super::claims::{self, Claims};
+use super::issuer::{Issuer, IssuerSpec};
+use super::keys::Key;
 use super::AuthFailure;
+use crate::config::settings::ScopeClaim;
 
-/// One verification key, with everything it pins.
+/// One verification key of an issuer that trusts any tenant and reads the tenant from `scope`: the
+/// shape of a key for benchmarks, fuzz targets and tests ([`Verifier::new`]).
 pub struct VerifyKey {
     pub kid: Option<String>,
     pub alg: Algorithm,
@@ -26,165 +31,134 @@ pub struct VerifyKey {
     pub own: bool,
 }
 
-/// The claims fhir-edge reads, each registered claim held to its JSON type here rather than left to
-/// `jsonwebtoken`, whose validation takes an `iss` *array* that contains the trusted issuer (and
-/// reads claims of the wrong type as absent). RFC 7519 §4.1 and RFC 9068 §2.2 fix the types: `iss`,
-/// `sub`, `jti`, `client_id` and `scope` are strings, `aud` a string or an array of strings,
-/// `exp`/`nbf`/`iat` numbers. A present claim of another type (`null` included) fails
-/// deserialisation, which [`Verifier::verify`] answers with 401 `invalid_token`; whether the
-/// required ones are present, and their values, is still `jsonwebtoken`'s check. Unknown claims are
-/// ignored.
-#[derive(Debug, Deserialize)]
-pub struct Claims {
-    /// Validated against the key's issuer by `jsonwebtoken`; typed here so an array cannot pass.
-    #[serde(default, deserialize_with = "present")]
-    pub iss: Option<String>,
-    #[serde(default, deserialize_with = "present")]
-    pub aud: Option<Audience>,
-    #[serde(default, deserialize_with = "present")]
-    pub scope: Option<String>,
-    #[serde(default, deserialize_with = "present")]
-    pub sub: Option<String>,
-    #[serde(default, deserialize_with = "present")]
-    pub client_id: Option<String>,
-    #[serde(default, deserialize_with = "present")]
-    pub jti: Option<String>,
-    /// Which client secret authenticated the token request (tokens of fhir-edge's own issuer).
-    #[serde(default, deserialize_with = "present")]
-    pub secret_id: Option<String>,
-    /// Validated by `jsonwebtoken`; read again for the token cache.
-    #[serde(default, deserialize_with = "present")]
-    pub exp: Option<f64>,
-    #[serde(default, deserialize_with = "present")]
-    pub nbf: Option<f64>,
-    #[serde(default, deserialize_with = "present")]
-    pub iat: Option<f64>,
+/// Why a token was not verified.
+pub(crate) enum Refused {
+    Failed(AuthFailure),
+    /// Its kid is not among the keys of an issuer whose keys are fetched: a refetch may find it.
+    UnknownKid(Arc<Issuer>),
 }
 
-/// `aud` (RFC 7519 §4.1.3): one string or an array of strings.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum Audience {
-    One(String),
-    Many(Vec<String>),
+impl From<AuthFailure> for Refused {
+    fn from(f: AuthFailure) -> Refused {
+        Refused::Failed(f)
+    }
 }
 
-/// A claim that is present must have its type: `null` is not an absent claim (absent ones take the
-/// field's default and never reach this function).
-fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: Deserialize<'de>,
-{
-    T::deserialize(d).map(Some)
+impl Refused {
+    /// The failure to answer with (an unknown kid is [`AuthFailure::UnknownKey`]).
+    pub(crate) fn failure(&self) -> AuthFailure {
+        match self {
+            Refused::Failed(f) => *f,
+            Refused::UnknownKid(_) => AuthFailure::UnknownKey,
+        }
+    }
 }
 
-struct Entry {
-    own: bool,
-    has_kid: bool,
-    alg: Algorithm,
-    key: DecodingKey,
-    validation: Validation,
-}
-
-/// Verifies bearer tokens against the configured keys. Immutable after construction.
+/// Verifies bearer tokens against the trusted issuers' current keys.
 pub struct Verifier {
-    entries: Vec<Entry>,
-    by_kid: HashMap<String, usize>,
+    issuers: HashMap<String, Arc<Issuer>>,
+    leeway: u64,
 }
 
 impl Verifier {
-    /// Builds the verifier. `kid`s must be unique (the config loader checks this and reports it).
+    /// A verifier over `issuers` (their `iss` values are distinct: the config loader checks it).
+    pub(crate) fn from_issuers(issuers: Vec<Arc<Issuer>>, leeway_seconds: u64) -> Verifier {
+        Verifier {
+            issuers: issuers.into_iter().map(|i| (i.iss.clone(), i)).collect(),
+            leeway: leeway_seconds,
+        }
+    }
+
+    /// A verifier over fixed keys, one issuer per `issuer` value, each trusting any tenant. Keys of
+    /// one issuer must have distinct kids.
     pub fn new(keys: Vec<VerifyKey>, leeway_seconds: u64) -> Verifier {
-        let mut entries = Vec::with_capacity(keys.len());
-        let mut by_kid = HashMap::new();
+        let mut grouped: Vec<(IssuerSpec, Vec<Key>)> = Vec::new();
         for k in keys {
-            let mut v = Validation::new(k.alg);
-            v.leeway = leeway_seconds;
-            v.validate_exp = true;
-            v.validate_nbf = true;
-            v.validate_aud = true;
-            v.set_required_spec_claims(&["exp", "iss", "aud"]);
-            v.set_issuer(&[k.issuer.as_str()]);
-            v.set_audience(&[k.audience.as_str()]);
-            if let Some(kid) = &k.kid {
-                by_kid.insert(kid.clone(), entries.len());
+            let key = Key::new(k.kid, vec![k.alg], k.key);
+            match grouped.iter_mut().find(|(s, _)| s.iss == k.issuer) {
+                Some((_, keys)) => keys.push(key),
+                None => grouped.push((
+                    IssuerSpec {
+                        label: k.issuer.clone(),
+                        iss: k.issuer,
+                        audience: k.audience,
+                        own: k.own,
+                        tenants: None,
+                        scope_claim: ScopeClaim::Scope,
+                        tenant_claim: None,
+                    },
+                    vec![key],
+                )),
             }
-            entries.push(Entry {
-                own: k.own,
-                has_kid: k.kid.is_some(),
-                alg: k.alg,
-                key: k.key,
-                validation: v,
-            });
         }
-        Verifier { entries, by_kid }
+        let issuers = grouped
+            .into_iter()
+            .filter_map(|(spec, keys)| Issuer::new(spec, keys, None).ok().map(Arc::new))
+            .collect();
+        Verifier::from_issuers(issuers, leeway_seconds)
     }
 
-    /// Number of configured keys.
+    /// Number of keys held now.
     pub fn key_count(&self) -> usize {
-        self.entries.len()
+        self.issuers.values().map(|i| i.keys().len()).sum()
     }
 
-    /// Verifies `token` (already bounded in size by the bearer extractor) and returns its claims and
-    /// whether fhir-edge's own token endpoint issued it.
+    /// The trusted issuers.
+    pub(crate) fn issuers(&self) -> impl Iterator<Item = &Arc<Issuer>> {
+        self.issuers.values()
+    }
+
+    /// Verifies `token` (already bounded in size by the bearer extractor): its claims and whether
+    /// fhir-edge's own token endpoint issued it.
     pub fn verify(&self, token: &str) -> Result<(Claims, bool), AuthFailure> {
-        // Compact JWS only: exactly three segments. Five are a JWE, four or six are garbage.
-        if token.bytes().filter(|&b| b == b'.').count() != 2 {
-            return Err(AuthFailure::Malformed401);
-        }
-        let header = decode_header(token).map_err(|_| AuthFailure::Malformed401)?;
-        match header.typ.as_deref() {
-            Some(t)
-                if t.eq_ignore_ascii_case("at+jwt")
-                    || t.eq_ignore_ascii_case("application/at+jwt")
-                    || t.eq_ignore_ascii_case("JWT") => {}
-            _ => return Err(AuthFailure::WrongType),
-        }
-        let entry = self.select(header.kid.as_deref(), header.alg)?;
-        let data =
-            decode::<Claims>(token, &entry.key, &entry.validation).map_err(|e| match e.kind() {
-                ErrorKind::InvalidSignature => AuthFailure::BadSignature,
-                ErrorKind::InvalidAlgorithm | ErrorKind::MissingAlgorithm => {
-                    AuthFailure::BadSignature
-                }
-                ErrorKind::ExpiredSignature => AuthFailure::Expired,
-                ErrorKind::ImmatureSignature => AuthFailure::NotYetValid,
-                ErrorKind::InvalidIssuer => AuthFailure::WrongIssuer,
-                ErrorKind::InvalidAudience => AuthFailure::WrongAudience,
-                ErrorKind::MissingRequiredClaim(_) => AuthFailure::MissingClaim,
-                _ => AuthFailure::Malformed401,
-            })?;
-        Ok((data.claims, entry.own))
+        self.check(token)
+            .map(|(c, i)| (c, i.own))
+            .map_err(|r| r.failure())
     }
 
-    fn select(&self, kid: Option<&str>, alg: Algorithm) -> Result<&Entry, AuthFailure> {
-        let entry = match kid {
-            Some(kid) => self
-                .by_kid
-                .get(kid)
-                .and_then(|&i| self.entries.get(i))
-                .ok_or(AuthFailure::UnknownKey)?,
-            None => {
-                // Without a kid, only an unambiguous key may be used (trying several would turn one
-                // request into several signature checks): the one kid-less key of this alg, or, when
-                // every key of this alg has a kid, the only key of this alg.
-                let kidless_exist = self.entries.iter().any(|e| e.alg == alg && !e.has_kid);
-                let mut pool = self
-                    .entries
-                    .iter()
-                    .filter(|e| e.alg == alg && !(kidless_exist && e.has_kid));
-                match (pool.next(), pool.next()) {
-                    (Some(e), None) => e,
-                    _ => return Err(AuthFailure::UnknownKey),
-                }
+    /// Verifies `token`: its claims and the issuer that vouches for them.
+    pub(crate) fn check(&self, token: &str) -> Result<(Claims, &Arc<Issuer>), Refused> {
+        let parts = claims::read(token)?;
+        let c = parts.claims;
+        let iss = c.iss.as_deref().ok_or(AuthFailure::MissingClaim)?;
+        let issuer = self.issuers.get(iss).ok_or(AuthFailure::WrongIssuer)?;
+        let keys = issuer.keys();
+        let key = match keys.select(parts.header.kid.as_deref(), parts.header.alg) {
+            Ok(k) => k,
+            Err(AuthFailure::UnknownKey) if issuer.remote.is_some() => {
+                return Err(Refused::UnknownKid(issuer.clone()))
             }
+            Err(f) => return Err(f.into()),
         };
-        // The key fixes the algorithm (RFC 8725 §3.1).
-        if entry.alg != alg {
-            return Err(AuthFailure::BadSignature);
+        let alg = parts.header.alg;
+        // `select` gave a key whose algorithms include `alg`, all of the key's family.
+        match jsonwebtoken::crypto::verify(parts.signature, parts.signed.as_bytes(), &key.key, alg)
+        {
+            Ok(true) => {}
+            Ok(false) | Err(_) => return Err(AuthFailure::BadSignature.into()),
         }
-        Ok(entry)
+        let now = crate::time::now_unix();
+        key.mark_used(now);
+        self.validate(&c, issuer, now)?;
+        Ok((c, issuer))
+    }
+
+    /// The time and audience claims (RFC 7519 §4.1.3–5), with the leeway on both sides.
+    fn validate(&self, c: &Claims, issuer: &Issuer, now: u64) -> Result<(), AuthFailure> {
+        let (Some(exp), Some(aud)) = (c.exp, &c.aud) else {
+            return Err(AuthFailure::MissingClaim);
+        };
+        let (now, leeway) = (now as f64, self.leeway as f64);
+        if exp + leeway < now {
+            return Err(AuthFailure::Expired);
+        }
+        if c.nbf.is_some_and(|nbf| nbf > now + leeway) {
+            return Err(AuthFailure::NotYetValid);
+        }
+        if !aud.contains(&issuer.audience) {
+            return Err(AuthFailure::WrongAudience);
+        }
+        Ok(())
     }
 }
 
@@ -192,7 +166,7 @@ impl Verifier {
 /// panics at the first use, so find out at start-up rather than on the first request.
 pub(crate) fn self_test() -> Result<(), String> {
     let outcome = std::panic::catch_unwind(|| {
-        use jsonwebtoken::{encode, EncodingKey, Header};
+        use jsonwebtoken::{decode, encode, EncodingKey, Header, Validation};
         let secret = b"fhir-edge start-up self test, not a real key";
         let enc = EncodingKey::from_secret(secret).map_err(|e| e.to_string())?;
         let dec = DecodingKey::from_secret(secret).map_err(|e| e.to_string())?;

@@ -8,9 +8,13 @@
 
 pub(crate) mod bearer;
 pub(crate) mod cache;
+pub(crate) mod claims;
+pub(crate) mod issuer;
 pub(crate) mod jwt;
+pub(crate) mod keys;
 #[cfg(feature = "aws-lc")]
 pub(crate) mod parsed_keys;
+pub(crate) mod remote;
 pub(crate) mod scope;
 
 use std::sync::Arc;
@@ -19,7 +23,7 @@ use http::HeaderMap;
 
 use crate::tenant::TenantId;
 pub use cache::TokenCache;
-pub(crate) use jwt::{Verifier, VerifyKey};
+pub(crate) use jwt::{Refused, Verifier};
 
 /// Makes jsonwebtoken use fhir-edge's crypto provider, which keeps RSA and ECDSA keys parsed (see
 /// `parsed_keys`). Process-wide, so the library never calls it itself: the binary's `main` does,
@@ -64,6 +68,8 @@ pub enum AuthFailure {
     NoTenant,
     /// The tenant is not in the routing table.
     UnknownTenant,
+    /// The token's issuer may not grant the tenant it names.
+    IssuerTenant,
     /// A token of fhir-edge's own issuer whose client was removed or disabled, whose secret was
     /// revoked, or whose tenant the client may no longer use.
     Revoked,
@@ -92,7 +98,7 @@ impl AuthFailure {
             | NotYetValid | WrongIssuer | WrongAudience | MissingClaim | Revoked => {
                 FailureClass::InvalidToken
             }
-            NoTenant | UnknownTenant => FailureClass::InsufficientScope,
+            NoTenant | UnknownTenant | IssuerTenant => FailureClass::InsufficientScope,
         }
     }
 
@@ -114,6 +120,7 @@ impl AuthFailure {
             MissingClaim => "missing_claim",
             NoTenant => "no_tenant",
             UnknownTenant => "unknown_tenant",
+            IssuerTenant => "issuer_not_for_tenant",
             Revoked => "revoked",
         }
     }
@@ -156,7 +163,9 @@ pub fn authenticate(
     query: Option<&[u8]>,
     max_token_bytes: usize,
 ) -> Result<Arc<Grant>, AuthFailure> {
-    authenticate_with(verifier, cache, headers, query, max_token_bytes).map(|(g, _)| g)
+    authenticate_with(verifier, cache, headers, query, max_token_bytes)
+        .map(|(g, _)| g)
+        .map_err(|r| r.failure())
 }
 
 /// [`authenticate`], also saying whether the cache answered.
@@ -166,20 +175,21 @@ pub(crate) fn authenticate_with(
     headers: &HeaderMap,
     query: Option<&[u8]>,
     max_token_bytes: usize,
-) -> Result<(Arc<Grant>, Lookup), AuthFailure> {
+) -> Result<(Arc<Grant>, Lookup), Refused> {
     // RFC 6750 §2.3 tokens in the URI are refused even beside a header: they leak into logs.
     if query.is_some_and(bearer::query_has_access_token) {
-        return Err(AuthFailure::Malformed);
+        return Err(AuthFailure::Malformed.into());
     }
     let token = bearer::extract(headers, max_token_bytes)?;
     let key = cache.key(token);
     if let Some(key) = &key {
         if let Some(hit) = cache.get(key, crate::time::now_unix()) {
-            return hit.map(|g| (g, Lookup::Hit));
+            return hit.map(|g| (g, Lookup::Hit)).map_err(Refused::Failed);
         }
     }
-    let (claims, own) = verifier.verify(token)?;
-    let tenant = scope::tenant_from_scope(claims.scope.as_deref())?;
+    let (claims, issuer) = verifier.check(token)?;
+    let own = issuer.own;
+    let tenant = issuer.tenant(&claims)?;
     let grant = Arc::new(Grant {
         tenant,
         own,

@@ -51,7 +51,8 @@ enum Command {
     Check {
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
-        /// Resolve no host names (check a config away from the network it will run on).
+        /// Resolve no host names and fetch no issuer keys (check a config away from the network it
+        /// will run on).
         #[arg(long)]
         offline: bool,
     },
@@ -157,6 +158,18 @@ fn check(config: PathBuf, offline: bool) -> anyhow::Result<ExitCode> {
     if let (MetadataSource::Upstream(url), false) = (&settings.metadata, offline) {
         if let Err(m) = url.resolve() {
             problems.push(format!("{}: metadata_upstream: {m}", config.display()));
+        }
+    }
+    if !offline {
+        let issuers: Vec<_> = settings.verifier.issuers().cloned().collect();
+        for (label, fetched) in crate::auth::remote::check_fetch(&issuers) {
+            match fetched {
+                Ok(n) => summary.push(format!("issuer {label}: {n} keys fetched")),
+                Err(m) => problems.push(format!(
+                    "{}: issuer {label}: key fetch failed: {m}",
+                    config.display()
+                )),
+            }
         }
     }
     let defaults = settings.route_defaults.clone();

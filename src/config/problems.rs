@@ -89,6 +89,11 @@ impl<'a> Source<'a> {
         });
     }
 
+    /// How many problems are recorded so far.
+    pub(crate) fn len(&self) -> usize {
+        self.problems.len()
+    }
+
     /// Records a serde/YAML error, with the position the parser reported.
     pub(crate) fn yaml_error(&mut self, err: &serde_yaml_ng::Error) {
         let (line, column) = match err.location() {

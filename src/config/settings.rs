@@ -125,14 +125,122 @@ impl Default for AuthSettings {
     }
 }
 
-/// An external token issuer and its verification keys.
+/// An external token issuer: who it is, where its keys come from, and what its tokens may grant.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IssuerSettings {
+    /// The exact `iss` of its tokens.
     pub issuer: String,
+    /// A short name for metrics and logs (default: the issuer URL).
+    pub name: Option<String>,
+    /// The `aud` its tokens must carry.
     pub audience: String,
+    /// The signature algorithms its tokens may use. Required with `jwks_uri` or `discovery`; with
+    /// only `keys` and `jwks_file`, the algorithms those keys name.
+    pub algorithms: Vec<String>,
+    /// Key sources, any of them: PEM or secret files, a JWK Set file, a JWK Set URL, or an OpenID
+    /// Provider metadata URL (`…/.well-known/openid-configuration`) naming the JWK Set URL.
     pub keys: Vec<IssuerKeySettings>,
     pub jwks_file: Option<String>,
+    pub jwks_uri: Option<String>,
+    pub discovery: Option<String>,
+    /// The tenants this issuer may grant (required): a list of tenant GUIDs, or `any`.
+    pub tenants: Option<IssuerTenants>,
+    /// The claim holding scopes: `scope` (a space-separated string) or `scp` (a list, or a string).
+    pub scope_claim: ScopeClaim,
+    /// Take the tenant GUID from this claim (e.g. Entra ID's `tid`) instead of the scope.
+    pub tenant_claim: Option<String>,
+    /// Where the last good fetched key set is kept, so a restart during an outage of the issuer
+    /// comes up with it.
+    pub cache_file: Option<String>,
+    /// How remote keys are fetched and refreshed.
+    pub fetch: FetchSettings,
+}
+
+/// The tenants an issuer may grant.
+#[derive(Debug, Clone, PartialEq)]
+pub enum IssuerTenants {
+    /// Every tenant: one compromised issuer could then reach every hospital.
+    Any,
+    /// These tenant GUIDs only.
+    List(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for IssuerTenants {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Word(String),
+            List(Vec<String>),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Word(w) if w == "any" => Ok(IssuerTenants::Any),
+            Raw::Word(w) => Err(serde::de::Error::custom(format!(
+                "`tenants` is a list of tenant GUIDs or `any`, not `{w}`"
+            ))),
+            Raw::List(l) => Ok(IssuerTenants::List(l)),
+        }
+    }
+}
+
+/// The claim an issuer's tokens carry their scopes in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScopeClaim {
+    /// `scope`: a space-separated string (RFC 8693 §4.2, RFC 9068).
+    #[default]
+    Scope,
+    /// `scp`: a list of strings (Okta) or a space-separated string (Entra ID).
+    Scp,
+}
+
+/// Fetching and refreshing an issuer's remote keys.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FetchSettings {
+    /// Plain `http://` URLs. For tests only: keys fetched in the clear can be replaced in transit.
+    pub allow_http: bool,
+    /// Trust only the CAs in this PEM file (default: the system's roots).
+    pub ca_file: Option<String>,
+    pub connect_timeout_ms: u64,
+    /// For a whole fetch: connect, send, read.
+    pub timeout_ms: u64,
+    /// The largest response read.
+    pub max_bytes: usize,
+    /// The most keys a JWK Set may hold.
+    pub max_keys: usize,
+    /// Bounds on the refresh interval a `Cache-Control: max-age` asks for.
+    pub min_refresh_seconds: u64,
+    pub max_refresh_seconds: u64,
+    /// After a failed fetch, the next try.
+    pub retry_seconds: u64,
+    /// At most one refetch per this interval for tokens with a `kid` not in the key set.
+    pub unknown_kid_interval_seconds: u64,
+    /// How long such a token's request waits for that refetch before 401.
+    pub unknown_kid_wait_ms: u64,
+    /// A fetched key set that drops every key used in the last hour is held back until the issuer
+    /// has served such sets for this long (an IdP serving a wrong set must not lock everyone out).
+    pub hold_back_seconds: u64,
+}
+
+impl Default for FetchSettings {
+    fn default() -> Self {
+        FetchSettings {
+            allow_http: false,
+            ca_file: None,
+            connect_timeout_ms: 3_000,
+            timeout_ms: 10_000,
+            max_bytes: 1 << 20,
+            max_keys: 100,
+            min_refresh_seconds: 300,
+            max_refresh_seconds: 86_400,
+            retry_seconds: 30,
+            unknown_kid_interval_seconds: 30,
+            unknown_kid_wait_ms: 2_000,
+            hold_back_seconds: 3_600,
+        }
+    }
 }
 
 /// One verification key of an issuer: a public key (RS*, ES*, EdDSA) or an HMAC secret file.

@@ -4,9 +4,14 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::auth::{TokenCache, Verifier, VerifyKey};
-use crate::config::issuers::{check_key_ids, load_issuers};
+use std::sync::Arc;
+
+use crate::auth::issuer::{Issuer, IssuerSpec};
+use crate::auth::keys::Key;
+use crate::auth::{TokenCache, Verifier};
+use crate::config::issuers::load_issuers;
 use crate::config::problems::Source;
+use crate::config::settings::ScopeClaim;
 use crate::config::settings::{LimitSettings, ServerSettings, Settings};
 use crate::config::token::validate_token;
 use crate::config::{
@@ -60,7 +65,7 @@ pub(super) fn validate(f: Settings, src: &mut Source) -> Option<Config> {
         (Some(t), Some(public)) => validate_token(t, public, dir, src),
         _ => None,
     };
-    let keys = trusted_keys(&f, dir, token.as_ref(), src);
+    let issuers = trusted_issuers(&f, dir, token.as_ref(), src);
     let log_level = f
         .log
         .level
@@ -80,7 +85,7 @@ pub(super) fn validate(f: Settings, src: &mut Source) -> Option<Config> {
         routes_file: routes_file?,
         metadata: metadata?,
         metadata_ttl: Duration::from_secs(f.metadata_ttl_seconds),
-        verifier: Verifier::new(keys, f.auth.leeway_seconds),
+        verifier: Verifier::from_issuers(issuers, f.auth.leeway_seconds),
         token_cache: TokenCache::new(f.auth.token_cache_entries, f.auth.leeway_seconds),
         realm: f.auth.realm,
         max_token_bytes: f.auth.max_token_bytes,
@@ -205,33 +210,50 @@ fn metadata(f: &Settings, dir: &Path, src: &mut Source) -> Option<MetadataSource
     }
 }
 
-/// Every key fhir-edge verifies tokens with: the external issuers' and its own token endpoint's.
-fn trusted_keys(
+/// Every issuer fhir-edge trusts: the external ones and its own token endpoint.
+fn trusted_issuers(
     f: &Settings,
     dir: &Path,
     token: Option<&crate::token::TokenSettings>,
     src: &mut Source,
-) -> Vec<VerifyKey> {
-    let mut keys = load_issuers(&f.auth, dir, src);
+) -> Vec<Arc<Issuer>> {
+    let mut issuers = load_issuers(&f.auth, dir, src);
     if let Some(t) = token {
-        // fhir-edge trusts its own issuer, with the same rules as any other.
-        keys.extend(t.keys.all().map(|k| VerifyKey {
-            kid: Some(k.kid.clone()),
-            alg: k.alg,
-            key: k.decoding.clone(),
-            issuer: t.issuer.clone(),
+        if f.auth.issuers.iter().any(|i| i.issuer == t.issuer) {
+            src.at(
+                &t.issuer,
+                "auth.issuers",
+                "is the token endpoint's own issuer: its tokens are trusted already",
+            );
+        }
+        // fhir-edge trusts its own issuer, with the same rules as any other; which tenants a token
+        // may name is the client registry's to say.
+        let keys = t
+            .keys
+            .all()
+            .map(|k| Key::new(Some(k.kid.clone()), vec![k.alg], k.decoding.clone()))
+            .collect();
+        let spec = IssuerSpec {
+            iss: t.issuer.clone(),
+            label: "token_endpoint".into(),
             audience: t.audience.clone(),
             own: true,
-        }));
+            tenants: None,
+            scope_claim: ScopeClaim::Scope,
+            tenant_claim: None,
+        };
+        match Issuer::new(spec, keys, None) {
+            Ok(i) => issuers.push(Arc::new(i)),
+            Err(m) => src.at("token_endpoint", "token_endpoint", m),
+        }
     }
-    if keys.is_empty() {
+    if f.auth.issuers.is_empty() && token.is_none() {
         src.at(
             "auth",
             "auth.issuers",
             "nothing to trust: configure an issuer under auth.issuers, or a token_endpoint",
         );
     }
-    check_key_ids(&keys, src);
     let a = &f.auth;
     if a.max_token_bytes < 256 || a.max_token_bytes > 64 * 1024 {
         src.at(
@@ -265,7 +287,7 @@ fn trusted_keys(
             "must be non-empty printable ASCII without quotes or backslashes",
         );
     }
-    keys
+    issuers
 }
 
 fn parse_public_base(s: &str) -> Result<PublicBase, String> {

@@ -21,6 +21,7 @@ pub(crate) struct Admin {
     pub metrics: Arc<Metrics>,
     pub routes: Arc<Live<RoutingTable>>,
     pub token: Option<Arc<TokenService>>,
+    pub issuers: Vec<Arc<crate::auth::issuer::Issuer>>,
 }
 
 fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -51,6 +52,14 @@ impl Admin {
                 why.push(format!("the signing key does not work: {e}"));
             }
         }
+        for issuer in &self.issuers {
+            if issuer.keys().is_empty() {
+                why.push(format!(
+                    "issuer {} has no keys yet (fetched or cached)",
+                    issuer.label
+                ));
+            }
+        }
         why
     }
 
@@ -64,6 +73,9 @@ impl Admin {
             self.metrics
                 .clients_registered
                 .set(i64::try_from(t.clients.load().len()).unwrap_or(i64::MAX));
+        }
+        for issuer in &self.issuers {
+            self.metrics.observe_issuer(issuer);
         }
         self.metrics.render()
     }

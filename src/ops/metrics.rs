@@ -56,6 +56,12 @@ pub(crate) struct Metrics {
     pub metadata_refresh_failures: IntCounter,
     pub audit_write_failures: IntCounter,
     pub build_info: IntGaugeVec,
+    pub jwks_fetches: IntCounterVec,
+    pub jwks_keys: IntGaugeVec,
+    pub jwks_last_success: IntGaugeVec,
+    pub jwks_age: IntGaugeVec,
+    pub jwks_unknown_kid_refetches: IntCounterVec,
+    pub jwks_unknown_kid_refusals: IntCounterVec,
 }
 
 /// Method classes (bounded).
@@ -235,6 +241,42 @@ impl Metrics {
                 "Always 1; the labels say which build is running.",
                 &["version"],
             )?,
+            jwks_fetches: counter(
+                &r,
+                "fhir_edge_jwks_fetches_total",
+                "Fetches of an issuer's keys, by issuer and result (ok, timeout, connect, http_status, too_large, invalid, issuer_mismatch, empty, held_back, error).",
+                &["issuer", "result"],
+            )?,
+            jwks_keys: gauge_vec(
+                &r,
+                "fhir_edge_jwks_keys",
+                "Verification keys held, by issuer.",
+                &["issuer"],
+            )?,
+            jwks_last_success: gauge_vec(
+                &r,
+                "fhir_edge_jwks_last_success_timestamp_seconds",
+                "Unix time of the last fetch that brought a usable key set, by issuer (0: never).",
+                &["issuer"],
+            )?,
+            jwks_age: gauge_vec(
+                &r,
+                "fhir_edge_jwks_seconds_since_last_success",
+                "Seconds since the last fetch that brought a usable key set, by issuer (-1: never).",
+                &["issuer"],
+            )?,
+            jwks_unknown_kid_refetches: counter(
+                &r,
+                "fhir_edge_jwks_unknown_kid_refetches_total",
+                "Key fetches caused by a token with a kid the issuer's keys did not hold, by issuer.",
+                &["issuer"],
+            )?,
+            jwks_unknown_kid_refusals: counter(
+                &r,
+                "fhir_edge_jwks_unknown_kid_refusals_total",
+                "Tokens refused because the issuer's keys hold no key with their kid, by issuer.",
+                &["issuer"],
+            )?,
             registry: r,
         };
         m.build_info
@@ -263,6 +305,35 @@ impl Metrics {
             let c = self.reloads.with_label_values(&[file, result]);
             // The bookkeeping only grows, so the counter only grows.
             c.inc_by(total.saturating_sub(c.get()));
+        }
+    }
+
+    /// Counts one fetch of an issuer's keys.
+    pub(crate) fn jwks_fetch(&self, issuer: &str, result: &str) {
+        self.jwks_fetches.with_label_values(&[issuer, result]).inc();
+    }
+
+    /// Attaches an issuer's request-path counters, and brings its key gauges up to date (called at
+    /// start and at scrape time).
+    pub(crate) fn observe_issuer(&self, issuer: &crate::auth::issuer::Issuer) {
+        let label = issuer.label.as_str();
+        let _ = issuer.counters.set(crate::auth::issuer::IssuerCounters {
+            refetches: self.jwks_unknown_kid_refetches.with_label_values(&[label]),
+            refusals: self.jwks_unknown_kid_refusals.with_label_values(&[label]),
+        });
+        self.jwks_keys
+            .with_label_values(&[label])
+            .set(i64::try_from(issuer.keys().len()).unwrap_or(i64::MAX));
+        if let Some(remote) = &issuer.remote {
+            let last = remote.last_success.load(Ordering::Relaxed);
+            self.jwks_last_success
+                .with_label_values(&[label])
+                .set(i64::try_from(last).unwrap_or(i64::MAX));
+            let age = match last {
+                0 => -1,
+                t => i64::try_from(crate::time::now_unix().saturating_sub(t)).unwrap_or(i64::MAX),
+            };
+            self.jwks_age.with_label_values(&[label]).set(age);
         }
     }
 

@@ -2,6 +2,8 @@
 //! (`request_filter`), the upstream request's target and headers (`upstream_request_filter`), and
 //! the upstream response's headers (`upstream_response_filter`).
 
+use std::sync::Arc;
+
 use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::Session;
@@ -52,23 +54,59 @@ impl FhirEdge {
         Outcome::Auth(f)
     }
 
-    /// Authenticates and routes a protected request whose path below the public base is
-    /// `remainder`; `Err` is the response to send.
+    /// Authenticates a protected request. A token whose kid an issuer with fetched keys does not
+    /// hold may wait (bounded) for the one refetch such tokens can cause, and is then judged again;
+    /// no other request waits on anything here.
+    pub(super) async fn authenticate(
+        &self,
+        req: &RequestHeader,
+        query: Option<&[u8]>,
+    ) -> std::result::Result<(Arc<auth::Grant>, auth::Lookup), Outcome> {
+        let s = &self.settings;
+        let attempt = || {
+            auth::authenticate_with(
+                &s.verifier,
+                &s.token_cache,
+                &req.headers,
+                query,
+                s.max_token_bytes,
+            )
+        };
+        let refused = match attempt() {
+            Ok(ok) => return Ok(ok),
+            Err(auth::Refused::UnknownKid(issuer)) => {
+                let wait = issuer
+                    .remote
+                    .as_ref()
+                    .and_then(|r| r.unknown_kid(issuer.counters.get()));
+                match wait {
+                    Some(wait) => {
+                        wait.await;
+                        attempt()
+                    }
+                    None => Err(auth::Refused::UnknownKid(issuer)),
+                }
+            }
+            Err(r) => Err(r),
+        };
+        refused.map_err(|r| {
+            if let auth::Refused::UnknownKid(issuer) = &r {
+                issuer.count_refusal();
+            }
+            self.auth_failed(r.failure())
+        })
+    }
+
+    /// Routes an authenticated request whose path below the public base is `remainder`; `Err` is
+    /// the response to send.
     pub(super) fn route(
         &self,
         req: &RequestHeader,
+        (grant, lookup): (Arc<auth::Grant>, auth::Lookup),
         remainder: std::result::Result<&[u8], PathError>,
         query: Option<&[u8]>,
         ctx: &mut RequestCtx,
     ) -> std::result::Result<(), Outcome> {
-        let (grant, lookup) = auth::authenticate_with(
-            &self.settings.verifier,
-            &self.settings.token_cache,
-            &req.headers,
-            query,
-            self.settings.max_token_bytes,
-        )
-        .map_err(|f| self.auth_failed(f))?;
         match lookup {
             auth::Lookup::Hit => self.metrics.token_cache_hit.inc(),
             auth::Lookup::Miss => self.metrics.token_cache_miss.inc(),

@@ -68,14 +68,17 @@ impl Worker {
     /// when `f` panicked (the thread lives on: the panic is caught and logged).
     async fn run<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> Option<R> {
         let (done, result) = tokio::sync::oneshot::channel();
-        let job: Job = Box::new(move || {
-            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-                Ok(r) => {
-                    let _ = done.send(r);
-                }
-                Err(_) => log::error!("a reload job panicked; the last good state stays in use"),
-            }
-        });
+        let job: Job =
+            Box::new(
+                move || match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+                    Ok(r) => {
+                        let _ = done.send(r);
+                    }
+                    Err(_) => {
+                        log::error!("a reload job panicked; the last good state stays in use")
+                    }
+                },
+            );
         self.jobs.send(job).ok()?;
         result.await.ok()
     }

@@ -145,6 +145,7 @@ auth:
   issuers:
     - issuer: "https://unused.example/"
       audience: "unused"
+      tenants: any
       keys: [{{ kid: unused, alg: ES256, public_key_file: {keys}/es256.pub.pem }}]
 token_endpoint:
   signing_key: {keys}/signing-es256.pem

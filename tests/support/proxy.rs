@@ -140,6 +140,7 @@ auth:
   issuers:
     - issuer: "{ISSUER}"
       audience: "{AUDIENCE}"
+      tenants: any
       keys:
         - {{ kid: rs1, alg: RS256, public_key_file: {keys}/rs256.pub.pem }}
         - {{ kid: es1, alg: ES256, public_key_file: {keys}/es256.pub.pem }}
