@@ -38,14 +38,17 @@ const INSUFFICIENT_SCOPE: &str = r#"error="insufficient_scope""#;
 /// One `auth.issuers` entry, as YAML list item under the test config's `issuers:`.
 struct Issuer {
     issuer: String,
+    /// The metric label; "" leaves `name` out (the label is then the issuer URL).
     name: String,
     /// The key source line: `discovery: "…"`, `jwks_uri: "…"`.
     source: String,
     tenants: String,
     /// More lines of the entry (`scope_claim: scp`, `cache_file: …`).
     lines: Vec<String>,
-    /// Lines of its `fetch:` section besides `allow_http: true`.
+    /// Lines of its `fetch:` section besides `allow_http`.
     fetch: Vec<String>,
+    /// `fetch.allow_http: true` (the stubs and the provider speak plain http).
+    allow_http: bool,
 }
 
 impl Issuer {
@@ -65,6 +68,7 @@ impl Issuer {
             tenants: format!("[\"{TENANT_A}\"]"),
             lines: Vec::new(),
             fetch: Vec::new(),
+            allow_http: true,
         }
     }
 
@@ -79,14 +83,23 @@ impl Issuer {
     }
 
     fn yaml(&self) -> String {
-        let mut s = format!(
-            "    - issuer: \"{}\"\n      name: {}\n      audience: \"{AUDIENCE}\"\n      algorithms: [RS256]\n      {}\n      tenants: {}\n",
-            self.issuer, self.name, self.source, self.tenants
-        );
+        let mut s = format!("    - issuer: \"{}\"\n", self.issuer);
+        if !self.name.is_empty() {
+            s.push_str(&format!("      name: {}\n", self.name));
+        }
+        s.push_str(&format!(
+            "      audience: \"{AUDIENCE}\"\n      algorithms: [RS256]\n      {}\n      tenants: {}\n",
+            self.source, self.tenants
+        ));
         for l in &self.lines {
             s.push_str(&format!("      {l}\n"));
         }
-        s.push_str("      fetch:\n        allow_http: true\n");
+        if self.allow_http || !self.fetch.is_empty() {
+            s.push_str("      fetch:\n");
+        }
+        if self.allow_http {
+            s.push_str("        allow_http: true\n");
+        }
         for l in &self.fetch {
             s.push_str(&format!("        {l}\n"));
         }
@@ -899,7 +912,7 @@ fn a_discovery_document_for_another_issuer_gives_the_issuer_no_keys() {
         DISCOVERY,
         json!({"issuer": format!("{issuer}/"), "jwks_uri": idp.url(KEYS)}).to_string(),
     );
-    let env = Issuer::discovery(&issuer, "mismatch", &idp.url(DISCOVERY)).env();
+    let env = Issuer::discovery(&issuer, "local", &idp.url(DISCOVERY)).env();
     assert!(
         eventually(Duration::from_secs(10), || idp.hits(DISCOVERY) >= 1),
         "discovery never fetched"
@@ -908,7 +921,7 @@ fn a_discovery_document_for_another_issuer_gives_the_issuer_no_keys() {
         !eventually(Duration::from_secs(2), || readyz(&env.proxy) == 200),
         "ready with a discovery document for another issuer"
     );
-    assert_eq!(keys_loaded(&env.proxy, "mismatch"), 0.0);
+    assert_eq!(keys_loaded(&env.proxy, "local"), 0.0);
     assert_eq!(
         status(&env, &token_signed(&issuer, "stub-rs", 0, TENANT_A)),
         401
@@ -955,7 +968,8 @@ fn check_fetches_and_validates_the_keys_and_offline_does_not_fetch() {
 fn scp_as_a_list_or_a_string_and_tenants_any() {
     let idp = stub_with_key();
     let issuer = idp.url("");
-    let mut cfg = Issuer::jwks_uri(&issuer, "okta", &idp.url(KEYS)).line("scope_claim: scp");
+    // No `name`: the metric label is the issuer URL.
+    let mut cfg = Issuer::jwks_uri(&issuer, "", &idp.url(KEYS)).line("scope_claim: scp");
     cfg.tenants = "any".into();
     let env = cfg.env();
     await_ready(&env.proxy);
@@ -982,4 +996,104 @@ fn scp_as_a_list_or_a_string_and_tenants_any() {
         200
     );
     assert_eq!((env.a.count(), env.b.count()), (1, 1));
+    assert_eq!(
+        keys_loaded(&env.proxy, &issuer),
+        1.0,
+        "{}",
+        metrics(&env.proxy)
+    );
+}
+
+#[test]
+fn background_refresh_follows_cache_control_within_the_configured_bounds() {
+    let idp = IdpStub::start();
+    let issuer = idp.url("");
+    // A day, by Cache-Control; max_refresh_seconds caps it at 2 s.
+    let cached_for_a_day = |keys: &[Value]| {
+        let mut r = Reply::json(jwks(keys));
+        r.extra_headers
+            .push(("Cache-Control".into(), "public, max-age=86400".into()));
+        r
+    };
+    idp.set(KEYS, cached_for_a_day(&[rsa_jwk("stub-rs", 0)]));
+    let env = Issuer::jwks_uri(&issuer, "stub", &idp.url(KEYS))
+        .fetch("min_refresh_seconds: 1")
+        .fetch("max_refresh_seconds: 2")
+        .env();
+    await_ready(&env.proxy);
+    assert_eq!(keys_loaded(&env.proxy, "stub"), 1.0);
+
+    // A key published later is picked up with no token asking for it.
+    idp.set(
+        KEYS,
+        cached_for_a_day(&[rsa_jwk("stub-rs", 0), rsa_jwk("stub-rs-2", 1)]),
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || keys_loaded(&env.proxy, "stub")
+            == 2.0),
+        "no background refresh within 10 s:\n{}",
+        metrics(&env.proxy)
+    );
+    assert_eq!(unknown_kid_refetches(&env.proxy, "stub"), 0.0);
+    assert_eq!(
+        status(&env, &token_signed(&issuer, "stub-rs-2", 1, TENANT_A)),
+        200
+    );
+}
+
+#[test]
+fn key_endpoints_are_https_with_a_ca_file_and_http_only_when_allowed() {
+    // The fixture TLS server (certificate for 127.0.0.1 from the fixture CA) answers every path
+    // with the key set.
+    let tls = crate::support::StubUpstream::start_tls("idp");
+    tls.set_response(
+        &[("Content-Type", "application/json")],
+        jwks(&[rsa_jwk("stub-rs", 0)]),
+    );
+    let ca = fixture("tls/ca.pem");
+    let mut trusted = Issuer::jwks_uri(&tls.url(""), "tls", &tls.url(KEYS))
+        .fetch(&format!("ca_file: \"{}\"", ca.display()));
+    trusted.allow_http = false;
+    let env = trusted.env();
+    await_ready(&env.proxy);
+    assert_eq!(
+        status(&env, &token_signed(&tls.url(""), "stub-rs", 0, TENANT_A)),
+        200
+    );
+    drop(env);
+
+    // The system's roots do not know the fixture CA: no keys.
+    let mut untrusted = Issuer::jwks_uri(&tls.url(""), "tls", &tls.url(KEYS));
+    untrusted.allow_http = false;
+    let env = untrusted.env();
+    assert!(
+        eventually(Duration::from_secs(10), || fetch_failures(
+            &env.proxy, "tls"
+        ) >= 1.0),
+        "{}",
+        metrics(&env.proxy)
+    );
+    assert_eq!(readyz(&env.proxy), 503);
+    drop(env);
+
+    // Plain http without allow_http is a configuration error.
+    let idp = stub_with_key();
+    let mut plain = Issuer::jwks_uri(&idp.url(""), "plain", &idp.url(KEYS));
+    plain.allow_http = false;
+    let yaml = plain.yaml();
+    let meta = crate::support::StubUpstream::start("meta");
+    let cfg = {
+        let mut c = crate::support::ProxyConfig::new(
+            meta.url("/fhir"),
+            crate::support::proxy::routes_yaml(&[(TENANT_A, "a", &meta.url(""), "")]),
+        );
+        c.extra_issuers = yaml;
+        c
+    };
+    let err = match Proxy::try_start(cfg) {
+        Ok(_) => panic!("started with a plain-http key URL and no allow_http"),
+        Err(logs) => logs,
+    };
+    assert!(err.contains("https"), "{err}");
+    assert_eq!(idp.connections(), 0);
 }
