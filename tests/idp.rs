@@ -116,15 +116,24 @@ impl Issuer {
 // ---------------------------------------------------------------------------------------------
 // Proxy observations
 
+/// GET on the admin listener; (0, "") while it does not accept connections yet (`Proxy::start`
+/// waits for the proxy listener only, and the admin listener can come up a moment later).
+fn admin(proxy: &Proxy, path: &str) -> (u16, String) {
+    match std::net::TcpStream::connect(("127.0.0.1", proxy.admin_port)) {
+        Ok(_) => proxy.admin(path),
+        Err(_) => (0, String::new()),
+    }
+}
+
 fn readyz(proxy: &Proxy) -> u16 {
-    proxy.admin("/readyz").0
+    admin(proxy, "/readyz").0
 }
 
 fn await_ready(proxy: &Proxy) {
     assert!(
         eventually(Duration::from_secs(20), || readyz(proxy) == 200),
         "/readyz never said 200: {:?}\n{}",
-        proxy.admin("/readyz"),
+        admin(proxy, "/readyz"),
         proxy.logs()
     );
 }
@@ -153,7 +162,7 @@ fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 }
 
 fn metrics(proxy: &Proxy) -> String {
-    proxy.admin("/metrics").1
+    admin(proxy, "/metrics").1
 }
 
 fn keys_loaded(proxy: &Proxy, issuer: &str) -> f64 {
@@ -921,6 +930,7 @@ fn a_discovery_document_for_another_issuer_gives_the_issuer_no_keys() {
         !eventually(Duration::from_secs(2), || readyz(&env.proxy) == 200),
         "ready with a discovery document for another issuer"
     );
+    assert_eq!(readyz(&env.proxy), 503);
     assert_eq!(keys_loaded(&env.proxy, "local"), 0.0);
     assert_eq!(
         status(&env, &token_signed(&issuer, "stub-rs", 0, TENANT_A)),
