@@ -24,13 +24,9 @@ fn is_endpoint_path(p: &str) -> bool {
         })
 }
 
-pub(super) fn validate_token(
-    t: &TokenEndpointSettings,
-    public: &PublicBase,
-    dir: &Path,
-    src: &mut Source,
-) -> Option<TokenSettings> {
-    let before = src.problems.len();
+/// The token endpoint's and the management endpoint's paths: well-formed, clear of discovery, and
+/// not overlapping each other.
+fn check_endpoint_paths(t: &TokenEndpointSettings, src: &mut Source) {
     for (key, p) in [("path", &t.path), ("management_path", &t.management_path)] {
         if !is_endpoint_path(p) {
             src.at(
@@ -50,6 +46,16 @@ pub(super) fn validate_token(
             "must not overlap token_endpoint.path",
         );
     }
+}
+
+pub(super) fn validate_token(
+    t: &TokenEndpointSettings,
+    public: &PublicBase,
+    dir: &Path,
+    src: &mut Source,
+) -> Option<TokenSettings> {
+    let before = src.problems.len();
+    check_endpoint_paths(t, src);
     let authorize_url = match &t.authorize_url {
         Some(u) => {
             if let Err(m) = UpstreamUrl::parse(u) {

@@ -357,12 +357,9 @@ fn validate_limits(l: &LimitSettings, src: &mut Source) -> Option<Limits> {
     })
 }
 
-fn validate_server(
-    s: &ServerSettings,
-    dir: &Path,
-    src: &mut Source,
-) -> (Option<ServerConfig>, Option<RouteDefaults>) {
-    let before = src.problems.len();
+/// The numeric limits of the `server` section: thread count, grace periods, upstream timeouts and
+/// pool, retries, reload timing.
+fn check_server_limits(s: &ServerSettings, src: &mut Source) {
     let mut check = |ok: bool, key: &str, msg: &str| {
         if !ok {
             src.at(key, format!("server.{key}"), msg);
@@ -411,6 +408,15 @@ fn validate_server(
         "reload_poll_seconds",
         "must be at most 86400 (0 disables)",
     );
+}
+
+fn validate_server(
+    s: &ServerSettings,
+    dir: &Path,
+    src: &mut Source,
+) -> (Option<ServerConfig>, Option<RouteDefaults>) {
+    let before = src.problems.len();
+    check_server_limits(s, src);
     let ca_der = match &s.upstream_ca_file {
         None => None,
         Some(p) => match read_ca_file(&resolve(dir, p)) {

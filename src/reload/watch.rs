@@ -222,6 +222,45 @@ impl Reloader {
             })
             .collect()
     }
+
+    /// Watches the directory of every file: a relevant event is noted in `seen` and wakes the loop
+    /// through `tx`. `None` when the watcher cannot start (then SIGHUP and the poll remain).
+    fn start_watcher(
+        &self,
+        tx: mpsc::Sender<()>,
+        seen: &Arc<Seen>,
+    ) -> Option<notify::RecommendedWatcher> {
+        let names = self.file_names();
+        let noted = seen.clone();
+        let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            // A watcher error may mean lost events too: check rather than trust.
+            let change = res.map_or(Change::Partial, |e| classify(&e, &names));
+            if change != Change::None {
+                noted.note(change);
+                // A full channel already holds a pending reload, so a failed try_send loses nothing.
+                let _ = tx.try_send(());
+            }
+        });
+        match watcher {
+            Ok(mut w) => {
+                for dir in self.directories() {
+                    if let Err(e) = w.watch(&dir, RecursiveMode::NonRecursive) {
+                        log::error!(
+                            "cannot watch {} ({e}); its files reload only on SIGHUP and every poll",
+                            dir.display()
+                        );
+                    }
+                }
+                Some(w)
+            }
+            Err(e) => {
+                log::error!(
+                    "cannot start the file watcher ({e}); reloads only on SIGHUP and every poll"
+                );
+                None
+            }
+        }
+    }
 }
 
 #[async_trait]
@@ -244,45 +283,10 @@ impl BackgroundService for Reloader {
             }
         };
         let (tx, mut events) = mpsc::channel::<()>(1);
-        // A full channel already holds a pending reload, so a failed try_send loses nothing.
-        let names = self.file_names();
         let seen = Arc::new(Seen::default());
-        let noted = seen.clone();
-        let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            // A watcher error may mean lost events too: check rather than trust.
-            let change = res.map_or(Change::Partial, |e| classify(&e, &names));
-            if change != Change::None {
-                noted.note(change);
-                let _ = tx.try_send(());
-            }
-        });
-        let _watcher = match watcher {
-            Ok(mut w) => {
-                for dir in self.directories() {
-                    if let Err(e) = w.watch(&dir, RecursiveMode::NonRecursive) {
-                        log::error!(
-                            "cannot watch {} ({e}); its files reload only on SIGHUP and every poll",
-                            dir.display()
-                        );
-                    }
-                }
-                Some(w)
-            }
-            Err(e) => {
-                log::error!(
-                    "cannot start the file watcher ({e}); reloads only on SIGHUP and every poll"
-                );
-                None
-            }
-        };
-        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        {
-            Ok(s) => Some(s),
-            Err(e) => {
-                log::error!("cannot install the SIGHUP handler: {e}");
-                None
-            }
-        };
+        // Held for as long as the loop runs: dropping the watcher ends the watch.
+        let _watcher = self.start_watcher(tx, &seen);
+        let mut hangup = hangup_signal();
         // Far enough away to mean "never" when polling is off.
         let poll = if self.poll.is_zero() {
             Duration::from_secs(86_400 * 365)
@@ -340,6 +344,18 @@ impl BackgroundService for Reloader {
                     release = release_time(release);
                 }
             }
+        }
+    }
+}
+
+/// The `SIGHUP` stream; `None` (reloads then come from file events and the poll) when the handler
+/// cannot be installed.
+fn hangup_signal() -> Option<tokio::signal::unix::Signal> {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            log::error!("cannot install the SIGHUP handler: {e}");
+            None
         }
     }
 }

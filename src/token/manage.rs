@@ -18,7 +18,7 @@ use bytes::Bytes;
 use http::{HeaderMap, Method};
 use serde_json::json;
 
-use super::clients::{new_secret, update_file};
+use super::clients::{new_secret, update_file, ClientRegistry};
 use super::endpoint::{basic_candidates, Credentials, TokenService};
 use crate::outcome::OAuthError;
 
@@ -89,81 +89,88 @@ impl TokenService {
         if client_id != id {
             return Err(OAuthError::InvalidClient { basic: true });
         }
-        let path = &self.settings.clients_file;
-        let reply = match resource {
-            Resource::Client(_) => {
-                let client = registry
-                    .get(id)
-                    .ok_or(OAuthError::InvalidClient { basic: true })?;
-                let mut config = client.describe(now);
-                // RFC 7591 names for what a client reads about itself.
-                config["client_name"] = config["name"].take();
-                config["grant_types"] = json!(["client_credentials"]);
-                config["token_endpoint_auth_methods"] =
-                    json!(["client_secret_basic", "client_secret_post"]);
-                if let Some(o) = config.as_object_mut() {
-                    o.remove("name");
-                }
-                Reply {
-                    status: 200,
-                    body: Bytes::from(config.to_string()),
-                }
-            }
-            Resource::Secrets(_) => {
-                let fresh = new_secret(now, None).map_err(server_error)?;
-                let entry = fresh.entry.clone();
-                update_file(path, |f| {
-                    f.get_mut(id)?.secrets.push(entry);
-                    Ok(())
-                })
-                .map_err(server_error)?;
-                // Written whole and renamed into place under the lock: no settle check needed, and
-                // the new secret works as soon as this reply is sent.
-                self.clients.reload(false, false);
-                Reply {
-                    status: 201,
-                    body: Bytes::from(
-                        json!({
-                            "client_id": id,
-                            "client_secret": fresh.secret,
-                            "client_secret_id": fresh.entry.id,
-                            "client_secret_expires_at": 0,
-                            "created": fresh.entry.created,
-                        })
-                        .to_string(),
-                    ),
-                }
-            }
-            Resource::Secret(_, secret_id) => {
-                let secret_id = secret_id.as_str();
-                let mut last = false;
-                let mut missing = false;
-                let result = update_file(path, |f| {
-                    let c = f.get_mut(id)?;
-                    if !c.secrets.iter().any(|s| s.id == secret_id) {
-                        missing = true;
-                        return Err("no such secret".into());
-                    }
-                    c.revoke_secret(secret_id, true)
-                        .inspect_err(|_| last = true)
-                });
-                match result {
-                    Ok(()) => {}
-                    Err(_) if missing => return Err(OAuthError::NotFound),
-                    Err(_) if last => return Err(OAuthError::Conflict(
-                        "This is the client's only secret; create a new one before deleting it.",
-                    )),
-                    Err(e) => return Err(server_error(e)),
-                }
-                self.clients.reload(false, false);
-                Reply {
-                    status: 204,
-                    body: Bytes::new(),
-                }
-            }
-        };
-        Ok(reply)
+        match resource {
+            Resource::Client(_) => describe_self(&registry, id, now),
+            Resource::Secrets(_) => self.add_secret(id, now),
+            Resource::Secret(_, secret_id) => self.delete_secret(id, secret_id),
+        }
     }
+
+    /// `POST .../secrets`: a new secret for client `id`, shown once.
+    fn add_secret(&self, id: &str, now: u64) -> Result<Reply, OAuthError> {
+        let fresh = new_secret(now, None).map_err(server_error)?;
+        let entry = fresh.entry.clone();
+        update_file(&self.settings.clients_file, |f| {
+            f.get_mut(id)?.secrets.push(entry);
+            Ok(())
+        })
+        .map_err(server_error)?;
+        // Written whole and renamed into place under the lock: no settle check needed, and
+        // the new secret works as soon as this reply is sent.
+        self.clients.reload(false, false);
+        Ok(Reply {
+            status: 201,
+            body: Bytes::from(
+                json!({
+                    "client_id": id,
+                    "client_secret": fresh.secret,
+                    "client_secret_id": fresh.entry.id,
+                    "client_secret_expires_at": 0,
+                    "created": fresh.entry.created,
+                })
+                .to_string(),
+            ),
+        })
+    }
+
+    /// `DELETE .../secrets/{secret_id}`: revokes one of client `id`'s secrets, never its last.
+    fn delete_secret(&self, id: &str, secret_id: &str) -> Result<Reply, OAuthError> {
+        let mut last = false;
+        let mut missing = false;
+        let result = update_file(&self.settings.clients_file, |f| {
+            let c = f.get_mut(id)?;
+            if !c.secrets.iter().any(|s| s.id == secret_id) {
+                missing = true;
+                return Err("no such secret".into());
+            }
+            c.revoke_secret(secret_id, true)
+                .inspect_err(|_| last = true)
+        });
+        match result {
+            Ok(()) => {}
+            Err(_) if missing => return Err(OAuthError::NotFound),
+            Err(_) if last => {
+                return Err(OAuthError::Conflict(
+                    "This is the client's only secret; create a new one before deleting it.",
+                ))
+            }
+            Err(e) => return Err(server_error(e)),
+        }
+        self.clients.reload(false, false);
+        Ok(Reply {
+            status: 204,
+            body: Bytes::new(),
+        })
+    }
+}
+
+/// `GET {base}/register/{client_id}`: the client's configuration, in RFC 7591 names.
+fn describe_self(registry: &ClientRegistry, id: &str, now: u64) -> Result<Reply, OAuthError> {
+    let client = registry
+        .get(id)
+        .ok_or(OAuthError::InvalidClient { basic: true })?;
+    let mut config = client.describe(now);
+    // RFC 7591 names for what a client reads about itself.
+    config["client_name"] = config["name"].take();
+    config["grant_types"] = json!(["client_credentials"]);
+    config["token_endpoint_auth_methods"] = json!(["client_secret_basic", "client_secret_post"]);
+    if let Some(o) = config.as_object_mut() {
+        o.remove("name");
+    }
+    Ok(Reply {
+        status: 200,
+        body: Bytes::from(config.to_string()),
+    })
 }
 
 fn server_error(e: String) -> OAuthError {

@@ -1,0 +1,120 @@
+//! Changing `clients.yaml`. Every change (the CLI, the self-service endpoint) goes through
+//! [`update_file`]: under an exclusive lock, read, change, validate the whole result, write a temporary
+//! file, fsync, rename over the original, fsync the directory, so the running proxy (and any
+//! concurrent writer) only ever sees a complete, valid file.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use super::file::{ClientsFile, HEADER};
+use super::registry::ClientRegistry;
+use crate::reload::Loadable;
+
+/// Reads `path` (a missing file counts as an empty registry), applies `change`, validates the whole
+/// result and replaces the file atomically, all under an exclusive lock on `<path>.lock`.
+pub(crate) fn update_file<R>(
+    path: &Path,
+    change: impl FnOnce(&mut ClientsFile) -> Result<R, String>,
+) -> Result<R, String> {
+    let lock_path = sibling(path, ".lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| format!("cannot open {}: {e}", lock_path.display()))?;
+    lock.lock()
+        .map_err(|e| format!("cannot lock {}: {e}", lock_path.display()))?;
+    let mut file: ClientsFile = match std::fs::read_to_string(path) {
+        Ok(text) if !text.trim().is_empty() => serde_yaml_ng::from_str(&text)
+            .map_err(|e| format!("{} does not parse: {e}", path.display()))?,
+        Ok(_) => ClientsFile::default(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => ClientsFile::default(),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let result = change(&mut file)?;
+    let body = serde_yaml_ng::to_string(&file).map_err(|e| format!("cannot serialise: {e}"))?;
+    let text = format!("{HEADER}{body}");
+    // Never write a file the proxy would reject.
+    ClientRegistry::from_text(path, &text, &())
+        .map_err(|p| format!("the change would make the registry invalid:\n{p}"))?;
+    write_atomically(path, text.as_bytes())?;
+    drop(lock);
+    Ok(result)
+}
+
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(suffix);
+    path.with_file_name(name)
+}
+
+/// Temp file in the same directory, fsync, rename over `path`, fsync the directory.
+fn write_atomically(path: &Path, data: &[u8]) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = sibling(path, &format!(".tmp-{}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::File::open(dir)?.sync_all()
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("cannot write {}: {e}", path.display())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::file::ClientEntry;
+    use super::super::new_secret;
+    use super::*;
+
+    #[test]
+    fn update_file_writes_atomically_and_refuses_invalid_results() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("clients.yaml");
+        let s = new_secret(1_000, None).unwrap();
+        let entry = s.entry.clone();
+        update_file(&path, |f| {
+            f.clients.0.push((
+                "c1".into(),
+                ClientEntry {
+                    name: "Teams".into(),
+                    allowed_tenants: vec!["*".into()],
+                    disabled: false,
+                    secrets: vec![entry],
+                },
+            ));
+            Ok(())
+        })
+        .unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("# fhir-edge client registry"));
+        assert!(!text.contains(&s.secret), "the secret itself was written");
+        let r = ClientRegistry::from_text(&path, &text, &()).unwrap();
+        assert!(r.authenticate("c1", s.secret.as_bytes(), 2_000).is_some());
+        // A change that would make the file invalid is refused and the file is untouched.
+        let e = update_file(&path, |f| {
+            f.get_mut("c1")?.allowed_tenants = vec![];
+            Ok(())
+        })
+        .unwrap_err();
+        assert!(e.contains("invalid"), "{e}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+    }
+}
