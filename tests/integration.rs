@@ -15,6 +15,7 @@ mod embedding;
 mod errors;
 mod forwarding;
 mod hardening;
+mod idp;
 mod lifecycle;
 mod metadata;
 mod operations;
