@@ -487,6 +487,83 @@ pub(crate) fn check_fetch(issuers: &[Arc<Issuer>]) -> Vec<(String, Result<usize,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::issuer::IssuerSpec;
+    use crate::config::settings::ScopeClaim;
+
+    fn fetched(kid: &str) -> Fetched {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/keys/rs256-noalg-jwks.json");
+        let text = std::fs::read_to_string(path)
+            .unwrap()
+            .replace("\"entra-rs\"", &format!("\"{kid}\""));
+        let read = read_jwks(text.as_bytes(), &[Algorithm::RS256], JwksOrigin::Remote, 10).unwrap();
+        Fetched {
+            text: text.into_bytes(),
+            keys: read.keys,
+            warnings: read.warnings,
+            max_age: None,
+        }
+    }
+
+    fn issuer(hold_back_seconds: u64) -> Issuer {
+        let fetch = FetchSettings {
+            hold_back_seconds,
+            ..FetchSettings::default()
+        };
+        let remote = Remote::new(
+            Source::JwksUri("https://idp.test/keys".into()),
+            fetch,
+            None,
+            None,
+            vec![Algorithm::RS256],
+        );
+        let spec = IssuerSpec {
+            iss: "https://idp.test".into(),
+            label: "idp".into(),
+            audience: "a".into(),
+            own: false,
+            tenants: None,
+            scope_claim: ScopeClaim::Scope,
+            tenant_claim: None,
+        };
+        Issuer::new(spec, Vec::new(), Some(remote)).unwrap()
+    }
+
+    #[test]
+    fn a_set_dropping_every_key_in_use_is_held_back_until_it_persists() {
+        let i = issuer(3_600);
+        let r = i.remote.as_ref().unwrap();
+        apply(&i, r, &fetched("old")).unwrap();
+        // Unused keys may go: a set without them is applied at once.
+        apply(&i, r, &fetched("other")).unwrap();
+        apply(&i, r, &fetched("old")).unwrap();
+        i.keys().keys()[0].mark_used(crate::time::now_unix());
+        assert!(matches!(
+            apply(&i, r, &fetched("new")),
+            Err(FetchError::HeldBack)
+        ));
+        assert_eq!(
+            i.keys().keys()[0].kid.as_deref(),
+            Some("old"),
+            "the old key stays"
+        );
+        // A set that keeps the key in use is applied, and clears the hold.
+        let mut both = fetched("new");
+        both.keys.extend(fetched("old").keys);
+        apply(&i, r, &both).unwrap();
+        assert_eq!(i.keys().len(), 2);
+
+        let quick = issuer(0);
+        let r = quick.remote.as_ref().unwrap();
+        apply(&quick, r, &fetched("old")).unwrap();
+        quick.keys().keys()[0].mark_used(crate::time::now_unix());
+        apply(&quick, r, &fetched("new")).unwrap();
+        assert_eq!(
+            quick.keys().keys()[0].kid.as_deref(),
+            Some("new"),
+            "persisted long enough"
+        );
+    }
 
     #[test]
     fn discovery_must_name_the_configured_issuer_exactly() {
