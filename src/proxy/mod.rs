@@ -205,9 +205,6 @@ impl ProxyHttp for FhirEdge {
             Ok(g) => g,
             Err(o) => return self.reject(session, ctx, o).await,
         };
-        let req = session.req_header();
-        let (path, query) = classify::split_target(req.raw_path());
-        let remainder = classify::fhir_remainder(path, base);
         match self.route(req, granted, remainder, query, ctx) {
             Ok(()) => Ok(false),
             Err(o) => self.reject(session, ctx, o).await,
