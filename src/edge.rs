@@ -126,7 +126,7 @@ impl Edge {
         };
         let metrics = Arc::new(Metrics::new().map_err(|e| EdgeError::Metrics(e.to_string()))?);
         for issuer in config.verifier.issuers() {
-            metrics.observe_issuer(issuer);
+            metrics.attach_issuer(issuer);
         }
         let audit =
             AuditLog::open(&config.access_log).map_err(|e| EdgeError::AccessLog(e.to_string()))?;

@@ -48,6 +48,7 @@ compile_error!("enable exactly one JWT crypto backend: `aws-lc` (default) or `ru
 #[cfg(not(any(feature = "aws-lc", feature = "rust-crypto")))]
 compile_error!("enable a JWT crypto backend: `aws-lc` (default) or `rust-crypto`");
 
+pub(crate) mod atomic_file;
 pub(crate) mod auth;
 pub mod cli;
 pub(crate) mod config;

@@ -28,17 +28,8 @@ pub(crate) struct IssuerCounters {
 }
 
 pub(crate) struct Issuer {
-    /// The exact `iss` of its tokens.
-    pub iss: String,
-    /// Its name in metrics and logs.
-    pub label: String,
-    pub audience: String,
-    /// fhir-edge's own token endpoint: its tokens are also checked against the client registry.
-    pub own: bool,
-    /// The tenants it may grant; `None`: any.
-    pub tenants: Option<HashSet<TenantId>>,
-    pub scope_claim: ScopeClaim,
-    pub tenant_claim: Option<String>,
+    /// Who it is and what its tokens may grant.
+    pub spec: IssuerSpec,
     /// Keys from configuration files: always part of the key set.
     fixed: Vec<Key>,
     keys: ArcSwap<KeySet>,
@@ -49,10 +40,14 @@ pub(crate) struct Issuer {
 
 /// What an issuer is, apart from its keys.
 pub(crate) struct IssuerSpec {
+    /// The exact `iss` of its tokens.
     pub iss: String,
+    /// Its name in metrics and logs.
     pub label: String,
     pub audience: String,
+    /// fhir-edge's own token endpoint: its tokens are also checked against the client registry.
     pub own: bool,
+    /// The tenants it may grant; `None`: any.
     pub tenants: Option<HashSet<TenantId>>,
     pub scope_claim: ScopeClaim,
     pub tenant_claim: Option<String>,
@@ -68,13 +63,7 @@ impl Issuer {
     ) -> Result<Issuer, String> {
         let set = KeySet::new(fixed.clone())?;
         Ok(Issuer {
-            iss: spec.iss,
-            label: spec.label,
-            audience: spec.audience,
-            own: spec.own,
-            tenants: spec.tenants,
-            scope_claim: spec.scope_claim,
-            tenant_claim: spec.tenant_claim,
+            spec,
             fixed,
             keys: ArcSwap::from_pointee(set),
             remote,
@@ -122,19 +111,19 @@ impl Issuer {
 
     /// The tenant a verified token of this issuer grants.
     pub(crate) fn tenant(&self, claims: &Claims) -> Result<TenantId, AuthFailure> {
-        let tenant = match &self.tenant_claim {
+        let tenant = match &self.spec.tenant_claim {
             Some(name) => claims
                 .others
                 .get(name)
                 .and_then(serde_json::Value::as_str)
                 .and_then(TenantId::parse),
-            None => match self.scope_claim {
+            None => match self.spec.scope_claim {
                 ScopeClaim::Scope => claims.scope.as_deref().and_then(tenant_in),
                 ScopeClaim::Scp => claims.scp.as_deref().and_then(tenant_in),
             },
         }
         .ok_or(AuthFailure::NoTenant)?;
-        match &self.tenants {
+        match &self.spec.tenants {
             Some(allowed) if !allowed.contains(&tenant) => Err(AuthFailure::IssuerTenant),
             _ => Ok(tenant),
         }

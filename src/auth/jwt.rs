@@ -64,7 +64,10 @@ impl Verifier {
     /// A verifier over `issuers` (their `iss` values are distinct: the config loader checks it).
     pub(crate) fn from_issuers(issuers: Vec<Arc<Issuer>>, leeway_seconds: u64) -> Verifier {
         Verifier {
-            issuers: issuers.into_iter().map(|i| (i.iss.clone(), i)).collect(),
+            issuers: issuers
+                .into_iter()
+                .map(|i| (i.spec.iss.clone(), i))
+                .collect(),
             leeway: leeway_seconds,
         }
     }
@@ -145,7 +148,7 @@ impl Verifier {
     /// fhir-edge's own token endpoint issued it.
     pub fn verify(&self, token: &str) -> Result<(Claims, bool), AuthFailure> {
         self.check(token)
-            .map(|(c, i)| (c, i.own))
+            .map(|(c, i)| (c, i.spec.own))
             .map_err(|r| r.failure())
     }
 
@@ -188,7 +191,7 @@ impl Verifier {
         if c.nbf.is_some_and(|nbf| nbf > now + leeway) {
             return Err(AuthFailure::NotYetValid);
         }
-        if !aud.contains(&issuer.audience) {
+        if !aud.contains(&issuer.spec.audience) {
             return Err(AuthFailure::WrongAudience);
         }
         Ok(())

@@ -188,7 +188,7 @@ pub(crate) fn authenticate_with(
         }
     }
     let (claims, issuer) = verifier.check(token)?;
-    let own = issuer.own;
+    let own = issuer.spec.own;
     let tenant = issuer.tenant(&claims)?;
     let grant = Arc::new(Grant {
         tenant,

@@ -252,7 +252,7 @@ pub(crate) async fn fetch(
         Source::JwksUri(u) => u.clone(),
         Source::Discovery(u) => {
             let (body, _) = get(client, u, max).await?;
-            jwks_uri_from_metadata(&body, &issuer.iss, remote.fetch.allow_http)?
+            jwks_uri_from_metadata(&body, &issuer.spec.iss, remote.fetch.allow_http)?
         }
     };
     let (text, max_age) = get(client, &jwks_uri, max).await?;
@@ -349,7 +349,7 @@ fn load_cache(issuer: &Issuer, remote: &Remote, path: &Path) {
         Ok(_) | Err(_) => {
             log::warn!(
                 "issuer {}: cache_file {} holds no usable key set; ignored",
-                issuer.label,
+                issuer.spec.label,
                 path.display()
             );
             return;
@@ -358,19 +358,12 @@ fn load_cache(issuer: &Issuer, remote: &Remote, path: &Path) {
     match issuer.set_fetched(read.keys) {
         Ok(()) => log::info!(
             "issuer {}: {} keys from cache_file {}",
-            issuer.label,
+            issuer.spec.label,
             issuer.keys().len(),
             path.display()
         ),
-        Err(e) => log::warn!("issuer {}: cache_file ignored: {e}", issuer.label),
+        Err(e) => log::warn!("issuer {}: cache_file ignored: {e}", issuer.spec.label),
     }
-}
-
-/// Writes the set to `cache_file` whole (a temporary file renamed over it).
-fn store_cache(path: &Path, text: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
 }
 
 /// The background service that keeps every remote issuer's keys current.
@@ -405,7 +398,10 @@ async fn refresh(issuer: Arc<Issuer>, metrics: Arc<Metrics>, mut shutdown: Shutd
     let client = match remote.client() {
         Ok(c) => c,
         Err(e) => {
-            log::error!("issuer {}: {e}; its keys will not be fetched", issuer.label);
+            log::error!(
+                "issuer {}: {e}; its keys will not be fetched",
+                issuer.spec.label
+            );
             return;
         }
     };
@@ -417,21 +413,17 @@ async fn refresh(issuer: Arc<Issuer>, metrics: Arc<Metrics>, mut shutdown: Shutd
             match outcome.and_then(|fetched| apply(&issuer, remote, &fetched).map(|()| fetched)) {
                 Ok(fetched) => {
                     for w in &fetched.warnings {
-                        log::warn!("issuer {}: {w}", issuer.label);
+                        log::warn!("issuer {}: {w}", issuer.spec.label);
                     }
                     log::info!(
                         "issuer {}: {} keys fetched",
-                        issuer.label,
+                        issuer.spec.label,
                         issuer.keys().len()
                     );
-                    metrics.jwks_fetch(&issuer.label, "ok");
+                    metrics.jwks_fetch(&issuer.spec.label, "ok");
                     if let Some(path) = &remote.cache_file {
-                        if let Err(e) = store_cache(path, &fetched.text) {
-                            log::warn!(
-                                "issuer {}: cannot write cache_file {}: {e}",
-                                issuer.label,
-                                path.display()
-                            );
+                        if let Err(e) = crate::atomic_file::write_atomically(path, &fetched.text) {
+                            log::warn!("issuer {}: cache_file: {e}", issuer.spec.label);
                         }
                     }
                     let max_age = fetched.max_age.map_or(f.min_refresh_seconds, u64::from);
@@ -440,9 +432,9 @@ async fn refresh(issuer: Arc<Issuer>, metrics: Arc<Metrics>, mut shutdown: Shutd
                 Err(e) => {
                     log::warn!(
                         "issuer {}: key fetch failed ({e}); the last good keys stay in use",
-                        issuer.label
+                        issuer.spec.label
                     );
-                    metrics.jwks_fetch(&issuer.label, e.label());
+                    metrics.jwks_fetch(&issuer.spec.label, e.label());
                     Duration::from_secs(f.retry_seconds)
                 }
             };
@@ -478,7 +470,7 @@ pub(crate) fn check_fetch(issuers: &[Arc<Issuer>]) -> Vec<(String, Result<usize,
                     .map_err(|e| e.to_string()),
                 Err(e) => Err(e),
             };
-            out.push((issuer.label.clone(), result));
+            out.push((issuer.spec.label.clone(), result));
         }
         out
     })

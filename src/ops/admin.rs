@@ -56,7 +56,7 @@ impl Admin {
             if issuer.keys().is_empty() {
                 why.push(format!(
                     "issuer {} has no keys yet (fetched or cached)",
-                    issuer.label
+                    issuer.spec.label
                 ));
             }
         }

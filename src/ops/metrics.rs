@@ -313,14 +313,18 @@ impl Metrics {
         self.jwks_fetches.with_label_values(&[issuer, result]).inc();
     }
 
-    /// Attaches an issuer's request-path counters, and brings its key gauges up to date (called at
-    /// start and at scrape time).
-    pub(crate) fn observe_issuer(&self, issuer: &crate::auth::issuer::Issuer) {
-        let label = issuer.label.as_str();
+    /// Gives an issuer its request-path counters (once, at start).
+    pub(crate) fn attach_issuer(&self, issuer: &crate::auth::issuer::Issuer) {
+        let label = issuer.spec.label.as_str();
         let _ = issuer.counters.set(crate::auth::issuer::IssuerCounters {
             refetches: self.jwks_unknown_kid_refetches.with_label_values(&[label]),
             refusals: self.jwks_unknown_kid_refusals.with_label_values(&[label]),
         });
+    }
+
+    /// Brings an issuer's key gauges up to date (at scrape time).
+    pub(crate) fn observe_issuer(&self, issuer: &crate::auth::issuer::Issuer) {
+        let label = issuer.spec.label.as_str();
         self.jwks_keys
             .with_label_values(&[label])
             .set(i64::try_from(issuer.keys().len()).unwrap_or(i64::MAX));

@@ -3,11 +3,11 @@
 //! file, fsync, rename over the original, fsync the directory, so the running proxy (and any
 //! concurrent writer) only ever sees a complete, valid file.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::file::{ClientsFile, HEADER};
 use super::registry::ClientRegistry;
+use crate::atomic_file::{sibling, write_atomically};
 use crate::reload::Loadable;
 
 /// Reads `path` (a missing file counts as an empty registry), applies `change`, validates the whole
@@ -41,41 +41,6 @@ pub(crate) fn update_file<R>(
     write_atomically(path, text.as_bytes())?;
     drop(lock);
     Ok(result)
-}
-
-fn sibling(path: &Path, suffix: &str) -> PathBuf {
-    let mut name = path
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
-    name.push(suffix);
-    path.with_file_name(name)
-}
-
-/// Temp file in the same directory, fsync, rename over `path`, fsync the directory.
-fn write_atomically(path: &Path, data: &[u8]) -> Result<(), String> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = sibling(path, &format!(".tmp-{}", std::process::id()));
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        let dir = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::File::open(dir)?.sync_all()
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        format!("cannot write {}: {e}", path.display())
-    })
 }
 
 #[cfg(test)]
