@@ -516,10 +516,18 @@ fn start_fhir_edge_bin(s: &Settings, bin: &str, routes: String, cache: usize, ta
     )
     .unwrap();
     let conf = dir.join("fhir-edge.yaml");
+    // A baseline build older than a config key this build's template uses reads its own template.
+    let own_template = std::env::var("FHIR_EDGE_BASELINE_TEMPLATE")
+        .ok()
+        .filter(|_| bin != env!("CARGO_BIN_EXE_fhir-edge"));
+    let text = match own_template {
+        Some(path) => std::fs::read_to_string(path).unwrap(),
+        None => template("fhir-edge.yaml"),
+    };
     std::fs::write(
         &conf,
         fill(
-            &template("fhir-edge.yaml"),
+            &text,
             &[
                 ("DIR", dir.display().to_string()),
                 ("PORT", port.to_string()),

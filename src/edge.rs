@@ -24,6 +24,7 @@ use pingora::services::listening::Service;
 use crate::auth::remote::KeyRefresher;
 use crate::config::problems::Problems;
 use crate::config::{Config, MetadataSource, Settings};
+use crate::db::DbError;
 use crate::fhir::discovery::{self, Discovery, SecurityUris};
 use crate::ops::admin::Admin;
 use crate::ops::audit::AuditLog;
@@ -33,7 +34,8 @@ use crate::proxy::FhirEdge;
 use crate::reload::{Live, Reload, Reloader};
 use crate::routing::upstream::Upstream;
 use crate::routing::RoutingTable;
-use crate::token::clients::ClientRegistry;
+use crate::token::clients::sync::{PgRegistry, RegistrySync};
+use crate::token::clients::{ClientRegistry, ClientStore, StoreConfig};
 use crate::token::endpoint::TokenService;
 
 /// Downstream write buffer. Pingora's default (1,460 bytes, one MSS) sends a response header on its
@@ -57,6 +59,8 @@ pub enum EdgeError {
     Routes(Problems),
     #[error("the client registry does not load:\n{0}")]
     Clients(Problems),
+    #[error("the client registry's database: {0}")]
+    Database(String),
     #[error("metadata_upstream: {0}")]
     Metadata(String),
     #[error("metrics: {0}")]
@@ -115,18 +119,18 @@ impl Edge {
         let token = match config.token.take() {
             None => None,
             Some(t) => {
-                let clients = Live::<ClientRegistry>::load_file(t.clients_file.clone(), ())
-                    .map_err(EdgeError::Clients)?;
-                Some(Arc::new(TokenService::new(
-                    t,
-                    Arc::new(clients),
-                    routes.clone(),
-                )))
+                let clients = open_store(&t.clients)?;
+                Some(Arc::new(TokenService::new(t, clients, routes.clone())))
             }
         };
         let metrics = Arc::new(Metrics::new().map_err(|e| EdgeError::Metrics(e.to_string()))?);
         for issuer in config.verifier.issuers() {
             metrics.attach_issuer(issuer);
+        }
+        if let Some(ClientStore::Postgres(_)) = token.as_deref().map(|t| &t.clients) {
+            metrics
+                .attach_registry()
+                .map_err(|e| EdgeError::Metrics(e.to_string()))?;
         }
         let audit =
             AuditLog::open(&config.access_log).map_err(|e| EdgeError::AccessLog(e.to_string()))?;
@@ -211,7 +215,7 @@ impl Edge {
                 s.issuer,
                 s.keys.active.kid,
                 s.keys.active.alg,
-                s.clients_file.display()
+                s.clients.describe()
             ));
         }
         line
@@ -234,8 +238,17 @@ impl Edge {
         let service = proxy_service(server, &config, proxy)?;
         let proxy_handle = server.add_service(service);
         let mut files: Vec<Arc<dyn Reload>> = vec![self.routes.clone()];
-        if let Some(t) = &self.token {
-            files.push(t.clients.clone());
+        match self.token.as_deref().map(|t| &t.clients) {
+            Some(ClientStore::File(live)) => files.push(live.clone()),
+            Some(ClientStore::Postgres(pg)) => {
+                server.add_service(background_service(
+                    "client registry",
+                    RegistrySync {
+                        registry: pg.clone(),
+                    },
+                ));
+            }
+            None => {}
         }
         let reload_handle = server.add_service(background_service(
             "file reload",
@@ -271,6 +284,39 @@ impl Edge {
             },
         ));
         Ok(())
+    }
+}
+
+/// The client registry the settings name. A PostgreSQL registry is read once before anything is
+/// served; a database that cannot be reached then is logged and retried in the background (the
+/// replica is not ready until it has read the registry), a schema this build cannot use is an error.
+fn open_store(config: &StoreConfig) -> Result<ClientStore, EdgeError> {
+    match config {
+        StoreConfig::File(path) => Live::<ClientRegistry>::load_file(path.clone(), ())
+            .map(|live| ClientStore::File(Arc::new(live)))
+            .map_err(EdgeError::Clients),
+        StoreConfig::Postgres { db, resync_every } => {
+            let registry = Arc::new(PgRegistry::new((**db).clone(), *resync_every));
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| EdgeError::Database(e.to_string()))?;
+            match runtime.block_on(registry.initial_load()) {
+                Ok(()) => log::info!(
+                    "client registry: {} clients from {}",
+                    registry.load().len(),
+                    db.describe()
+                ),
+                Err(e @ (DbError::Schema(_) | DbError::Config(_))) => {
+                    return Err(EdgeError::Database(e.to_string()))
+                }
+                Err(e) => log::error!(
+                    "client registry: {} cannot be read yet ({e}); not ready until it can",
+                    db.describe()
+                ),
+            }
+            Ok(ClientStore::Postgres(registry))
+        }
     }
 }
 

@@ -52,6 +52,7 @@ pub(crate) mod atomic_file;
 pub(crate) mod auth;
 pub mod cli;
 pub(crate) mod config;
+pub(crate) mod db;
 pub(crate) mod edge;
 pub(crate) mod fhir;
 pub(crate) mod memory;
@@ -66,9 +67,9 @@ pub(crate) mod token;
 
 pub use config::problems::{Problem, Problems};
 pub use config::settings::{
-    AdminSettings, AuthSettings, FailedAuthSettings, FetchSettings, IssuerKeySettings,
-    IssuerSettings, IssuerTenants, LimitSettings, LogSettings, ScopeClaim, ServerSettings,
-    Settings, TlsListenerSettings, TokenEndpointSettings,
+    AdminSettings, AuthSettings, ClientsSettings, DatabaseSettings, FailedAuthSettings,
+    FetchSettings, IssuerKeySettings, IssuerSettings, IssuerTenants, LimitSettings, LogSettings,
+    ScopeClaim, ServerSettings, Settings, TlsListenerSettings, TokenEndpointSettings,
 };
 pub use edge::{Edge, EdgeError};
 

@@ -1,10 +1,11 @@
-//! The `fhir-edge` command line: `run` (the default), `check`, `keygen` and `clients …`.
+//! The `fhir-edge` command line: `run` (the default), `check`, `keygen`, `clients …` and `db …`.
 //!
 //! It lives in the library so that it reaches the registry and key code without making them public;
 //! the binary's `main.rs` keeps what is process-wide (the allocator, `prctl`, the crypto provider) and
 //! calls [`main`].
 
 mod clients;
+mod db;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,7 +18,7 @@ use pingora::server::Server;
 use crate::config::{Config, MetadataSource, Settings};
 use crate::reload::{Live, Loadable};
 use crate::routing::{RoutingTable, TableContext};
-use crate::token::clients::ClientRegistry;
+use crate::token::clients::{ClientRegistry, StoreConfig};
 use crate::token::keys::{keygen, KeyAlg};
 use crate::Edge;
 
@@ -65,8 +66,11 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Manage the client registry (clients.yaml); a running proxy picks changes up at once.
+    /// Manage the client registry (clients.yaml or PostgreSQL); running proxies pick changes up at
+    /// once.
     Clients(clients::ClientsArgs),
+    /// The PostgreSQL database of a fleet: `migrate` its schema, or show its `status`.
+    Db(db::DbArgs),
 }
 
 /// What the binary gives the command line: process-wide hooks the library does not install itself.
@@ -99,6 +103,7 @@ pub fn main(hooks: Hooks) -> ExitCode {
             })
             .map_err(|e| anyhow!(e)),
         Command::Clients(args) => clients::manage(args),
+        Command::Db(args) => db::run(args),
     };
     match result {
         Ok(code) => code,
@@ -186,15 +191,28 @@ fn check(config: PathBuf, offline: bool) -> anyhow::Result<ExitCode> {
         )),
         Err(p) => problems.push(p.to_string()),
     }
-    if let Some(t) = &settings.token {
-        match Live::<ClientRegistry>::load_file(t.clients_file.clone(), ()) {
-            Ok(c) => summary.push(format!(
-                "clients {}: {}",
-                t.clients_file.display(),
-                c.load().summary()
-            )),
-            Err(p) => problems.push(p.to_string()),
+    match settings.token.as_ref().map(|t| &t.clients) {
+        Some(StoreConfig::File(path)) => {
+            match Live::<ClientRegistry>::load_file(path.clone(), ()) {
+                Ok(c) => summary.push(format!(
+                    "clients {}: {}",
+                    path.display(),
+                    c.load().summary()
+                )),
+                Err(p) => problems.push(p.to_string()),
+            }
         }
+        Some(StoreConfig::Postgres { db, .. }) if offline => {
+            summary.push(format!(
+                "clients in {} (not contacted: --offline)",
+                db.describe()
+            ));
+        }
+        Some(StoreConfig::Postgres { db, .. }) => match db::status(db) {
+            Ok(s) => summary.push(format!("clients in {}: {s}", db.describe())),
+            Err(e) => problems.push(format!("{}: {e}", db.describe())),
+        },
+        None => {}
     }
     if problems.is_empty() {
         println!("{}: ok ({})", config.display(), summary.join("; "));

@@ -157,6 +157,22 @@ impl Config {
         Config::validate(settings, &mut src)
     }
 
+    /// Reads only the `database` section of the config file (for `fhir-edge db` and
+    /// `fhir-edge clients --store postgres`, whatever store the config itself uses).
+    pub(crate) fn load_database(path: &Path) -> Result<crate::db::DbConfig, Problems> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| whole_file(path, format!("cannot read: {e}")))?;
+        let settings = Settings::from_yaml(path, &text)?;
+        let mut src = Source::new(path, &text);
+        let Some(d) = &settings.database else {
+            return Err(whole_file(path, "has no `database` section"));
+        };
+        match token::validate_database(d, &settings.base_dir, &mut src) {
+            Some(db) => Ok(db),
+            None => Err(Problems(src.problems)),
+        }
+    }
+
     /// Validates settings built in code (problems name key paths, with no line numbers).
     pub(crate) fn from_settings(settings: Settings) -> Result<Config, Problems> {
         let origin = settings.base_dir.join("<settings>");

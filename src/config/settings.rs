@@ -33,6 +33,8 @@ pub struct Settings {
     pub server: ServerSettings,
     pub log: LogSettings,
     pub token_endpoint: Option<TokenEndpointSettings>,
+    /// The PostgreSQL database a fleet shares (`token_endpoint.clients.store: postgres`).
+    pub database: Option<DatabaseSettings>,
     pub admin: AdminSettings,
     /// The directory relative paths are taken against: the config file's own directory when read from a
     /// file, the working directory otherwise. Not a key of the file.
@@ -55,6 +57,7 @@ impl Default for Settings {
             server: ServerSettings::default(),
             log: LogSettings::default(),
             token_endpoint: None,
+            database: None,
             admin: AdminSettings::default(),
             base_dir: PathBuf::from("."),
         }
@@ -359,8 +362,10 @@ pub struct TokenEndpointSettings {
     /// The active signing key, PKCS#8 PEM (required).
     pub signing_key: String,
     pub previous_signing_keys: Vec<String>,
-    /// The hot-reloaded client registry (required).
+    /// The hot-reloaded client registry file: short for `clients: {store: file, file: …}`.
     pub clients_file: String,
+    /// Where the client registry lives (required, or `clients_file`).
+    pub clients: Option<ClientsSettings>,
     pub grant_type_hyphen_alias: bool,
     pub failed_auth: FailedAuthSettings,
 }
@@ -378,8 +383,62 @@ impl Default for TokenEndpointSettings {
             signing_key: String::new(),
             previous_signing_keys: Vec::new(),
             clients_file: String::new(),
+            clients: None,
             grant_type_hyphen_alias: true,
             failed_auth: FailedAuthSettings::default(),
+        }
+    }
+}
+
+/// Where the client registry lives.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientsSettings {
+    /// `file` or `postgres`.
+    pub store: String,
+    /// With `store: file`: the hot-reloaded `clients.yaml`.
+    pub file: Option<String>,
+    /// With `store: postgres`: how often the whole registry is read again, besides every reconnect.
+    pub resync_seconds: u64,
+}
+
+impl Default for ClientsSettings {
+    fn default() -> Self {
+        ClientsSettings {
+            store: "file".into(),
+            file: None,
+            resync_seconds: 300,
+        }
+    }
+}
+
+/// The PostgreSQL database a fleet of replicas shares. The URL (`postgresql://user:password@host/db`,
+/// with `sslmode`) is a secret: it is read from an environment variable or a file, never written here.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseSettings {
+    /// The environment variable that holds the URL.
+    pub url_env: String,
+    /// A file that holds the URL (a mounted secret); takes the place of `url_env`.
+    pub url_file: Option<String>,
+    /// PEM CA certificates for TLS to the database (default: the system's roots).
+    pub ca_file: Option<String>,
+    /// Connections for writes (the snapshot's own `LISTEN` connection is one more).
+    pub pool_size: usize,
+    pub connect_timeout_seconds: u64,
+    /// The longest a statement may run (sent as `statement_timeout`).
+    pub query_timeout_seconds: u64,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        DatabaseSettings {
+            url_env: "FHIR_EDGE_DATABASE_URL".into(),
+            url_file: None,
+            ca_file: None,
+            pool_size: 4,
+            connect_timeout_seconds: 5,
+            query_timeout_seconds: 5,
         }
     }
 }

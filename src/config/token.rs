@@ -5,9 +5,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::config::problems::Source;
-use crate::config::settings::TokenEndpointSettings;
+use crate::config::settings::{DatabaseSettings, TokenEndpointSettings};
 use crate::config::{resolve, PublicBase};
+use crate::db::DbConfig;
 use crate::routing::upstream::UpstreamUrl;
+use crate::token::clients::StoreConfig;
 use crate::token::keys::{SigningKey, SigningKeys};
 use crate::token::{limiter, TokenSettings};
 
@@ -48,8 +50,140 @@ fn check_endpoint_paths(t: &TokenEndpointSettings, src: &mut Source) {
     }
 }
 
+/// `token_endpoint.clients` (or its short form `clients_file`) and, for PostgreSQL, `database`.
+fn validate_clients(
+    t: &TokenEndpointSettings,
+    database: Option<&DatabaseSettings>,
+    dir: &Path,
+    src: &mut Source,
+) -> Option<StoreConfig> {
+    let c = match (&t.clients, t.clients_file.is_empty()) {
+        (Some(_), false) => {
+            src.at(
+                &t.clients_file,
+                "token_endpoint.clients_file",
+                "give token_endpoint.clients or clients_file, not both",
+            );
+            return None;
+        }
+        (None, true) => {
+            src.at(
+                "token_endpoint",
+                "token_endpoint.clients",
+                "is required (e.g. `clients: {store: file, file: clients.yaml}`)",
+            );
+            return None;
+        }
+        (None, false) => return Some(StoreConfig::File(resolve(dir, &t.clients_file))),
+        (Some(c), true) => c,
+    };
+    match (c.store.as_str(), &c.file) {
+        ("file", Some(f)) if !f.is_empty() => Some(StoreConfig::File(resolve(dir, f))),
+        ("file", _) => {
+            src.at(
+                "clients",
+                "token_endpoint.clients.file",
+                "is required with store: file",
+            );
+            None
+        }
+        ("postgres", Some(f)) => {
+            src.at(f, "token_endpoint.clients.file", "is for store: file only");
+            None
+        }
+        ("postgres", None) => {
+            if c.resync_seconds == 0 || c.resync_seconds > 86_400 {
+                src.at(
+                    "resync_seconds",
+                    "token_endpoint.clients.resync_seconds",
+                    "must be between 1 and 86400",
+                );
+            }
+            let Some(d) = database else {
+                src.at(
+                    "postgres",
+                    "database",
+                    "is required with token_endpoint.clients.store: postgres",
+                );
+                return None;
+            };
+            let db = validate_database(d, dir, src)?;
+            Some(StoreConfig::Postgres {
+                db: Box::new(db),
+                resync_every: Duration::from_secs(c.resync_seconds.clamp(1, 86_400)),
+            })
+        }
+        (other, _) => {
+            src.at(
+                other,
+                "token_endpoint.clients.store",
+                "must be `file` or `postgres`",
+            );
+            None
+        }
+    }
+}
+
+/// The `database` section: the URL read from its secret, the pool and timeouts.
+pub(super) fn validate_database(
+    d: &DatabaseSettings,
+    dir: &Path,
+    src: &mut Source,
+) -> Option<DbConfig> {
+    let before = src.problems.len();
+    if d.pool_size == 0 || d.pool_size > 64 {
+        src.at(
+            "pool_size",
+            "database.pool_size",
+            "must be between 1 and 64",
+        );
+    }
+    for (key, v) in [
+        ("connect_timeout_seconds", d.connect_timeout_seconds),
+        ("query_timeout_seconds", d.query_timeout_seconds),
+    ] {
+        if v == 0 || v > 300 {
+            src.at(key, format!("database.{key}"), "must be between 1 and 300");
+        }
+    }
+    let url_file = d.url_file.as_deref().map(|f| resolve(dir, f));
+    let url = DbConfig::read_url(&d.url_env, url_file.as_deref())
+        .map_err(|m| {
+            let key = if d.url_file.is_some() {
+                "url_file"
+            } else {
+                "url_env"
+            };
+            src.at(key, format!("database.{key}"), m)
+        })
+        .ok();
+    let ca_file = d.ca_file.as_deref().map(|f| resolve(dir, f));
+    if let Some(ca) = &ca_file {
+        if !ca.is_file() {
+            src.at(
+                d.ca_file.as_deref().unwrap_or_default(),
+                "database.ca_file",
+                format!("{} is not a readable file", ca.display()),
+            );
+        }
+    }
+    if src.problems.len() != before {
+        return None;
+    }
+    let (pg, source) = url?;
+    Some(DbConfig {
+        pg,
+        source,
+        ca_file,
+        pool_size: d.pool_size,
+        connect_timeout: Duration::from_secs(d.connect_timeout_seconds),
+        query_timeout: Duration::from_secs(d.query_timeout_seconds),
+    })
+}
+
 pub(super) fn validate_token(
     t: &TokenEndpointSettings,
+    database: Option<&DatabaseSettings>,
     public: &PublicBase,
     dir: &Path,
     src: &mut Source,
@@ -100,6 +234,7 @@ pub(super) fn validate_token(
             Err(m) => src.at(p, format!("token_endpoint.previous_signing_keys[{i}]"), m),
         }
     }
+    let clients = validate_clients(t, database, dir, src);
     let issuer = t.issuer.clone().unwrap_or_else(|| public.url.clone());
     let audience = t.audience.clone().unwrap_or_else(|| public.url.clone());
     if issuer.is_empty() || audience.is_empty() {
@@ -121,7 +256,7 @@ pub(super) fn validate_token(
         audience,
         lifetime: Duration::from_secs(t.lifetime_seconds),
         keys: SigningKeys::new(active?, previous),
-        clients_file: resolve(dir, &t.clients_file),
+        clients: clients?,
         grant_type_hyphen_alias: t.grant_type_hyphen_alias,
         failed_auth: limiter::Limits {
             per_client: fa.per_client,

@@ -62,7 +62,7 @@ pub(super) fn validate(f: Settings, src: &mut Source) -> Option<Config> {
     };
     let metadata = metadata(&f, dir, src);
     let token = match (&f.token_endpoint, &public) {
-        (Some(t), Some(public)) => validate_token(t, public, dir, src),
+        (Some(t), Some(public)) => validate_token(t, f.database.as_ref(), public, dir, src),
         _ => None,
     };
     let issuers = trusted_issuers(&f, dir, token.as_ref(), src);

@@ -15,6 +15,7 @@ use pingora::protocols::http::ServerSession;
 use crate::ops::metrics::Metrics;
 use crate::reload::Live;
 use crate::routing::RoutingTable;
+use crate::token::clients::ClientStore;
 use crate::token::endpoint::TokenService;
 
 pub(crate) struct Admin {
@@ -51,6 +52,9 @@ impl Admin {
             if let Err(e) = t.settings.keys.self_check() {
                 why.push(format!("the signing key does not work: {e}"));
             }
+            if let Some(e) = t.clients.not_ready() {
+                why.push(e);
+            }
         }
         for issuer in &self.issuers {
             if issuer.keys().is_empty() {
@@ -69,7 +73,10 @@ impl Admin {
             .routing_tenants
             .set(i64::try_from(self.routes.load().len()).unwrap_or(i64::MAX));
         if let Some(t) = &self.token {
-            self.metrics.observe_file("clients", &t.clients);
+            match &t.clients {
+                ClientStore::File(live) => self.metrics.observe_file("clients", live),
+                ClientStore::Postgres(pg) => self.metrics.observe_registry(pg),
+            }
             self.metrics
                 .clients_registered
                 .set(i64::try_from(t.clients.load().len()).unwrap_or(i64::MAX));

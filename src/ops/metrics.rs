@@ -62,6 +62,59 @@ pub(crate) struct Metrics {
     pub jwks_age: IntGaugeVec,
     pub jwks_unknown_kid_refetches: IntCounterVec,
     pub jwks_unknown_kid_refusals: IntCounterVec,
+    /// The PostgreSQL client registry's series, registered only when that store is used.
+    store: std::sync::OnceLock<StoreMetrics>,
+}
+
+/// `fhir_edge_registry_*`: a replica's snapshot of the PostgreSQL client registry.
+struct StoreMetrics {
+    connected: IntGauge,
+    snapshot_age: IntGauge,
+    changes_applied: IntCounter,
+    resyncs: IntCounter,
+    write_failures: IntCounter,
+    rejected_rows: IntGauge,
+}
+
+impl StoreMetrics {
+    fn new(r: &Registry) -> prometheus::Result<StoreMetrics> {
+        let gauge = |name: &str, help: &str| -> prometheus::Result<IntGauge> {
+            let g = IntGauge::new(name, help)?;
+            r.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let count = |name: &str, help: &str| -> prometheus::Result<IntCounter> {
+            let c = IntCounter::new(name, help)?;
+            r.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        Ok(StoreMetrics {
+            connected: gauge(
+                "fhir_edge_registry_connected",
+                "1 while this replica follows the client registry's database, 0 while it serves its last snapshot.",
+            )?,
+            snapshot_age: gauge(
+                "fhir_edge_registry_snapshot_age_seconds",
+                "Seconds since the client registry snapshot was last known current (-1: never read).",
+            )?,
+            changes_applied: count(
+                "fhir_edge_registry_changes_applied_total",
+                "Client changes read from the database into the snapshot.",
+            )?,
+            resyncs: count(
+                "fhir_edge_registry_resyncs_total",
+                "Whole reads of the client registry (at start, on every reconnect, and periodically).",
+            )?,
+            write_failures: count(
+                "fhir_edge_registry_write_failures_total",
+                "Client registry changes this replica could not make because the database was unavailable or read-only.",
+            )?,
+            rejected_rows: gauge(
+                "fhir_edge_registry_rejected_clients",
+                "Clients in the database that break the registry's rules and are left out of the snapshot.",
+            )?,
+        })
+    }
 }
 
 /// Method classes (bounded).
@@ -278,6 +331,7 @@ impl Metrics {
                 &["issuer"],
             )?,
             registry: r,
+            store: std::sync::OnceLock::new(),
         };
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
@@ -306,6 +360,35 @@ impl Metrics {
             // The bookkeeping only grows, so the counter only grows.
             c.inc_by(total.saturating_sub(c.get()));
         }
+    }
+
+    /// Registers the PostgreSQL registry's series (once; a file registry has none).
+    pub(crate) fn attach_registry(&self) -> prometheus::Result<()> {
+        if self.store.get().is_none() {
+            let _ = self.store.set(StoreMetrics::new(&self.registry)?);
+        }
+        Ok(())
+    }
+
+    /// Brings the PostgreSQL registry's series up to date (at scrape time).
+    pub(crate) fn observe_registry(&self, pg: &crate::token::clients::sync::PgRegistry) {
+        let Some(m) = self.store.get() else { return };
+        let st = &pg.status;
+        m.connected
+            .set(i64::from(st.connected.load(Ordering::Relaxed)));
+        m.snapshot_age.set(
+            pg.age()
+                .map_or(-1, |a| i64::try_from(a).unwrap_or(i64::MAX)),
+        );
+        for (c, total) in [
+            (&m.changes_applied, &st.changes_applied),
+            (&m.resyncs, &st.resyncs),
+            (&m.write_failures, &st.write_failures),
+        ] {
+            c.inc_by(total.load(Ordering::Relaxed).saturating_sub(c.get()));
+        }
+        m.rejected_rows
+            .set(i64::try_from(st.rejected_rows.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
     }
 
     /// Counts one fetch of an issuer's keys.

@@ -28,6 +28,9 @@ pub(crate) enum OAuthError {
     /// 409: the change would leave the client unable to authenticate.
     Conflict(&'static str),
     ServerError,
+    /// 503 with `Retry-After`: the client registry's database cannot be reached or written (RFC 6749
+    /// §4.1.2.1's `temporarily_unavailable`).
+    Unavailable,
 }
 
 impl OAuthError {
@@ -44,6 +47,7 @@ impl OAuthError {
             OAuthError::BodyTooLarge => 413,
             OAuthError::TooManyRequests { .. } => 429,
             OAuthError::ServerError => 500,
+            OAuthError::Unavailable => 503,
         }
     }
 
@@ -61,6 +65,7 @@ impl OAuthError {
             OAuthError::NotFound => "not_found",
             OAuthError::Conflict(_) => "conflict",
             OAuthError::ServerError => "server_error",
+            OAuthError::Unavailable => "registry_unavailable",
         }
     }
 
@@ -79,6 +84,7 @@ impl OAuthError {
             OAuthError::InvalidScope => "invalid_scope",
             OAuthError::NotFound => "not_found",
             OAuthError::ServerError => "server_error",
+            OAuthError::Unavailable => "temporarily_unavailable",
         }
     }
 
@@ -98,6 +104,9 @@ impl OAuthError {
             OAuthError::BodyTooLarge => "The request body is too large.",
             OAuthError::NotFound => "No such endpoint.",
             OAuthError::ServerError => "Internal error.",
+            OAuthError::Unavailable => {
+                "The client registry cannot be changed or read right now; retry later."
+            }
         }
     }
 
@@ -122,6 +131,7 @@ impl OAuthError {
                 Some(("retry-after", retry_after.to_string()))
             }
             OAuthError::MethodNotAllowed { allow } => Some(("allow", allow.to_string())),
+            OAuthError::Unavailable => Some(("retry-after", "5".to_string())),
             _ => None,
         }
     }

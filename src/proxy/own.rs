@@ -190,14 +190,9 @@ async fn manage(
     let req = session.req_header();
     let (method, headers) = (req.method.clone(), req.headers.clone());
     let now = crate::time::now_unix();
-    // May rewrite clients.yaml: file I/O off the async workers.
-    let joined =
-        tokio::task::spawn_blocking(move || svc.manage(&method, &resource, &headers, source, now))
-            .await;
-    match joined {
-        Ok(r) => r.map(|reply| (reply.status, reply.body)),
-        Err(_) => Err(OAuthError::ServerError),
-    }
+    svc.manage(&method, &resource, &headers, source, now)
+        .await
+        .map(|reply| (reply.status, reply.body))
 }
 
 /// The decoded value of the first `_format` query parameter (FHIR R4 §3.1.0.1.7).

@@ -26,7 +26,7 @@ use http::{HeaderMap, Method};
 use jsonwebtoken::{encode, Header};
 use serde_json::json;
 
-use super::clients::ClientRegistry;
+use super::clients::{ClientRegistry, ClientStore};
 use super::limiter::FailureLimiter;
 use super::TokenSettings;
 use crate::auth::scope::tenant_in;
@@ -38,7 +38,7 @@ use crate::tenant::TenantId;
 /// Everything the token and management endpoints need, shared by all requests.
 pub(crate) struct TokenService {
     pub settings: TokenSettings,
-    pub clients: Arc<Live<ClientRegistry>>,
+    pub clients: ClientStore,
     pub routes: Arc<Live<RoutingTable>>,
     pub limiter: FailureLimiter,
     jti_prefix: u64,
@@ -75,7 +75,7 @@ pub(crate) struct Credentials {
 impl TokenService {
     pub(crate) fn new(
         settings: TokenSettings,
-        clients: Arc<Live<ClientRegistry>>,
+        clients: ClientStore,
         routes: Arc<Live<RoutingTable>>,
     ) -> TokenService {
         let limiter = FailureLimiter::new(settings.failed_auth);
@@ -156,6 +156,10 @@ impl TokenService {
             Some(_) => return Err(OAuthError::UnsupportedGrantType),
         }
         let creds = credentials(req.headers, &form)?;
+        // A database replica before its first read knows no client: say so, not "bad credentials".
+        if self.clients.not_ready().is_some() {
+            return Err(OAuthError::Unavailable);
+        }
         // One registry snapshot for authentication and the scope check.
         let registry = self.clients.load();
         let (client_id, secret_id) =

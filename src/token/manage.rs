@@ -9,8 +9,9 @@
 //!   to authenticate; the last remaining secret cannot be deleted (409), so a client cannot lock itself
 //!   out.
 //!
-//! Changes are written to `clients.yaml` atomically ([`super::clients::update_file`]) and published at
-//! once; tokens minted with a deleted secret stop working from the next request.
+//! Changes go to the client registry's store (`clients.yaml`, or PostgreSQL for a fleet: every replica
+//! within a second) and are published on this replica before the answer; tokens minted with a
+//! deleted secret stop working from the next request. A store that cannot be written answers 503.
 
 use std::net::IpAddr;
 
@@ -18,7 +19,8 @@ use bytes::Bytes;
 use http::{HeaderMap, Method};
 use serde_json::json;
 
-use super::clients::{new_secret, update_file, ClientRegistry};
+use super::clients::change::new_client_secret;
+use super::clients::{Change, ClientRegistry, StoreError};
 use super::endpoint::{basic_candidates, Credentials, TokenService};
 use crate::outcome::OAuthError;
 
@@ -58,8 +60,8 @@ pub(crate) struct Reply {
 }
 
 impl TokenService {
-    /// Handles one management request (blocking: it may write `clients.yaml`).
-    pub(crate) fn manage(
+    /// Handles one management request.
+    pub(crate) async fn manage(
         &self,
         method: &Method,
         resource: &Resource,
@@ -83,40 +85,46 @@ impl TokenService {
             candidates,
             basic: true,
         };
-        let registry = self.clients.load();
-        let (client_id, _) = self.authenticate_client(&registry, &creds, source, now)?;
+        if self.clients.not_ready().is_some() {
+            return Err(OAuthError::Unavailable);
+        }
+        let client_id = {
+            let registry = self.clients.load();
+            let (client_id, _) = self.authenticate_client(&registry, &creds, source, now)?;
+            client_id
+        };
         // A client manages itself only; another id answers exactly like bad credentials.
         if client_id != id {
             return Err(OAuthError::InvalidClient { basic: true });
         }
         match resource {
-            Resource::Client(_) => describe_self(&registry, id, now),
-            Resource::Secrets(_) => self.add_secret(id, now),
-            Resource::Secret(_, secret_id) => self.delete_secret(id, secret_id),
+            Resource::Client(_) => describe_self(&self.clients.load(), id, now),
+            Resource::Secrets(_) => self.add_secret(id, now).await,
+            Resource::Secret(_, secret_id) => self.delete_secret(id, secret_id).await,
         }
     }
 
     /// `POST .../secrets`: a new secret for client `id`, shown once.
-    fn add_secret(&self, id: &str, now: u64) -> Result<Reply, OAuthError> {
-        let fresh = new_secret(now, None).map_err(server_error)?;
-        let entry = fresh.entry.clone();
-        update_file(&self.settings.clients_file, |f| {
-            f.get_mut(id)?.secrets.push(entry);
-            Ok(())
-        })
-        .map_err(server_error)?;
-        // Written whole and renamed into place under the lock: no settle check needed, and
-        // the new secret works as soon as this reply is sent.
-        self.clients.reload(false, false);
+    async fn add_secret(&self, id: &str, now: u64) -> Result<Reply, OAuthError> {
+        let (change, issued) = new_client_secret(id, None, now).map_err(|e| {
+            log::error!("cannot generate a secret: {e}");
+            OAuthError::ServerError
+        })?;
+        let created = match &change {
+            Change::AddSecret { secret, .. } => secret.created.clone(),
+            _ => String::new(),
+        };
+        self.clients.apply(change).await.map_err(store_error)?;
+        // The store has published the change: the new secret works as soon as this reply is sent.
         Ok(Reply {
             status: 201,
             body: Bytes::from(
                 json!({
                     "client_id": id,
-                    "client_secret": fresh.secret,
-                    "client_secret_id": fresh.entry.id,
+                    "client_secret": issued.secret,
+                    "client_secret_id": issued.secret_id,
                     "client_secret_expires_at": 0,
-                    "created": fresh.entry.created,
+                    "created": created,
                 })
                 .to_string(),
             ),
@@ -124,29 +132,13 @@ impl TokenService {
     }
 
     /// `DELETE .../secrets/{secret_id}`: revokes one of client `id`'s secrets, never its last.
-    fn delete_secret(&self, id: &str, secret_id: &str) -> Result<Reply, OAuthError> {
-        let mut last = false;
-        let mut missing = false;
-        let result = update_file(&self.settings.clients_file, |f| {
-            let c = f.get_mut(id)?;
-            if !c.secrets.iter().any(|s| s.id == secret_id) {
-                missing = true;
-                return Err("no such secret".into());
-            }
-            c.revoke_secret(secret_id, true)
-                .inspect_err(|_| last = true)
-        });
-        match result {
-            Ok(()) => {}
-            Err(_) if missing => return Err(OAuthError::NotFound),
-            Err(_) if last => {
-                return Err(OAuthError::Conflict(
-                    "This is the client's only secret; create a new one before deleting it.",
-                ))
-            }
-            Err(e) => return Err(server_error(e)),
-        }
-        self.clients.reload(false, false);
+    async fn delete_secret(&self, id: &str, secret_id: &str) -> Result<Reply, OAuthError> {
+        let change = Change::RevokeSecret {
+            client_id: id.to_string(),
+            secret_id: secret_id.to_string(),
+            keep_one: true,
+        };
+        self.clients.apply(change).await.map_err(store_error)?;
         Ok(Reply {
             status: 204,
             body: Bytes::new(),
@@ -173,9 +165,21 @@ fn describe_self(registry: &ClientRegistry, id: &str, now: u64) -> Result<Reply,
     })
 }
 
-fn server_error(e: String) -> OAuthError {
-    log::error!("client registry update failed: {e}");
-    OAuthError::ServerError
+/// The answer to a change the store did not make.
+fn store_error(e: StoreError) -> OAuthError {
+    match e {
+        StoreError::NoSecret(_) => OAuthError::NotFound,
+        StoreError::LastSecret => OAuthError::Conflict(
+            "This is the client's only secret; create a new one before deleting it.",
+        ),
+        // Removed by another replica or an operator after this request authenticated.
+        StoreError::NoClient(_) => OAuthError::InvalidClient { basic: true },
+        e if e.is_unavailable() => OAuthError::Unavailable,
+        e => {
+            log::error!("client registry update failed: {e}");
+            OAuthError::ServerError
+        }
+    }
 }
 
 #[cfg(test)]

@@ -15,7 +15,6 @@ pub(crate) mod limiter;
 pub(crate) mod manage;
 pub(crate) mod secrets;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 /// The validated `token_endpoint` section of the config.
@@ -33,7 +32,8 @@ pub(crate) struct TokenSettings {
     pub audience: String,
     pub lifetime: Duration,
     pub keys: keys::SigningKeys,
-    pub clients_file: PathBuf,
+    /// Where the client registry lives.
+    pub clients: clients::StoreConfig,
     /// Accept `grant-type` when `grant_type` is absent (the Teams document's spelling in one example).
     pub grant_type_hyphen_alias: bool,
     pub failed_auth: limiter::Limits,

@@ -1,5 +1,6 @@
 //! Test support: a real fhir-edge process, stub FHIR upstreams on 127.0.0.1:0, tokens, raw HTTP.
 
+pub mod pg;
 pub mod ports;
 pub mod proxy;
 pub mod raw;

@@ -15,7 +15,7 @@ use crate::tenant::TenantId;
 use crate::time::parse_rfc3339;
 
 /// `clients.yaml` as written on disk.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ClientsFile {
     #[serde(default)]
@@ -46,7 +46,7 @@ pub(crate) struct SecretEntry {
 }
 
 /// The comment at the top of every file the writer produces.
-pub(super) const HEADER: &str = "\
+pub(crate) const HEADER: &str = "\
 # fhir-edge client registry. Managed by `fhir-edge clients ...` and the clients' self-service endpoint,
 # which rewrite this file atomically; hand edits are fine too (the file is validated as a whole and
 # hot-reloaded). Secrets are stored only as salted SHA-256 digests. Reference: docs/tokens-and-clients.md.
@@ -85,7 +85,7 @@ impl Loadable for ClientRegistry {
             }
             match validate_client(id, entry) {
                 Ok(c) => {
-                    clients.insert(id.clone(), c);
+                    clients.insert(id.clone(), std::sync::Arc::new(c));
                 }
                 Err((field, message)) => src.at(id, format!("{key}.{field}"), message),
             }
@@ -97,6 +97,32 @@ impl Loadable for ClientRegistry {
     fn summary(&self) -> String {
         format!("{} clients", self.len())
     }
+}
+
+/// A registry from the database's entries: an entry the file's rules reject is left out, and named in
+/// the second value (the database's constraints and the writers' checks make that rare: a hand edit).
+pub(crate) fn registry_from_entries(file: &ClientsFile) -> (ClientRegistry, Vec<String>) {
+    let mut clients = HashMap::with_capacity(file.clients.0.len());
+    let mut problems = Vec::new();
+    for (id, entry) in &file.clients.0 {
+        match client_from_entry(id, entry) {
+            Ok(c) => {
+                clients.insert(id.clone(), std::sync::Arc::new(c));
+            }
+            Err(m) => problems.push(m),
+        }
+    }
+    (ClientRegistry { clients }, problems)
+}
+
+/// One client entry checked by the file's rules (the database's rows are held to them too).
+pub(super) fn client_from_entry(id: &str, e: &ClientEntry) -> Result<Client, String> {
+    if !is_token_chars(id, 128) {
+        return Err(format!(
+            "client id `{id}` is not 1-128 characters of A-Z a-z 0-9 - _ ."
+        ));
+    }
+    validate_client(id, e).map_err(|(field, m)| format!("client {id}: {field}: {m}"))
 }
 
 fn is_token_chars(s: &str, max: usize) -> bool {

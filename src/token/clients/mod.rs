@@ -1,26 +1,28 @@
-//! The client registry (`clients.yaml`): who may ask for tokens, for which tenants, with which secrets.
+//! The client registry: who may ask for tokens, for which tenants, with which secrets.
 //!
-//! Secrets are generated, stored and checked by [`super::secrets`]: only salted digests live here.
-//!
-//! The file is hot-reloaded like the routing table ([`crate::reload`]); changes (the CLI, the
-//! self-service endpoint) go through [`update_file`], so the running proxy (and any concurrent writer)
-//! only ever sees a complete, valid file. One concept per file:
+//! Secrets are generated, stored and checked by [`super::secrets`]: only salted digests are kept,
+//! in the file and in the database alike. One concept per file:
 //!
 //! - [`registry`]: the validated, immutable registry and its lookups (authentication, whether an
 //!   issued token still stands, the description shown to operators and clients).
-//! - [`file`](mod@file): the file as written on disk and its validation into a registry (the
-//!   [`Loadable`](crate::reload::Loadable) impl).
+//! - [`file`](mod@file): `clients.yaml` as written on disk and the rules every client is held to,
+//!   whichever store it comes from (the [`Loadable`](crate::reload::Loadable) impl).
+//! - [`change`]: the changes a registry accepts (the CLI's, the self-service endpoint's, an import).
+//! - [`store`]: where the registry lives, `clients.yaml` or PostgreSQL, and the one way to change it.
 //! - [`write`](mod@write): changing the file: locked read, change, validate, atomic replace.
-//! - [`edit`]: the changes themselves: the `fhir-edge clients …` operations and the edits of one
-//!   client's entry that they and the self-service endpoint make.
+//! - [`pg`]: the registry's tables: reading them and changing them in one transaction.
+//! - [`sync`]: a replica's snapshot of the database, kept current by `LISTEN`/`NOTIFY`.
 
-mod edit;
-mod file;
+pub(crate) mod change;
+pub(crate) mod file;
+pub(crate) mod pg;
 mod registry;
+pub(crate) mod store;
+pub(crate) mod sync;
 mod write;
 
-pub(crate) use super::secrets::new_secret;
-pub(crate) use edit::{add_client, remove_client, revoke_secret, rotate, set_disabled, Issued};
-pub(crate) use file::SecretEntry;
+pub(crate) use change::{Change, Issued, StoreError};
+pub(crate) use file::{registry_from_entries, ClientsFile, SecretEntry};
 pub use registry::ClientRegistry;
-pub(crate) use write::update_file;
+pub(crate) use store::{ClientStore, StoreConfig};
+pub(crate) use write::{apply_to_file, read_file};

@@ -5,6 +5,7 @@
 //! A registry is built only by validating the file ([`super::file`]); nothing here changes one.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use super::super::secrets::{self, SALT_LEN};
 use crate::tenant::TenantId;
@@ -82,10 +83,11 @@ impl Client {
     }
 }
 
-/// The validated, immutable registry.
+/// The validated, immutable registry. Clients are shared between registries, so a registry that
+/// differs from another in one client ([`ClientRegistry::with_client`]) costs a map of pointers.
 #[derive(Debug, Default)]
 pub struct ClientRegistry {
-    pub(super) clients: HashMap<String, Client>,
+    pub(super) clients: HashMap<String, Arc<Client>>,
 }
 
 impl ClientRegistry {
@@ -98,7 +100,7 @@ impl ClientRegistry {
     }
 
     pub fn get(&self, client_id: &str) -> Option<&Client> {
-        self.clients.get(client_id)
+        self.clients.get(client_id).map(|c| &**c)
     }
 
     /// The client and the secret that `secret` matches, if the client exists, is enabled and the
@@ -110,7 +112,7 @@ impl ClientRegistry {
         secret: &[u8],
         now: u64,
     ) -> Option<(&Client, &Secret)> {
-        let Some(client) = self.clients.get(client_id) else {
+        let Some(client) = self.get(client_id) else {
             secrets::matches_nothing(secret);
             return None;
         };
@@ -134,9 +136,23 @@ impl ClientRegistry {
         })
     }
 
+    /// This registry with client `id` replaced by `client`, or removed when `client` is `None`.
+    pub(crate) fn with_client(&self, id: &str, client: Option<Client>) -> ClientRegistry {
+        let mut clients = self.clients.clone();
+        match client {
+            Some(c) => {
+                clients.insert(id.to_string(), Arc::new(c));
+            }
+            None => {
+                clients.remove(id);
+            }
+        }
+        ClientRegistry { clients }
+    }
+
     /// Clients in a stable order, for listing.
     pub fn sorted(&self) -> Vec<&Client> {
-        let mut v: Vec<&Client> = self.clients.values().collect();
+        let mut v: Vec<&Client> = self.clients.values().map(|c| &**c).collect();
         v.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
         v
     }
@@ -146,7 +162,7 @@ impl ClientRegistry {
 mod tests {
     use std::path::Path;
 
-    use super::super::new_secret;
+    use super::super::super::secrets::new_secret;
     use super::*;
     use crate::reload::Loadable;
 
@@ -203,7 +219,10 @@ mod tests {
         let s = new_secret(1_000, Some(1_500)).unwrap();
         let mut r = registry_with(&s, "");
         // expires is stored; re-read it from the entry
-        r.clients.get_mut("c1").unwrap().secrets[0].expires = Some(1_500);
+        Arc::get_mut(r.clients.get_mut("c1").unwrap())
+            .unwrap()
+            .secrets[0]
+            .expires = Some(1_500);
         assert!(r.authenticate("c1", s.secret.as_bytes(), 1_499).is_some());
         assert!(r.authenticate("c1", s.secret.as_bytes(), 1_500).is_none());
     }

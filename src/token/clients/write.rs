@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use super::change::{Change, StoreError};
 use super::file::{ClientsFile, HEADER};
 use super::registry::ClientRegistry;
 use crate::atomic_file::{sibling, write_atomically};
@@ -14,39 +15,54 @@ use crate::reload::Loadable;
 /// result and replaces the file atomically, all under an exclusive lock on `<path>.lock`.
 pub(crate) fn update_file<R>(
     path: &Path,
-    change: impl FnOnce(&mut ClientsFile) -> Result<R, String>,
-) -> Result<R, String> {
+    change: impl FnOnce(&mut ClientsFile) -> Result<R, StoreError>,
+) -> Result<R, StoreError> {
+    let io = StoreError::File;
     let lock_path = sibling(path, ".lock");
     let lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(&lock_path)
-        .map_err(|e| format!("cannot open {}: {e}", lock_path.display()))?;
+        .map_err(|e| io(format!("cannot open {}: {e}", lock_path.display())))?;
     lock.lock()
-        .map_err(|e| format!("cannot lock {}: {e}", lock_path.display()))?;
-    let mut file: ClientsFile = match std::fs::read_to_string(path) {
-        Ok(text) if !text.trim().is_empty() => serde_yaml_ng::from_str(&text)
-            .map_err(|e| format!("{} does not parse: {e}", path.display()))?,
-        Ok(_) => ClientsFile::default(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => ClientsFile::default(),
-        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
-    };
+        .map_err(|e| io(format!("cannot lock {}: {e}", lock_path.display())))?;
+    let mut file = parse_file(path)?;
     let result = change(&mut file)?;
-    let body = serde_yaml_ng::to_string(&file).map_err(|e| format!("cannot serialise: {e}"))?;
+    let body = serde_yaml_ng::to_string(&file).map_err(|e| io(format!("cannot serialise: {e}")))?;
     let text = format!("{HEADER}{body}");
     // Never write a file the proxy would reject.
-    ClientRegistry::from_text(path, &text, &())
-        .map_err(|p| format!("the change would make the registry invalid:\n{p}"))?;
-    write_atomically(path, text.as_bytes())?;
+    ClientRegistry::from_text(path, &text, &()).map_err(|p| StoreError::Invalid(p.to_string()))?;
+    write_atomically(path, text.as_bytes()).map_err(io)?;
     drop(lock);
     Ok(result)
+}
+
+/// Applies one change to `path` (see [`update_file`]).
+pub(crate) fn apply_to_file(path: &Path, change: Change) -> Result<(), StoreError> {
+    update_file(path, |f| f.apply(change))
+}
+
+/// The file's contents as they are (a missing file counts as an empty registry).
+pub(crate) fn read_file(path: &Path) -> Result<ClientsFile, StoreError> {
+    parse_file(path)
+}
+
+fn parse_file(path: &Path) -> Result<ClientsFile, StoreError> {
+    let io = StoreError::File;
+    match std::fs::read_to_string(path) {
+        Ok(text) if !text.trim().is_empty() => serde_yaml_ng::from_str(&text)
+            .map_err(|e| io(format!("{} does not parse: {e}", path.display()))),
+        Ok(_) => Ok(ClientsFile::default()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ClientsFile::default()),
+        Err(e) => Err(io(format!("cannot read {}: {e}", path.display()))),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::file::ClientEntry;
-    use super::super::new_secret;
+    use super::super::super::secrets::new_secret;
     use super::*;
 
     #[test]
@@ -79,7 +95,7 @@ mod tests {
             Ok(())
         })
         .unwrap_err();
-        assert!(e.contains("invalid"), "{e}");
+        assert!(e.to_string().contains("invalid"), "{e}");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
     }
 }
