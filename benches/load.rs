@@ -47,6 +47,10 @@ mod floor;
 #[path = "../tests/support/ports.rs"]
 mod ports;
 use ports::free_port;
+// The tests' throwaway PostgreSQL cluster, for the token endpoint with the postgres client store.
+#[allow(dead_code)]
+#[path = "../tests/support/pg.rs"]
+mod pg;
 
 // The same allocator as the fhir-edge binary, for the floor proxy this executable also runs.
 #[cfg(feature = "mimalloc")]
@@ -500,6 +504,18 @@ fn start_fhir_edge_with(s: &Settings, routes: String, cache: usize, tag: &str) -
 
 /// `bin` is this build's binary, or the `FHIR_EDGE_BASELINE` build the compare mode runs beside it.
 fn start_fhir_edge_bin(s: &Settings, bin: &str, routes: String, cache: usize, tag: &str) -> Edge {
+    start_fhir_edge_store(s, bin, routes, cache, tag, None)
+}
+
+/// With `db_url`, the client registry is in that PostgreSQL database instead of `clients.yaml`.
+fn start_fhir_edge_store(
+    s: &Settings,
+    bin: &str,
+    routes: String,
+    cache: usize,
+    tag: &str,
+    db_url: Option<&str>,
+) -> Edge {
     let dir = s.dir.join(format!("fhir-edge-{tag}"));
     std::fs::create_dir_all(&dir).unwrap();
     let port = free_port();
@@ -520,10 +536,17 @@ fn start_fhir_edge_bin(s: &Settings, bin: &str, routes: String, cache: usize, ta
     let own_template = std::env::var("FHIR_EDGE_BASELINE_TEMPLATE")
         .ok()
         .filter(|_| bin != env!("CARGO_BIN_EXE_fhir-edge"));
-    let text = match own_template {
+    let mut text = match own_template {
         Some(path) => std::fs::read_to_string(path).unwrap(),
         None => template("fhir-edge.yaml"),
     };
+    if db_url.is_some() {
+        text = text.replace(
+            "  clients_file: clients.yaml",
+            "  clients: { store: postgres }",
+        );
+        text.push_str("database:\n  url_env: FHIR_EDGE_BENCH_DATABASE_URL\n");
+    }
     std::fs::write(
         &conf,
         fill(
@@ -551,7 +574,9 @@ fn start_fhir_edge_bin(s: &Settings, bin: &str, routes: String, cache: usize, ta
             "--config".into(),
             conf.display().to_string(),
         ],
-        &[],
+        &db_url
+            .map(|u| vec![("FHIR_EDGE_BENCH_DATABASE_URL", u)])
+            .unwrap_or_default(),
     );
     wait_ready(&mut p, port, "/fhir/metadata", None, s);
     Edge {
@@ -1246,11 +1271,47 @@ fn token_rate(s: &Settings) {
     println!("\n== token endpoint: client_credentials, client_secret_post, ES256 tokens");
     let up = start_upstream(s);
     // With `FHIR_EDGE_BASELINE`, that build runs beside this one, rounds interleaved.
-    let mut edges = vec![(
-        "this build",
-        env!("CARGO_BIN_EXE_fhir-edge").to_string(),
-        start_fhir_edge(s, &up, TENANTS, 10_000, "token"),
-    )];
+    let this = env!("CARGO_BIN_EXE_fhir-edge").to_string();
+    // The same build with its client registry in PostgreSQL (a throwaway cluster, schema migrated by
+    // the CLI): issuance reads the replica's snapshot, so it should match the file store.
+    let db = pg::Postgres::start();
+    let db_url = db.url("edge");
+    let db_conf = s.dir.join("database.yaml");
+    std::fs::write(
+        &db_conf,
+        "database:\n  url_env: FHIR_EDGE_BENCH_DATABASE_URL\n",
+    )
+    .unwrap();
+    let migrate = Command::new(&this)
+        .args(["db", "migrate", "--config"])
+        .arg(&db_conf)
+        .env("FHIR_EDGE_BENCH_DATABASE_URL", &db_url)
+        .output()
+        .unwrap();
+    assert!(
+        migrate.status.success(),
+        "db migrate: {}",
+        String::from_utf8_lossy(&migrate.stderr)
+    );
+    let mut edges = vec![
+        (
+            "this build, clients.yaml",
+            this.clone(),
+            start_fhir_edge(s, &up, TENANTS, 10_000, "token"),
+        ),
+        (
+            "this build, PostgreSQL",
+            this.clone(),
+            start_fhir_edge_store(
+                s,
+                &this,
+                routes_yaml(TENANTS, up.port, "t"),
+                10_000,
+                "token-pg",
+                Some(&db_url),
+            ),
+        ),
+    ];
     if let Ok(bin) = std::env::var("FHIR_EDGE_BASELINE") {
         let routes = routes_yaml(TENANTS, up.port, "t");
         let e = start_fhir_edge_bin(s, &bin, routes, 10_000, "token-baseline");
@@ -1264,6 +1325,7 @@ fn token_rate(s: &Settings) {
             .args(["clients", "--config"])
             .arg(e.dir.join("fhir-edge.yaml"))
             .args(["--json", "add", "--name", "bench", "--all-tenants"])
+            .env("FHIR_EDGE_BENCH_DATABASE_URL", &db_url)
             .output()
             .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)
@@ -1327,9 +1389,59 @@ fn token_rate(s: &Settings) {
         );
         rates.push(rps);
     }
-    if let [this, baseline] = rates[..] {
+    println!(
+        "PostgreSQL / clients.yaml store, tokens/s: {:.2}",
+        rates[1] / rates[0]
+    );
+    if let [this, _, baseline] = rates[..] {
         println!("this build / FHIR_EDGE_BASELINE: {:.2}", this / baseline);
     }
+    // The proxy's per-request cost with each store: the same FHIR read with a token each one issued
+    // (so every request checks the registry snapshot), rounds interleaved.
+    let mut fhir: Vec<Vec<Run>> = vec![Vec::new(), Vec::new()];
+    let bearer: Vec<String> = peers[..2]
+        .iter()
+        .map(|(_, e, id, secret)| issue(e.port, id, secret))
+        .collect();
+    for _ in 0..s.rounds {
+        for (i, (_, e, _, _)) in peers[..2].iter().enumerate() {
+            let url = format!("http://127.0.0.1:{}/fhir/Patient", e.port);
+            fhir[i].push(wrk(s, &url, Some(&bearer[i]), None, s.seconds));
+        }
+    }
+    let rps: Vec<f64> = fhir
+        .iter()
+        .map(|rs| median(rs.iter().map(|r| r.rps).collect()))
+        .collect();
+    let errors: u64 = fhir.iter().flatten().map(|r| r.errors).sum();
+    println!(
+        "FHIR reads with an issued token: clients.yaml {:.0} req/s, PostgreSQL {:.0} req/s (ratio {:.2}), errors {errors}",
+        rps[0],
+        rps[1],
+        rps[1] / rps[0]
+    );
+    drop(db);
+}
+
+/// An access token from the token endpoint on `port`.
+fn issue(port: u16, id: &str, secret: &str) -> String {
+    let body = format!(
+        "grant_type=client_credentials&client_id={id}&client_secret={secret}&scope={}",
+        tenant(3)
+    );
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        conn,
+        "POST /fhir/token HTTP/1.1\r\nHost: bench\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut text = String::new();
+    conn.read_to_string(&mut text).unwrap();
+    let json = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let v: serde_json::Value =
+        serde_json::from_str(json).unwrap_or_else(|_| panic!("token response: {text}"));
+    v["access_token"].as_str().unwrap().to_string()
 }
 
 fn main() {

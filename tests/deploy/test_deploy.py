@@ -28,6 +28,14 @@ def manifests():
 
 def test_kubernetes_manifests_hang_together():
     m = manifests()
+    # Several replicas share the client registry in PostgreSQL, and a Job migrates its schema.
+    cfg = yaml.safe_load(m[("ConfigMap", "fhir-edge-config")]["data"]["fhir-edge.yaml"])
+    assert cfg["token_endpoint"]["clients"]["store"] == "postgres"
+    assert m[("Deployment", "fhir-edge")]["spec"]["replicas"] >= 2
+    job = m[("Job", "fhir-edge-db-migrate")]["spec"]["template"]["spec"]
+    assert job["containers"][0]["args"][:2] == ["db", "migrate"]
+    secret = m[("Secret", "fhir-edge-secrets")]["stringData"]
+    assert {"database-url", "database-owner-url"} <= secret.keys()
     for (kind, name), d in m.items():
         assert d.get("apiVersion"), (kind, name)
     dep = m[("Deployment", "fhir-edge")]
@@ -64,6 +72,7 @@ def test_the_kubernetes_configuration_passes_fhir_edge_check(tmp_path):
     etc.mkdir()
     secrets.mkdir()
     hosts = re.compile(r"[a-z0-9.-]+\.(svc\.cluster\.local|example)(?=[:/\"])")
+    # The registry's database is not contacted (--offline); its URL must still be there and parse.
     for name, text in m[("ConfigMap", "fhir-edge-config")]["data"].items():
         text = text.replace("/var/run/secrets/fhir-edge", str(secrets))
         # Cluster host names do not resolve here; the check is about everything else.
@@ -73,8 +82,9 @@ def test_the_kubernetes_configuration_passes_fhir_edge_check(tmp_path):
         if name != "signing.pem":
             (secrets / name).write_text(text)
     subprocess.run([fhir_edge(), "keygen", "--out", str(secrets / "signing.pem")], check=True, capture_output=True)
-    out = subprocess.run([fhir_edge(), "check", "--config", str(etc / "fhir-edge.yaml")], capture_output=True, text=True)
+    out = subprocess.run([fhir_edge(), "check", "--offline", "--config", str(etc / "fhir-edge.yaml")], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+    assert "clients in postgres" in out.stdout, out.stdout
 
 
 def exported_metrics():

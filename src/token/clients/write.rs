@@ -61,8 +61,8 @@ fn parse_file(path: &Path) -> Result<ClientsFile, StoreError> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::file::ClientEntry;
     use super::super::super::secrets::new_secret;
+    use super::super::file::ClientEntry;
     use super::*;
 
     #[test]
