@@ -32,13 +32,17 @@ impl Fleet {
     }
 
     fn unmigrated() -> Fleet {
+        Fleet::with_database(Postgres::start())
+    }
+
+    fn with_database(pg: Postgres) -> Fleet {
         let meta = StubUpstream::start("meta");
         meta.set_response(
             &[("Content-Type", "application/fhir+json")],
             crate::support::capability_statement(&meta.url("/fhir")),
         );
         Fleet {
-            pg: Postgres::start(),
+            pg,
             meta,
             a: StubUpstream::start("tenant-a"),
         }
@@ -535,4 +539,45 @@ fn a_registry_moves_between_file_and_database_with_secrets_hashed() {
         .collect();
     assert_eq!(ids, vec![filed.id.clone()]);
     assert!(time_until(SECOND, || token_status(&replica, &other) == 401).is_some());
+}
+
+#[test]
+fn tls_to_the_database_is_verified() {
+    let fleet = Fleet::with_database(Postgres::start_tls());
+    assert!(fleet.db_cli(&["migrate"]).status.success());
+    let c = fleet.add_client("Teams");
+    // sslmode=require with the test CA: the replica connects over TLS and serves.
+    let mut cfg = fleet.config("edge");
+    cfg.top = format!(
+        "database:\n  url_env: TEST_DATABASE_URL\n  ca_file: {}\n",
+        fixture("tls/ca.pem").display()
+    );
+    cfg.env = vec![(
+        "TEST_DATABASE_URL".into(),
+        fleet.pg.url_with("edge", "require"),
+    )];
+    let replica = Proxy::start(cfg);
+    assert_eq!(token_status(&replica, &c), 200);
+    let encrypted = fleet.pg.psql(
+        "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE a.application_name = 'fhir-edge' AND s.ssl",
+    );
+    assert_ne!(encrypted, "0", "no fhir-edge connection uses TLS");
+    // Without the CA the server's certificate is not trusted: no connection, a clear error.
+    let mut cfg = fleet.config("edge");
+    cfg.env = vec![(
+        "TEST_DATABASE_URL".into(),
+        fleet.pg.url_with("edge", "require"),
+    )];
+    let untrusted = Proxy::start(cfg);
+    let (status, body) = token(&untrusted, &c.id, &c.secret);
+    assert_eq!(status, 503, "{body}");
+    let (ready, why) = untrusted.admin("/readyz");
+    assert_eq!(ready, 503);
+    assert!(why.contains("not been read from the database"), "{why}");
+    assert!(
+        untrusted.logs().to_lowercase().contains("certificate"),
+        "{}",
+        untrusted.logs()
+    );
 }

@@ -233,8 +233,17 @@ impl From<tokio_postgres::Error> for DbError {
                     DbError::Refused(text)
                 }
             }
-            // I/O, TLS, a closed connection, a timeout: the database is out of reach.
-            None => DbError::Unavailable(e.to_string()),
+            // I/O, TLS, a closed connection, a timeout: the database is out of reach. The causes
+            // (a refused connection, an untrusted certificate) say what to fix.
+            None => {
+                let mut text = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(cause) = source {
+                    text.push_str(&format!(": {cause}"));
+                    source = cause.source();
+                }
+                DbError::Unavailable(text)
+            }
         }
     }
 }

@@ -17,6 +17,8 @@ pub struct Postgres {
     dir: TempDir,
     bin: PathBuf,
     as_postgres: bool,
+    /// Serve TLS with the test certificate (`tests/fixtures/tls`, for 127.0.0.1 and localhost).
+    tls: bool,
 }
 
 /// The newest installed server's binaries.
@@ -51,6 +53,16 @@ impl Postgres {
     /// A fresh cluster with a database `fhir_edge`; the superuser is `postgres` (trust auth on
     /// loopback), and the role `edge` (password `edge-secret`) owns the database.
     pub fn start() -> Postgres {
+        Postgres::start_with(false)
+    }
+
+    /// As [`Postgres::start`], also offering TLS with the test certificate (signed by
+    /// `tests/fixtures/tls/ca.pem`).
+    pub fn start_tls() -> Postgres {
+        Postgres::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Postgres {
         let dir = tempfile::Builder::new()
             .prefix("fhir-edge-pg-")
             .tempdir()
@@ -61,7 +73,22 @@ impl Postgres {
             dir,
             bin: bin_dir(),
             as_postgres,
+            tls,
         };
+        if tls {
+            // The server refuses a key file that others can read.
+            let fixtures =
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls");
+            for f in ["cert.pem", "key.pem"] {
+                std::fs::copy(fixtures.join(f), pg.dir.path().join(f)).unwrap();
+            }
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(
+                pg.dir.path().join("key.pem"),
+                std::fs::Permissions::from_mode(0o600),
+            )
+            .unwrap();
+        }
         if as_postgres {
             run(Command::new("chown")
                 .arg("-R")
@@ -123,9 +150,17 @@ impl Postgres {
                 .arg(self.dir.path().join("pg.log"))
                 .args(["-w", "-t", "30", "-o"])
                 .arg(format!(
-                    "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+                    "-p {} -k {d} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200{tls}",
                     self.port,
-                    self.dir.path().display()
+                    d = self.dir.path().display(),
+                    tls = if self.tls {
+                        format!(
+                            " -c ssl=on -c ssl_cert_file={d}/cert.pem -c ssl_key_file={d}/key.pem",
+                            d = self.dir.path().display()
+                        )
+                    } else {
+                        String::new()
+                    }
                 ))
                 .arg("start");
         });
@@ -155,11 +190,17 @@ impl Postgres {
         std::fs::read_to_string(self.dir.path().join("pg.log")).unwrap_or_default()
     }
 
-    /// The URL of database `fhir_edge` as `user` (`edge`'s password is in it; others trust).
+    /// The URL of database `fhir_edge` as `user` (`edge`'s password is in it; others trust),
+    /// without TLS.
     pub fn url(&self, user: &str) -> String {
+        self.url_with(user, "disable")
+    }
+
+    /// The same with `sslmode` (`disable`, `prefer`, `require`).
+    pub fn url_with(&self, user: &str, sslmode: &str) -> String {
         let password = if user == "edge" { ":edge-secret" } else { "" };
         format!(
-            "postgresql://{user}{password}@127.0.0.1:{}/fhir_edge?sslmode=disable",
+            "postgresql://{user}{password}@127.0.0.1:{}/fhir_edge?sslmode={sslmode}",
             self.port
         )
     }

@@ -46,6 +46,8 @@ const HEARTBEAT: Duration = Duration::from_secs(2);
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(5));
 /// How long a writer waits for its change to show in this replica's snapshot.
 const SHOW_WAIT: Duration = Duration::from_secs(2);
+/// More clients than this changed at once (an import): one whole read instead of one read each.
+const RESYNC_OVER: usize = 64;
 
 /// What the admin listener reports about the snapshot.
 #[derive(Debug, Default)]
@@ -178,13 +180,26 @@ impl PgRegistry {
         Ok(())
     }
 
+    /// Re-reads the clients `ids` names, or the whole registry when they are many.
+    async fn apply_notices(
+        &self,
+        client: &tokio_postgres::Client,
+        ids: &HashSet<String>,
+    ) -> Result<(), DbError> {
+        if ids.len() > RESYNC_OVER {
+            self.resync(client).await
+        } else {
+            self.refresh(client, ids).await
+        }
+    }
+
     /// One connection's life: listen, resync, then apply notifications and refresh requests until
-    /// the connection fails or the process stops. Returns whether to stop.
+    /// the connection fails (`Err`) or the process stops (`Ok`).
     async fn follow(
         &self,
         refreshes: &mut mpsc::UnboundedReceiver<Refresh>,
         shutdown: &mut ShutdownWatch,
-    ) -> Result<bool, DbError> {
+    ) -> Result<(), DbError> {
         let (ntx, mut notices) = mpsc::unbounded_channel();
         let client = self.db.connect(Some(ntx)).await?;
         client.batch_execute("LISTEN fhir_edge_clients").await?;
@@ -201,7 +216,7 @@ impl PgRegistry {
         resync.reset();
         loop {
             tokio::select! {
-                _ = shutdown.changed() => return Ok(true),
+                _ = shutdown.changed() => return Ok(()),
                 notice = notices.recv() => {
                     let Some(id) = notice else {
                         return Err(DbError::Unavailable("the connection ended".into()));
@@ -210,11 +225,11 @@ impl PgRegistry {
                     while let Ok(more) = notices.try_recv() {
                         ids.insert(more);
                     }
-                    self.refresh(&client, &ids).await?;
+                    self.apply_notices(&client, &ids).await?;
                 }
                 Some(r) = refreshes.recv() => match r {
                     Refresh::Clients(ids, done) => {
-                        self.refresh(&client, &ids.into_iter().collect()).await?;
+                        self.apply_notices(&client, &ids.into_iter().collect()).await?;
                         let _ = done.send(());
                     }
                     Refresh::All(done) => {
@@ -275,8 +290,7 @@ impl BackgroundService for RegistrySync {
         let mut backoff = BACKOFF.0;
         loop {
             match reg.follow(&mut refreshes, &mut shutdown).await {
-                Ok(true) => break,
-                Ok(false) => {}
+                Ok(()) => break,
                 Err(e) => {
                     if reg.status.connected.swap(false, Ordering::Relaxed) {
                         log::error!(
