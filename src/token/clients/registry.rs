@@ -84,7 +84,7 @@ impl Client {
 }
 
 /// The validated, immutable registry. Clients are shared between registries, so a registry that
-/// differs from another in one client ([`ClientRegistry::with_client`]) costs a map of pointers.
+/// differs from another in one client (`with_client`) costs a map of pointers.
 #[derive(Debug, Default)]
 pub struct ClientRegistry {
     pub(super) clients: HashMap<String, Arc<Client>>,
