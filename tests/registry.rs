@@ -234,6 +234,19 @@ fn three_replicas_see_a_rotation_and_a_revocation_within_a_second() {
     for p in [&a, &b, &c] {
         assert_eq!(token_status(p, &old), 200);
     }
+    // `fhir-edge check` on a replica's config reaches the database and counts its clients.
+    let check = Command::new(env!("CARGO_BIN_EXE_fhir-edge"))
+        .args(["check", "--config"])
+        .arg(a.dir.path().join("fhir-edge.yaml"))
+        .env("TEST_DATABASE_URL", fleet.pg.url("edge"))
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", stderr(&check));
+    assert!(
+        stderr(&check).contains("schema version 1, 1 clients"),
+        "{}",
+        stderr(&check)
+    );
     let old_token = access_token(&c, &old);
     assert_eq!(fhir_status(&a, &old_token), 200);
 
