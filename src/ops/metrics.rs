@@ -78,16 +78,8 @@ struct StoreMetrics {
 
 impl StoreMetrics {
     fn new(r: &Registry) -> prometheus::Result<StoreMetrics> {
-        let gauge = |name: &str, help: &str| -> prometheus::Result<IntGauge> {
-            let g = IntGauge::new(name, help)?;
-            r.register(Box::new(g.clone()))?;
-            Ok(g)
-        };
-        let count = |name: &str, help: &str| -> prometheus::Result<IntCounter> {
-            let c = IntCounter::new(name, help)?;
-            r.register(Box::new(c.clone()))?;
-            Ok(c)
-        };
+        let gauge = |name, help| int_gauge(r, name, help);
+        let count = |name, help| int_counter(r, name, help);
         Ok(StoreMetrics {
             connected: gauge(
                 "fhir_edge_registry_connected",
@@ -151,6 +143,18 @@ fn counter(
     let c = IntCounterVec::new(Opts::new(name, help), labels)?;
     registry.register(Box::new(c.clone()))?;
     Ok(c)
+}
+
+fn int_counter(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
+    let c = IntCounter::new(name, help)?;
+    registry.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn int_gauge(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
+    let g = IntGauge::new(name, help)?;
+    registry.register(Box::new(g.clone()))?;
+    Ok(g)
 }
 
 fn gauge_vec(
@@ -262,32 +266,26 @@ impl Metrics {
                 "Unix time the file was last read and checked for changes (each event and poll), by file.",
                 &["file"],
             )?,
-            routing_tenants: {
-                let g = IntGauge::new("fhir_edge_routing_tenants", "Tenants in the current routing table.")?;
-                r.register(Box::new(g.clone()))?;
-                g
-            },
-            clients_registered: {
-                let g = IntGauge::new("fhir_edge_clients_registered", "Clients in the current client registry.")?;
-                r.register(Box::new(g.clone()))?;
-                g
-            },
-            metadata_refresh_failures: {
-                let c = IntCounter::new(
-                    "fhir_edge_metadata_refresh_failures_total",
-                    "Failed fetches or validations of the upstream CapabilityStatement.",
-                )?;
-                r.register(Box::new(c.clone()))?;
-                c
-            },
-            audit_write_failures: {
-                let c = IntCounter::new(
-                    "fhir_edge_audit_write_failures_total",
-                    "Audit log lines that could not be written.",
-                )?;
-                r.register(Box::new(c.clone()))?;
-                c
-            },
+            routing_tenants: int_gauge(
+                &r,
+                "fhir_edge_routing_tenants",
+                "Tenants in the current routing table.",
+            )?,
+            clients_registered: int_gauge(
+                &r,
+                "fhir_edge_clients_registered",
+                "Clients in the current client registry.",
+            )?,
+            metadata_refresh_failures: int_counter(
+                &r,
+                "fhir_edge_metadata_refresh_failures_total",
+                "Failed fetches or validations of the upstream CapabilityStatement.",
+            )?,
+            audit_write_failures: int_counter(
+                &r,
+                "fhir_edge_audit_write_failures_total",
+                "Audit log lines that could not be written.",
+            )?,
             build_info: gauge_vec(
                 &r,
                 "fhir_edge_build_info",
