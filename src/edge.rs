@@ -297,11 +297,7 @@ fn open_store(config: &StoreConfig) -> Result<ClientStore, EdgeError> {
             .map_err(EdgeError::Clients),
         StoreConfig::Postgres { db, resync_every } => {
             let registry = Arc::new(PgRegistry::new((**db).clone(), *resync_every));
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| EdgeError::Database(e.to_string()))?;
-            match runtime.block_on(registry.initial_load()) {
+            match crate::db::block_on(registry.initial_load()) {
                 Ok(()) => log::info!(
                     "client registry: {} clients from {}",
                     registry.load().len(),

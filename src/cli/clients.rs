@@ -11,7 +11,7 @@ use serde_json::json;
 use super::DEFAULT_CONFIG;
 use crate::atomic_file::write_atomically;
 use crate::config::Config;
-use crate::db::{migrate, DbConfig};
+use crate::db::{block_on, DbConfig};
 use crate::reload::Loadable;
 use crate::tenant::TenantId;
 use crate::time::{now_unix, parse_duration};
@@ -147,16 +147,11 @@ impl Target {
         db: &DbConfig,
         f: impl AsyncFnOnce(&mut tokio_postgres::Client) -> Result<R, StoreError>,
     ) -> anyhow::Result<R> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        runtime
-            .block_on(async {
-                let mut client = db.connect(None).await.map_err(StoreError::Db)?;
-                migrate::check(&client).await.map_err(StoreError::Db)?;
-                f(&mut client).await
-            })
-            .map_err(|e| anyhow!("{}: {e}", db.describe()))
+        block_on(async {
+            let mut client = db.connect_checked(None).await?;
+            f(&mut client).await
+        })
+        .map_err(|e: StoreError| anyhow!("{}: {e}", db.describe()))
     }
 
     fn apply(&self, change: Change) -> anyhow::Result<()> {

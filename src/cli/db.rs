@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 
 use super::DEFAULT_CONFIG;
 use crate::config::Config;
-use crate::db::{migrate, DbConfig, DbError};
+use crate::db::{block_on, migrate, DbConfig, DbError};
 
 #[derive(Args)]
 pub(super) struct DbArgs {
@@ -27,19 +27,10 @@ enum DbAction {
     Status,
 }
 
-fn block_on<R>(f: impl std::future::Future<Output = Result<R, DbError>>) -> Result<R, DbError> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| DbError::Config(e.to_string()))?
-        .block_on(f)
-}
-
 /// The schema version and the number of clients, if this build can use the database.
 pub(super) fn status(db: &DbConfig) -> Result<String, DbError> {
     block_on(async {
-        let client = db.connect(None).await?;
-        migrate::check(&client).await?;
+        let client = db.connect_checked(None).await?;
         let n: i64 = client
             .query_one("SELECT count(*) FROM fhir_edge_clients", &[])
             .await?

@@ -166,6 +166,17 @@ impl DbConfig {
         Ok(client)
     }
 
+    /// As [`DbConfig::connect`], to a database whose schema this build can use
+    /// ([`migrate::check`]).
+    pub(crate) async fn connect_checked(
+        &self,
+        notices: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+    ) -> Result<tokio_postgres::Client, DbError> {
+        let client = self.connect(notices).await?;
+        migrate::check(&client).await?;
+        Ok(client)
+    }
+
     /// A small pool of connections for writes.
     pub(crate) fn pool(&self) -> Result<Pool, DbError> {
         let manager = Manager::from_config(
@@ -184,6 +195,18 @@ impl DbConfig {
             .build()
             .map_err(|e| DbError::Config(format!("pool: {e}")))
     }
+}
+
+/// Runs `f` on a runtime of its own: for work before Pingora's runtimes exist (start-up) or outside
+/// them (the command line).
+pub(crate) fn block_on<R, E: From<DbError>>(
+    f: impl std::future::Future<Output = Result<R, E>>,
+) -> Result<R, E> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| E::from(DbError::Config(format!("cannot start a runtime: {e}"))))?
+        .block_on(f)
 }
 
 /// Why a database operation failed, in the terms callers act on.

@@ -37,7 +37,7 @@ use super::change::{Change, StoreError};
 use super::file::registry_from_entries;
 use super::pg;
 use super::registry::ClientRegistry;
-use crate::db::{migrate, DbConfig, DbError};
+use crate::db::{DbConfig, DbError};
 use crate::time::now_unix;
 
 /// How often a connected replica proves its connection alive.
@@ -113,8 +113,7 @@ impl PgRegistry {
     /// cannot use is an error; an unreachable database is not (the service keeps trying and
     /// `/readyz` says why the replica is not ready).
     pub(crate) async fn initial_load(&self) -> Result<(), DbError> {
-        let client = self.db.connect(None).await?;
-        migrate::check(&client).await?;
+        let client = self.db.connect_checked(None).await?;
         self.resync(&client).await
     }
 
@@ -201,9 +200,9 @@ impl PgRegistry {
         shutdown: &mut ShutdownWatch,
     ) -> Result<(), DbError> {
         let (ntx, mut notices) = mpsc::unbounded_channel();
-        let client = self.db.connect(Some(ntx)).await?;
+        let client = self.db.connect_checked(Some(ntx)).await?;
+        // Before the whole read, so that no change falls between the two.
         client.batch_execute("LISTEN fhir_edge_clients").await?;
-        migrate::check(&client).await?;
         self.resync(&client).await?;
         self.status.connected.store(true, Ordering::Relaxed);
         log::info!(
