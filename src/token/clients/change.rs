@@ -44,17 +44,15 @@ pub(crate) enum Change {
 }
 
 impl Change {
-    /// The clients the change touches (an import: every one).
-    pub(crate) fn client_ids(&self) -> Vec<String> {
+    /// The one client the change touches (`None`: an import, which may touch every one).
+    pub(crate) fn client_id(&self) -> Option<&str> {
         match self {
             Change::AddClient { client_id, .. }
             | Change::AddSecret { client_id, .. }
             | Change::RevokeSecret { client_id, .. }
             | Change::SetDisabled { client_id, .. }
-            | Change::Remove { client_id } => vec![client_id.clone()],
-            Change::Import { file, .. } => {
-                file.clients.0.iter().map(|(id, _)| id.clone()).collect()
-            }
+            | Change::Remove { client_id } => Some(client_id),
+            Change::Import { .. } => None,
         }
     }
 }
@@ -77,6 +75,12 @@ pub(crate) enum StoreError {
     /// The file store could not be read or written.
     #[error("{0}")]
     File(String),
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> StoreError {
+        StoreError::Db(DbError::from(e))
+    }
 }
 
 impl StoreError {

@@ -26,26 +26,26 @@ const SELECT: &str =
 fn entries(rows: &[Row]) -> Result<ClientsFile, DbError> {
     let mut file = ClientsFile::default();
     for row in rows {
-        let id: String = row.try_get(0).map_err(DbError::from)?;
+        let id: String = row.try_get(0)?;
         if file.clients.0.last().is_none_or(|(last, _)| *last != id) {
             file.clients.0.push((
                 id.clone(),
                 ClientEntry {
-                    name: row.try_get(1).map_err(DbError::from)?,
-                    allowed_tenants: row.try_get(2).map_err(DbError::from)?,
-                    disabled: row.try_get(3).map_err(DbError::from)?,
+                    name: row.try_get(1)?,
+                    allowed_tenants: row.try_get(2)?,
+                    disabled: row.try_get(3)?,
                     secrets: Vec::new(),
                 },
             ));
         }
-        let secret_id: Option<String> = row.try_get(4).map_err(DbError::from)?;
+        let secret_id: Option<String> = row.try_get(4)?;
         if let (Some(secret_id), Some((_, entry))) = (secret_id, file.clients.0.last_mut()) {
-            let created: Option<i64> = row.try_get(6).map_err(DbError::from)?;
-            let expires: Option<i64> = row.try_get(7).map_err(DbError::from)?;
+            let created: Option<i64> = row.try_get(6)?;
+            let expires: Option<i64> = row.try_get(7)?;
             let time = |t: i64| format_rfc3339(u64::try_from(t).unwrap_or(0));
             entry.secrets.push(SecretEntry {
                 id: secret_id,
-                hash: row.try_get(5).map_err(DbError::from)?,
+                hash: row.try_get(5)?,
                 created: created.map(time).unwrap_or_default(),
                 expires: expires.map(time),
             });
@@ -102,8 +102,7 @@ async fn insert_client(
                 &entry.disabled,
             ],
         )
-        .await
-        .map_err(DbError::from)?;
+        .await?;
     if inserted == 0 {
         return Err(StoreError::Exists(client_id.to_string()));
     }
@@ -124,8 +123,7 @@ async fn insert_secret(
          VALUES ($1, $2, $3, to_timestamp($4::bigint), to_timestamp($5::bigint))",
         &[&client_id, &s.id, &s.hash, &unix(&s.created)?, &expires],
     )
-    .await
-    .map_err(DbError::from)?;
+    .await?;
     Ok(())
 }
 
@@ -136,8 +134,7 @@ async fn lock(tx: &impl GenericClient, client_id: &str) -> Result<(), StoreError
             "SELECT 1 FROM fhir_edge_clients WHERE client_id = $1 FOR UPDATE",
             &[&client_id],
         )
-        .await
-        .map_err(DbError::from)?;
+        .await?;
     match found {
         Some(_) => Ok(()),
         None => Err(StoreError::NoClient(client_id.to_string())),
@@ -146,7 +143,7 @@ async fn lock(tx: &impl GenericClient, client_id: &str) -> Result<(), StoreError
 
 /// Applies `change` in one transaction, holding the result to the registry's rules.
 pub(crate) async fn apply(client: &mut Client, change: &Change) -> Result<(), StoreError> {
-    let tx = client.transaction().await.map_err(DbError::from)?;
+    let tx = client.transaction().await?;
     let mut touched: Vec<&str> = Vec::new();
     match change {
         Change::AddClient { client_id, entry } => {
@@ -167,8 +164,7 @@ pub(crate) async fn apply(client: &mut Client, change: &Change) -> Result<(), St
                      AND (expires_at IS NULL OR expires_at > to_timestamp($3::bigint))",
                     &[client_id, &secret.id, &at],
                 )
-                .await
-                .map_err(DbError::from)?;
+                .await?;
             }
             touched.push(client_id);
         }
@@ -184,8 +180,7 @@ pub(crate) async fn apply(client: &mut Client, change: &Change) -> Result<(), St
                      FROM fhir_edge_client_secrets WHERE client_id = $1",
                     &[client_id, secret_id],
                 )
-                .await
-                .map_err(DbError::from)?;
+                .await?;
             let (all, this): (i64, i64) = (row.get(0), row.get(1));
             if this == 0 {
                 return Err(StoreError::NoSecret(secret_id.clone()));
@@ -197,8 +192,7 @@ pub(crate) async fn apply(client: &mut Client, change: &Change) -> Result<(), St
                 "DELETE FROM fhir_edge_client_secrets WHERE client_id = $1 AND secret_id = $2",
                 &[client_id, secret_id],
             )
-            .await
-            .map_err(DbError::from)?;
+            .await?;
             touched.push(client_id);
         }
         Change::SetDisabled {
@@ -210,8 +204,7 @@ pub(crate) async fn apply(client: &mut Client, change: &Change) -> Result<(), St
                 "UPDATE fhir_edge_clients SET disabled = $2 WHERE client_id = $1",
                 &[client_id, disabled],
             )
-            .await
-            .map_err(DbError::from)?;
+            .await?;
             touched.push(client_id);
         }
         Change::Remove { client_id } => {
@@ -220,8 +213,7 @@ pub(crate) async fn apply(client: &mut Client, change: &Change) -> Result<(), St
                     "DELETE FROM fhir_edge_clients WHERE client_id = $1",
                     &[client_id],
                 )
-                .await
-                .map_err(DbError::from)?;
+                .await?;
             if n == 0 {
                 return Err(StoreError::NoClient(client_id.clone()));
             }
@@ -234,9 +226,7 @@ pub(crate) async fn apply(client: &mut Client, change: &Change) -> Result<(), St
                 }
             }
             if *replace {
-                tx.execute("DELETE FROM fhir_edge_clients", &[])
-                    .await
-                    .map_err(DbError::from)?;
+                tx.execute("DELETE FROM fhir_edge_clients", &[]).await?;
             }
             for (id, entry) in &file.clients.0 {
                 insert_client(&tx, id, entry).await?;
@@ -248,13 +238,12 @@ pub(crate) async fn apply(client: &mut Client, change: &Change) -> Result<(), St
             "UPDATE fhir_edge_clients SET version = version + 1, updated_at = now() WHERE client_id = $1",
             &[&id],
         )
-        .await
-        .map_err(DbError::from)?;
+        .await?;
         let Some(entry) = read_one(&tx, id).await? else {
             return Err(StoreError::NoClient(id.to_string()));
         };
         client_from_entry(id, &entry).map_err(StoreError::Invalid)?;
     }
-    tx.commit().await.map_err(DbError::from)?;
+    tx.commit().await?;
     Ok(())
 }

@@ -70,7 +70,7 @@ enum Request {
 
 /// What the sync task is asked to read again.
 enum Refresh {
-    Clients(Vec<String>, oneshot::Sender<()>),
+    Client(String, oneshot::Sender<()>),
     All(oneshot::Sender<()>),
 }
 
@@ -227,8 +227,8 @@ impl PgRegistry {
                     self.apply_notices(&client, &ids).await?;
                 }
                 Some(r) = refreshes.recv() => match r {
-                    Refresh::Clients(ids, done) => {
-                        self.apply_notices(&client, &ids.into_iter().collect()).await?;
+                    Refresh::Client(id, done) => {
+                        self.refresh(&client, &HashSet::from([id])).await?;
                         let _ = done.send(());
                     }
                     Refresh::All(done) => {
@@ -330,9 +330,9 @@ async fn write(
         })?;
     result?;
     let (done, shown) = oneshot::channel();
-    let ask = match change {
-        Change::Import { .. } => Refresh::All(done),
-        other => Refresh::Clients(other.client_ids(), done),
+    let ask = match change.client_id() {
+        Some(id) => Refresh::Client(id.to_string(), done),
+        None => Refresh::All(done),
     };
     if refreshes.send(ask).is_ok() && tokio::time::timeout(SHOW_WAIT, shown).await.is_err() {
         log::warn!(
