@@ -110,10 +110,6 @@ impl TokenService {
             log::error!("cannot generate a secret: {e}");
             OAuthError::ServerError
         })?;
-        let created = match &change {
-            Change::AddSecret { secret, .. } => secret.created.clone(),
-            _ => String::new(),
-        };
         self.clients.apply(change).await.map_err(store_error)?;
         // The store has published the change: the new secret works as soon as this reply is sent.
         Ok(Reply {
@@ -124,7 +120,7 @@ impl TokenService {
                     "client_secret": issued.secret,
                     "client_secret_id": issued.secret_id,
                     "client_secret_expires_at": 0,
-                    "created": created,
+                    "created": issued.created,
                 })
                 .to_string(),
             ),

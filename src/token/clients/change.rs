@@ -99,6 +99,8 @@ pub(crate) struct Issued {
     pub client_id: String,
     pub secret: String,
     pub secret_id: String,
+    /// When the secret was made (RFC 3339).
+    pub created: String,
 }
 
 /// A new client with one secret: the change, and what to show its owner once.
@@ -113,6 +115,7 @@ pub(crate) fn new_client(
         client_id: client_id.clone(),
         secret: fresh.secret,
         secret_id: fresh.entry.id.clone(),
+        created: fresh.entry.created.clone(),
     };
     let entry = ClientEntry {
         name: name.to_string(),
@@ -134,6 +137,7 @@ pub(crate) fn new_client_secret(
         client_id: client_id.to_string(),
         secret: fresh.secret,
         secret_id: fresh.entry.id.clone(),
+        created: fresh.entry.created.clone(),
     };
     let change = Change::AddSecret {
         client_id: client_id.to_string(),

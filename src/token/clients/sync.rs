@@ -141,11 +141,7 @@ impl PgRegistry {
     async fn resync(&self, client: &tokio_postgres::Client) -> Result<(), DbError> {
         let file = pg::read_all(client).await?;
         let (registry, problems) = registry_from_entries(&file);
-        for p in &problems {
-            log::error!(
-                "client registry: a database row breaks the registry's rules and is ignored: {p}"
-            );
-        }
+        problems.iter().for_each(|p| log_rejected(p));
         self.status
             .rejected_rows
             .store(problems.len() as u64, Ordering::Relaxed);
@@ -163,17 +159,12 @@ impl PgRegistry {
         for id in ids {
             let entry = pg::read_one(client, id).await?;
             let current = self.snapshot.load();
-            let next = match entry {
-                None => current.with_client(id, None),
-                Some(e) => match super::file::client_from_entry(id, &e) {
-                    Ok(c) => current.with_client(id, Some(c)),
-                    Err(p) => {
-                        log::error!("client registry: a database row breaks the registry's rules and is ignored: {p}");
-                        current.with_client(id, None)
-                    }
-                },
-            };
-            self.publish(next);
+            let checked = entry.and_then(|e| {
+                super::file::client_from_entry(id, &e)
+                    .inspect_err(|p| log_rejected(p))
+                    .ok()
+            });
+            self.publish(current.with_client(id, checked));
             self.status.changes_applied.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
@@ -246,6 +237,13 @@ impl PgRegistry {
             }
         }
     }
+}
+
+/// A client the database holds but the registry's rules refuse: left out of the snapshot, said loudly.
+fn log_rejected(problem: &str) {
+    log::error!(
+        "client registry: a database row breaks the registry's rules and is ignored: {problem}"
+    );
 }
 
 /// The background service of a PostgreSQL registry: follows the database and makes this replica's
