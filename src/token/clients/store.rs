@@ -53,9 +53,7 @@ impl ClientStore {
     pub(crate) fn not_ready(&self) -> Option<String> {
         match self {
             ClientStore::File(_) => None,
-            ClientStore::Postgres(pg) => pg
-                .age()
-                .is_none()
+            ClientStore::Postgres(pg) => (!pg.is_loaded())
                 .then(|| "the client registry has not been read from the database yet".into()),
         }
     }

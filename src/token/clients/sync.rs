@@ -101,9 +101,14 @@ impl PgRegistry {
         self.snapshot.load()
     }
 
+    /// Whether a registry has been read from the database since start.
+    pub(crate) fn is_loaded(&self) -> bool {
+        self.status.loaded.load(Ordering::Relaxed)
+    }
+
     /// Seconds since the snapshot was last known to be current (`None`: never loaded).
     pub(crate) fn age(&self) -> Option<u64> {
-        if !self.status.loaded.load(Ordering::Relaxed) {
+        if !self.is_loaded() {
             return None;
         }
         Some(now_unix().saturating_sub(self.status.confirmed_at.load(Ordering::Relaxed)))
