@@ -29,6 +29,8 @@ use crate::fhir::discovery::{self, Discovery, SecurityUris};
 use crate::ops::admin::Admin;
 use crate::ops::audit::AuditLog;
 use crate::ops::metrics::Metrics;
+use crate::portal::service::PortalService;
+use crate::portal::Portal;
 use crate::proxy::deadline::HeaderDeadline;
 use crate::proxy::FhirEdge;
 use crate::reload::{Live, Reload, Reloader};
@@ -69,6 +71,8 @@ pub enum EdgeError {
     AccessLog(String),
     #[error("JWT self-test failed: {0}")]
     Crypto(String),
+    #[error("the registration portal: {0}")]
+    Portal(String),
     #[error("listener {addr}: {message}")]
     Listener { addr: String, message: String },
 }
@@ -94,6 +98,7 @@ pub struct Edge {
     discovery: Arc<Discovery>,
     metrics: Arc<Metrics>,
     audit: AuditLog,
+    portal: Option<Arc<Portal>>,
 }
 
 impl Edge {
@@ -141,6 +146,13 @@ impl Edge {
             token.as_deref().map(|t| security_uris(&config, t)),
             metrics.clone(),
         ));
+        let portal = match (config.portal.clone(), &token) {
+            (Some(p), Some(t)) => Some(Arc::new(
+                Portal::new(p, &config.public.path, t.clone())
+                    .map_err(|e| EdgeError::Portal(e.to_string()))?,
+            )),
+            _ => None,
+        };
         Ok(Edge {
             config,
             routes,
@@ -148,6 +160,7 @@ impl Edge {
             discovery,
             metrics,
             audit,
+            portal,
         })
     }
 
@@ -218,6 +231,9 @@ impl Edge {
                 s.clients.describe()
             ));
         }
+        if let Some(p) = &self.portal {
+            line.push_str(&format!("; portal {}", p.cfg.public_url));
+        }
         line
     }
 
@@ -234,7 +250,8 @@ impl Edge {
             self.discovery,
             self.metrics.clone(),
             self.audit,
-        );
+        )
+        .with_portal(self.portal.clone());
         let service = proxy_service(server, &config, proxy)?;
         let proxy_handle = server.add_service(service);
         let mut files: Vec<Arc<dyn Reload>> = vec![self.routes.clone()];
@@ -249,6 +266,9 @@ impl Edge {
                 ));
             }
             None => {}
+        }
+        if let Some(portal) = self.portal {
+            server.add_service(background_service("portal", PortalService { portal }));
         }
         let reload_handle = server.add_service(background_service(
             "file reload",
@@ -336,7 +356,8 @@ fn proxy_service(
         HeaderDeadline::new(app, limits.header_timeout, max_header_block),
     );
     let buffers = L4BufferSettings::default().write(DOWNSTREAM_WRITE_BUFFER);
-    for addr in &config.listen {
+    let portal_listen = config.portal.iter().flat_map(|p| &p.listen);
+    for addr in config.listen.iter().chain(portal_listen) {
         service.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(buffers));
     }
     for l in &config.tls_listeners {

@@ -58,6 +58,7 @@ pub(crate) mod fhir;
 pub(crate) mod memory;
 pub(crate) mod ops;
 pub(crate) mod outcome;
+pub(crate) mod portal;
 pub(crate) mod proxy;
 pub(crate) mod reload;
 pub(crate) mod routing;
@@ -69,7 +70,8 @@ pub use config::problems::{Problem, Problems};
 pub use config::settings::{
     AdminSettings, AuthSettings, ClientsSettings, DatabaseSettings, FailedAuthSettings,
     FetchSettings, IssuerKeySettings, IssuerSettings, IssuerTenants, LimitSettings, LogSettings,
-    ScopeClaim, ServerSettings, Settings, TlsListenerSettings, TokenEndpointSettings,
+    LoginThrottleSettings, PortalSettings, ScopeClaim, ServerSettings, Settings,
+    TlsListenerSettings, TokenEndpointSettings,
 };
 pub use edge::{Edge, EdgeError};
 

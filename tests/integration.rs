@@ -19,6 +19,7 @@ mod idp;
 mod lifecycle;
 mod metadata;
 mod operations;
+mod portal;
 mod registry;
 mod reload;
 mod rewriting;

@@ -1,4 +1,4 @@
-//! The `fhir-edge` command line: `run` (the default), `check`, `keygen`, `clients …` and `db …`.
+//! The `fhir-edge` command line: `run` (the default), `check`, `keygen`, `clients …`, `db …` and `portal …`.
 //!
 //! It lives in the library so that it reaches the registry and key code without making them public;
 //! the binary's `main.rs` keeps what is process-wide (the allocator, `prctl`, the crypto provider) and
@@ -6,6 +6,7 @@
 
 mod clients;
 mod db;
+mod portal;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -71,6 +72,8 @@ enum Command {
     Clients(clients::ClientsArgs),
     /// The PostgreSQL database of a fleet: `migrate` its schema, or show its `status`.
     Db(db::DbArgs),
+    /// The registration portal's accounts: invite an owner, list, reset, disable.
+    Portal(portal::PortalArgs),
 }
 
 /// What the binary gives the command line: process-wide hooks the library does not install itself.
@@ -104,6 +107,7 @@ pub fn main(hooks: Hooks) -> ExitCode {
             .map_err(|e| anyhow!(e)),
         Command::Clients(args) => clients::manage(args),
         Command::Db(args) => db::run(args),
+        Command::Portal(args) => portal::run(args),
     };
     match result {
         Ok(code) => code,

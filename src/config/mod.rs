@@ -8,6 +8,7 @@
 //! off its network. Relative paths resolve against the directory of the file that names them.
 
 mod issuers;
+pub(crate) mod portal;
 pub(crate) mod problems;
 pub(crate) mod routes;
 pub(crate) mod settings;
@@ -141,6 +142,8 @@ pub(crate) struct Config {
     pub log_level: log::LevelFilter,
     /// The OAuth token endpoint, when configured.
     pub token: Option<TokenSettings>,
+    /// The registration portal, when configured and enabled.
+    pub portal: Option<portal::PortalConfig>,
     /// The admin listener (`/metrics`, `/healthz`, `/readyz`).
     pub admin_listen: SocketAddr,
     /// Where audit lines go.

@@ -35,6 +35,8 @@ pub struct Settings {
     pub token_endpoint: Option<TokenEndpointSettings>,
     /// The PostgreSQL database a fleet shares (`token_endpoint.clients.store: postgres`).
     pub database: Option<DatabaseSettings>,
+    /// The registration portal, where client owners manage their clients (needs `token_endpoint`).
+    pub portal: Option<PortalSettings>,
     pub admin: AdminSettings,
     /// The directory relative paths are taken against: the config file's own directory when read from a
     /// file, the working directory otherwise. Not a key of the file.
@@ -58,6 +60,7 @@ impl Default for Settings {
             log: LogSettings::default(),
             token_endpoint: None,
             database: None,
+            portal: None,
             admin: AdminSettings::default(),
             base_dir: PathBuf::from("."),
         }
@@ -439,6 +442,66 @@ impl Default for DatabaseSettings {
             pool_size: 4,
             connect_timeout_seconds: 5,
             query_timeout_seconds: 5,
+        }
+    }
+}
+
+/// The registration portal: accounts of client owners, their sessions and pages.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PortalSettings {
+    pub enabled: bool,
+    /// Below the public base (`/portal`).
+    pub path: String,
+    /// Listeners of the portal's own (plain HTTP) when set: the portal is served only there.
+    pub listen: Vec<String>,
+    /// The portal as owners reach it, for invite links (default: public base + `path`).
+    pub public_url: Option<String>,
+    /// With the file store: accounts, sessions and activity (JSON, written atomically).
+    pub state_file: String,
+    /// Every account must enable TOTP before it can do anything else.
+    pub require_totp: bool,
+    pub min_password_length: usize,
+    pub invite_hours: u64,
+    pub session_idle_minutes: u64,
+    pub session_hours: u64,
+    pub login_throttle: LoginThrottleSettings,
+}
+
+impl Default for PortalSettings {
+    fn default() -> Self {
+        PortalSettings {
+            enabled: true,
+            path: "/portal".into(),
+            listen: Vec::new(),
+            public_url: None,
+            state_file: "portal-state.json".into(),
+            require_totp: false,
+            min_password_length: 12,
+            invite_hours: 24,
+            session_idle_minutes: 30,
+            session_hours: 12,
+            login_throttle: LoginThrottleSettings::default(),
+        }
+    }
+}
+
+/// Failed portal logins allowed per account (the e-mail given, whether or not it exists) and per
+/// source address within the window.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoginThrottleSettings {
+    pub per_account: u32,
+    pub per_source: u32,
+    pub window_seconds: u64,
+}
+
+impl Default for LoginThrottleSettings {
+    fn default() -> Self {
+        LoginThrottleSettings {
+            per_account: 5,
+            per_source: 20,
+            window_seconds: 900,
         }
     }
 }

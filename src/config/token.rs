@@ -13,7 +13,7 @@ use crate::token::clients::StoreConfig;
 use crate::token::keys::{SigningKey, SigningKeys};
 use crate::token::{limiter, TokenSettings};
 
-fn is_endpoint_path(p: &str) -> bool {
+pub(super) fn is_endpoint_path(p: &str) -> bool {
     p.len() > 1
         && p.starts_with('/')
         && p[1..].split('/').all(|seg| {

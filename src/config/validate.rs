@@ -65,6 +65,16 @@ pub(super) fn validate(f: Settings, src: &mut Source) -> Option<Config> {
         (Some(t), Some(public)) => validate_token(t, f.database.as_ref(), public, dir, src),
         _ => None,
     };
+    let portal = match (&f.portal, &public) {
+        (Some(p), Some(public)) => crate::config::portal::validate_portal(
+            p,
+            token.as_ref().map(|t| &t.clients),
+            public,
+            dir,
+            src,
+        ),
+        _ => None,
+    };
     let issuers = trusted_issuers(&f, dir, token.as_ref(), src);
     let log_level = f
         .log
@@ -94,6 +104,7 @@ pub(super) fn validate(f: Settings, src: &mut Source) -> Option<Config> {
         route_defaults: route_defaults?,
         log_level: log_level?,
         token,
+        portal,
         admin_listen: admin_listen?,
         access_log,
     })

@@ -17,14 +17,21 @@ pub(crate) struct Migration {
 }
 
 /// Every migration, in order. Append only: a released migration never changes.
-pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "client registry",
-    sql: include_str!("migrations/0001_clients.sql"),
-}];
+pub(crate) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "client registry",
+        sql: include_str!("migrations/0001_clients.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "registration portal",
+        sql: include_str!("migrations/0002_portal.sql"),
+    },
+];
 
 /// The schema version this build reads and writes.
-pub(crate) const CURRENT: i32 = 1;
+pub(crate) const CURRENT: i32 = 2;
 
 /// A key for `pg_advisory_xact_lock` (`fhir-edg` in ASCII): serialises concurrent migrations.
 const LOCK_KEY: i64 = 0x6668_6972_2d65_6467;

@@ -57,6 +57,12 @@ pub(crate) struct Record<'a> {
     pub client_id: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jti_hash: Option<&'a str>,
+    /// The registration portal's action (`client_created`, `secret_revoked`, …) and the portal
+    /// account (its id, never the e-mail address) that took it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub portal_action: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub account: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -144,6 +150,8 @@ mod tests {
             tenant_name: Some("contoso"),
             client_id: None,
             jti_hash: Some(&jti_hash("abc")),
+            portal_action: None,
+            account: None,
             upstream: Some("10.0.0.5:8090"),
             auth_failure: None,
             error: None,

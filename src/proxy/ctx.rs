@@ -41,6 +41,9 @@ pub(crate) struct RequestCtx {
     pub(crate) upstream_start: Option<Instant>,
     /// What the request's bearer token granted (client, `jti` hash for the audit log).
     pub(crate) grant: Option<Arc<auth::Grant>>,
+    /// The registration portal's action, and the account that took it.
+    pub(crate) portal_action: Option<&'static str>,
+    pub(crate) portal_account: Option<String>,
 }
 
 impl RequestCtx {
@@ -62,6 +65,8 @@ impl RequestCtx {
             method_class: "other",
             upstream_start: None,
             grant: None,
+            portal_action: None,
+            portal_account: None,
         }
     }
 

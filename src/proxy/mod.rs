@@ -13,6 +13,7 @@ pub(crate) mod ctx;
 pub(crate) mod deadline;
 mod forward;
 mod own;
+mod portal;
 pub(crate) mod request_id;
 
 use std::sync::Arc;
@@ -51,6 +52,8 @@ pub(crate) struct FhirEdge {
     metrics: Arc<Metrics>,
     audit: AuditLog,
     ids: RequestIds,
+    /// The registration portal, when configured.
+    portal: Option<Arc<crate::portal::Portal>>,
 }
 
 impl FhirEdge {
@@ -70,7 +73,14 @@ impl FhirEdge {
             metrics,
             audit,
             ids: RequestIds::new(),
+            portal: None,
         }
+    }
+
+    /// Serves the registration portal as well.
+    pub(crate) fn with_portal(mut self, portal: Option<Arc<crate::portal::Portal>>) -> FhirEdge {
+        self.portal = portal;
+        self
     }
 
     /// Answers the request with `o` (and records it).
@@ -121,6 +131,8 @@ impl FhirEdge {
             tenant_name: ctx.route.as_ref().map(|r| &*r.name),
             client_id: ctx.client(),
             jti_hash: ctx.grant.as_ref().and_then(|g| g.jti_hash.as_deref()),
+            portal_action: ctx.portal_action,
+            account: ctx.portal_account.as_deref(),
             upstream: ctx
                 .route
                 .as_ref()
@@ -180,6 +192,17 @@ impl ProxyHttp for FhirEdge {
         );
         if let Some(o) = self.check_limits(session.req_header()) {
             return self.reject(session, ctx, o).await;
+        }
+        if let Some(p) = &self.portal {
+            let (path, _) = classify::split_target(session.req_header().raw_path());
+            let below = match self.portal_target(p, session, path) {
+                portal::PortalTarget::No => None,
+                portal::PortalTarget::Serve(rest) => Some(Some(rest)),
+                portal::PortalTarget::Outside => Some(None),
+            };
+            if let Some(below) = below {
+                return self.serve_portal(p.clone(), below, session, ctx).await;
+            }
         }
         let req = session.req_header();
         let base = &self.settings.public.path;

@@ -208,7 +208,7 @@ fn format_parameter(query: Option<&[u8]>) -> Option<String> {
 }
 
 /// Reads the whole request body, or `None` when it is longer than `limit`.
-async fn read_body(session: &mut Session, limit: usize) -> Result<Option<Vec<u8>>> {
+pub(super) async fn read_body(session: &mut Session, limit: usize) -> Result<Option<Vec<u8>>> {
     let mut body = Vec::new();
     while let Some(chunk) = session.read_request_body().await? {
         if body.len() + chunk.len() > limit {

@@ -41,6 +41,8 @@ pub(crate) struct TokenService {
     pub clients: ClientStore,
     pub routes: Arc<Live<RoutingTable>>,
     pub limiter: FailureLimiter,
+    /// Secrets' last uses, for the portal.
+    pub usage: super::usage::Usage,
     jti_prefix: u64,
     jti_counter: AtomicU64,
 }
@@ -90,6 +92,7 @@ impl TokenService {
             clients,
             routes,
             limiter,
+            usage: super::usage::Usage::default(),
             jti_prefix,
             jti_counter: AtomicU64::new(0),
         }
@@ -203,6 +206,9 @@ impl TokenService {
         let mut matched = None;
         for (id, secret) in &creds.candidates {
             if let Some((c, s)) = registry.authenticate(id, secret.as_bytes(), now) {
+                if matched.is_none() {
+                    self.usage.note(&c.id, &s.id, now);
+                }
                 matched.get_or_insert((c.id.clone(), s.id.clone()));
             }
         }

@@ -14,6 +14,7 @@ pub(crate) mod keys;
 pub(crate) mod limiter;
 pub(crate) mod manage;
 pub(crate) mod secrets;
+pub(crate) mod usage;
 
 use std::time::Duration;
 

@@ -117,6 +117,7 @@ pub(crate) fn new_secret(now: u64, expires: Option<u64>) -> Result<NewSecret, St
             hash,
             created,
             expires: expires.map(format_rfc3339),
+            description: None,
         },
     })
 }

@@ -43,7 +43,13 @@ pub(crate) struct SecretEntry {
     pub created: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires: Option<String>,
+    /// What the owner calls this secret (the portal shows it; never a secret itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
 }
+
+/// The longest description a secret may carry, in characters.
+pub(crate) const MAX_DESCRIPTION: usize = 100;
 
 /// The comment at the top of every file the writer produces.
 pub(crate) const HEADER: &str = "\
@@ -190,12 +196,24 @@ fn validate_client(id: &str, e: &ClientEntry) -> Result<Client, (&'static str, S
                 )
             })?),
         };
+        if let Some(d) = &s.description {
+            if d.chars().count() > MAX_DESCRIPTION || d.chars().any(char::is_control) {
+                return Err((
+                    "secrets",
+                    format!(
+                        "secret `{}`: description is over {MAX_DESCRIPTION} characters or has control characters",
+                        s.id
+                    ),
+                ));
+            }
+        }
         secrets.push(Secret {
             id: s.id.clone(),
             salt,
             digest,
             created,
             expires,
+            description: s.description.clone(),
         });
     }
     Ok(Client {

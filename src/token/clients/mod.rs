@@ -24,5 +24,6 @@ mod write;
 pub(crate) use change::{Change, Issued, StoreError};
 pub(crate) use file::{registry_from_entries, ClientsFile, SecretEntry};
 pub use registry::ClientRegistry;
+pub(crate) use registry::{Allowed, Client};
 pub(crate) use store::{ClientStore, StoreConfig};
 pub(crate) use write::{apply_to_file, read_file};

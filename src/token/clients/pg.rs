@@ -19,7 +19,7 @@ use crate::time::{format_rfc3339, parse_rfc3339};
 
 const SELECT: &str =
     "SELECT c.client_id, c.name, c.allowed_tenants, c.disabled, s.secret_id, s.hash, \
-     extract(epoch FROM s.created_at)::bigint, extract(epoch FROM s.expires_at)::bigint \
+     extract(epoch FROM s.created_at)::bigint, extract(epoch FROM s.expires_at)::bigint, s.description \
      FROM fhir_edge_clients c LEFT JOIN fhir_edge_client_secrets s ON s.client_id = c.client_id";
 
 /// Rows of [`SELECT`], ordered by client, into the file's entries.
@@ -48,6 +48,7 @@ fn entries(rows: &[Row]) -> Result<ClientsFile, DbError> {
                 hash: row.try_get(5)?,
                 created: created.map(time).unwrap_or_default(),
                 expires: expires.map(time),
+                description: row.try_get(8)?,
             });
         }
     }
@@ -119,9 +120,17 @@ async fn insert_secret(
 ) -> Result<(), StoreError> {
     let expires = s.expires.as_deref().map(unix).transpose()?;
     tx.execute(
-        "INSERT INTO fhir_edge_client_secrets (client_id, secret_id, hash, created_at, expires_at) \
-         VALUES ($1, $2, $3, to_timestamp($4::bigint), to_timestamp($5::bigint))",
-        &[&client_id, &s.id, &s.hash, &unix(&s.created)?, &expires],
+        "INSERT INTO fhir_edge_client_secrets \
+         (client_id, secret_id, hash, created_at, expires_at, description) \
+         VALUES ($1, $2, $3, to_timestamp($4::bigint), to_timestamp($5::bigint), $6)",
+        &[
+            &client_id,
+            &s.id,
+            &s.hash,
+            &unix(&s.created)?,
+            &expires,
+            &s.description,
+        ],
     )
     .await?;
     Ok(())

@@ -33,6 +33,7 @@ pub struct Secret {
     pub(super) digest: [u8; 32],
     pub created: u64,
     pub expires: Option<u64>,
+    pub description: Option<String>,
 }
 
 impl Secret {
@@ -97,6 +98,11 @@ impl ClientRegistry {
 
     pub fn is_empty(&self) -> bool {
         self.clients.is_empty()
+    }
+
+    /// Every client, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = &Client> {
+        self.clients.values().map(|c| &**c)
     }
 
     pub fn get(&self, client_id: &str) -> Option<&Client> {

@@ -1,0 +1,162 @@
+//! The `portal` section: where the registration portal is served, where its accounts and sessions
+//! live (beside the client registry: a JSON file with the file store, the same database with
+//! PostgreSQL) and its password, session and throttle rules.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use crate::config::problems::Source;
+use crate::config::settings::PortalSettings;
+use crate::config::token::is_endpoint_path;
+use crate::config::{resolve, PublicBase};
+use crate::db::DbConfig;
+use crate::token::clients::StoreConfig;
+use crate::token::limiter;
+
+/// Where the portal keeps accounts, invites, sessions and activity.
+#[derive(Debug, Clone)]
+pub(crate) enum PortalStoreConfig {
+    File(PathBuf),
+    Postgres(Box<DbConfig>),
+}
+
+/// The validated `portal` section.
+#[derive(Debug, Clone)]
+pub(crate) struct PortalConfig {
+    /// Below the public base (`/portal`).
+    pub path: String,
+    /// The portal's own listeners; empty: served on the proxy's listeners.
+    pub listen: Vec<SocketAddr>,
+    /// The portal's URL as owners reach it (no trailing slash).
+    pub public_url: String,
+    pub store: PortalStoreConfig,
+    pub require_totp: bool,
+    pub min_password_length: usize,
+    pub invite_seconds: u64,
+    pub idle_seconds: u64,
+    pub absolute_seconds: u64,
+    pub throttle: limiter::Limits,
+}
+
+impl PortalConfig {
+    /// Whether cookies must carry `Secure`: the portal's public URL is https (a TLS listener sets it
+    /// per connection as well).
+    pub(crate) fn https(&self) -> bool {
+        self.public_url.starts_with("https://")
+    }
+}
+
+/// Validates `portal` (`None` when it is absent, disabled or has a problem, which is recorded).
+pub(super) fn validate_portal(
+    p: &PortalSettings,
+    clients: Option<&StoreConfig>,
+    public: &PublicBase,
+    dir: &Path,
+    src: &mut Source,
+) -> Option<PortalConfig> {
+    if !p.enabled {
+        return None;
+    }
+    let before = src.problems.len();
+    let Some(clients) = clients else {
+        src.at(
+            "portal",
+            "portal",
+            "needs token_endpoint: the portal manages its client registry",
+        );
+        return None;
+    };
+    if !is_endpoint_path(&p.path) || p.path == "/metadata" || p.path.starts_with("/.well-known") {
+        src.at(
+            &p.path,
+            "portal.path",
+            "must be a path such as /portal, clear of discovery",
+        );
+    }
+    let mut listen = Vec::new();
+    for (i, a) in p.listen.iter().enumerate() {
+        match a.parse::<SocketAddr>() {
+            Ok(addr) => listen.push(addr),
+            Err(_) => src.at(
+                a,
+                format!("portal.listen[{i}]"),
+                "must be an IP:port address",
+            ),
+        }
+    }
+    let public_url = match &p.public_url {
+        Some(u) if u.starts_with("https://") || u.starts_with("http://") => {
+            u.trim_end_matches('/').to_string()
+        }
+        Some(u) => {
+            src.at(u, "portal.public_url", "must be an http(s) URL");
+            String::new()
+        }
+        None => format!("{}{}", public.url.trim_end_matches('/'), p.path),
+    };
+    let store = match clients {
+        StoreConfig::File(_) => {
+            if p.state_file.is_empty() {
+                src.at(
+                    "state_file",
+                    "portal.state_file",
+                    "is required with the file store",
+                );
+            }
+            PortalStoreConfig::File(resolve(dir, &p.state_file))
+        }
+        StoreConfig::Postgres { db, .. } => PortalStoreConfig::Postgres(db.clone()),
+    };
+    for (key, v, lo, hi) in [
+        ("min_password_length", p.min_password_length as u64, 8, 128),
+        ("invite_hours", p.invite_hours, 1, 24 * 14),
+        ("session_idle_minutes", p.session_idle_minutes, 1, 24 * 60),
+        ("session_hours", p.session_hours, 1, 24 * 30),
+        (
+            "login_throttle.window_seconds",
+            p.login_throttle.window_seconds,
+            1,
+            86_400,
+        ),
+        (
+            "login_throttle.per_account",
+            p.login_throttle.per_account.into(),
+            1,
+            1000,
+        ),
+        (
+            "login_throttle.per_source",
+            p.login_throttle.per_source.into(),
+            1,
+            100_000,
+        ),
+    ] {
+        if !(lo..=hi).contains(&v) {
+            let leaf = key.rsplit('.').next().unwrap_or(key);
+            src.at(
+                leaf,
+                format!("portal.{key}"),
+                format!("must be between {lo} and {hi}"),
+            );
+        }
+    }
+    if src.problems.len() > before {
+        return None;
+    }
+    Some(PortalConfig {
+        path: p.path.clone(),
+        listen,
+        public_url,
+        store,
+        require_totp: p.require_totp,
+        min_password_length: p.min_password_length,
+        invite_seconds: p.invite_hours * 3600,
+        idle_seconds: p.session_idle_minutes * 60,
+        absolute_seconds: p.session_hours * 3600,
+        throttle: limiter::Limits {
+            per_client: p.login_throttle.per_account,
+            per_source: p.login_throttle.per_source,
+            window_seconds: p.login_throttle.window_seconds,
+        },
+    })
+}
