@@ -677,3 +677,40 @@ fn migrate(env: &[(String, String)]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn sessions_end_after_their_idle_and_absolute_timeouts() {
+    let env = start("  session_idle_minutes: 30\n  session_hours: 12\n");
+    let state = env.proxy.dir.path().join("portal-state.json");
+    // The file store is read on every request, so ageing its sessions ages them for the proxy.
+    let age = |field: &str, seconds: u64| {
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+        for s in v["sessions"].as_array_mut().unwrap() {
+            let t = s[field].as_u64().unwrap();
+            s[field] = (t - seconds).into();
+        }
+        std::fs::write(&state, serde_json::to_vec(&v).unwrap()).unwrap();
+    };
+    let mut b = owner(&env, "owner@a.example", &[TENANT_A]);
+    age("last_seen", 29 * 60);
+    assert_eq!(
+        b.get("/portal/clients").status,
+        200,
+        "ended before the idle timeout"
+    );
+    age("last_seen", 31 * 60);
+    assert_eq!(
+        b.get("/portal/clients").status,
+        303,
+        "idle for 31 minutes, still signed in"
+    );
+    assert_eq!(b.sign_in("owner@a.example", PASSWORD).status, 303);
+    // Busy all along (just seen) but signed in 12 hours ago: ended.
+    age("created", 12 * 3600);
+    assert_eq!(
+        b.get("/portal/clients").status,
+        303,
+        "past the absolute timeout"
+    );
+}

@@ -198,7 +198,7 @@ fn the_schema_is_migrated_by_the_cli_and_checked_at_start() {
     let first = fleet.db_cli(&["migrate"]);
     assert!(first.status.success(), "{}", stderr(&first));
     assert!(
-        stderr(&first).contains("applied migration 1"),
+        stderr(&first).contains("applied migration 1, 2"),
         "{}",
         stderr(&first)
     );
@@ -206,7 +206,7 @@ fn the_schema_is_migrated_by_the_cli_and_checked_at_start() {
     assert!(stderr(&again).contains("up to date"), "{}", stderr(&again));
     let status = fleet.db_cli(&["status"]);
     assert!(
-        stderr(&status).contains("schema version 1, 0 clients"),
+        stderr(&status).contains("schema version 2, 0 clients"),
         "{}",
         stderr(&status)
     );
@@ -243,7 +243,7 @@ fn three_replicas_see_a_rotation_and_a_revocation_within_a_second() {
         .unwrap();
     assert!(check.status.success(), "{}", stderr(&check));
     assert!(
-        stderr(&check).contains("schema version 1, 1 clients"),
+        stderr(&check).contains("schema version 2, 1 clients"),
         "{}",
         stderr(&check)
     );

@@ -60,7 +60,7 @@ pub(crate) fn password_problem(password: &str, email: &str, min_len: usize) -> O
     {
         return Some("Do not use your e-mail address or the product's name.".into());
     }
-    if password.chars().all(|c| Some(c) == password.chars().next()) {
+    if password.chars().all(|c| password.starts_with(c)) {
         return Some("Do not repeat one character.".into());
     }
     None
