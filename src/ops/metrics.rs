@@ -47,6 +47,9 @@ pub(crate) struct Metrics {
     pub token_cache_miss: IntCounter,
     pub tokens_issued: IntCounterVec,
     pub token_failures: IntCounterVec,
+    /// Registration portal actions (`signed_in`, `sign_in_failed`, `sign_in_throttled`,
+    /// `client_created`, …): a fixed vocabulary, never an account or a client.
+    pub portal_actions: IntCounterVec,
     pub reloads: IntCounterVec,
     pub config_generation: IntGaugeVec,
     pub config_last_success: IntGaugeVec,
@@ -241,6 +244,12 @@ impl Metrics {
                 "fhir_edge_token_endpoint_failures_total",
                 "Token and client-management requests refused, by error.",
                 &["error"],
+            )?,
+            portal_actions: counter(
+                &r,
+                "fhir_edge_portal_actions_total",
+                "Registration portal actions, by action (sign-ins, failed and throttled sign-ins, client and secret changes).",
+                &["action"],
             )?,
             reloads: counter(
                 &r,

@@ -93,6 +93,12 @@ impl FhirEdge {
                 }
             }
         };
+        if let Some(action) = reply.action {
+            self.metrics
+                .portal_actions
+                .with_label_values(&[action])
+                .inc();
+        }
         ctx.template = Some(reply.template);
         ctx.portal_action = reply.action;
         ctx.portal_account = reply.account.clone();
