@@ -714,3 +714,30 @@ fn sessions_end_after_their_idle_and_absolute_timeouts() {
         "past the absolute timeout"
     );
 }
+
+#[test]
+fn a_portal_path_that_would_hide_fhir_or_the_token_endpoint_is_refused() {
+    let meta = StubUpstream::start("meta");
+    for path in [
+        "/Patient",
+        "/token",
+        "/register/x",
+        "/metadata",
+        "/portal/../x",
+    ] {
+        let mut cfg = ProxyConfig::new(meta.url("/fhir"), "tenants: {}\n".into());
+        cfg.token = Some(default_token_section());
+        cfg.top = format!("portal:\n  path: {path}\n");
+        let err = Proxy::try_start(cfg)
+            .err()
+            .unwrap_or_else(|| panic!("{path} accepted"));
+        assert!(err.contains("portal.path"), "{path}: {err}");
+    }
+    // Without a token endpoint there is nothing to manage.
+    let mut cfg = ProxyConfig::new(meta.url("/fhir"), "tenants: {}\n".into());
+    cfg.top = "portal:\n  path: /portal\n".into();
+    let err = Proxy::try_start(cfg)
+        .err()
+        .expect("a portal without a token endpoint");
+    assert!(err.contains("needs token_endpoint"), "{err}");
+}

@@ -11,7 +11,7 @@ use crate::config::token::is_endpoint_path;
 use crate::config::{resolve, PublicBase};
 use crate::db::DbConfig;
 use crate::token::clients::StoreConfig;
-use crate::token::limiter;
+use crate::token::{limiter, TokenSettings};
 
 /// Where the portal keeps accounts, invites, sessions and activity.
 #[derive(Debug, Clone)]
@@ -49,7 +49,7 @@ impl PortalConfig {
 /// Validates `portal` (`None` when it is absent, disabled or has a problem, which is recorded).
 pub(super) fn validate_portal(
     p: &PortalSettings,
-    clients: Option<&StoreConfig>,
+    token: Option<&TokenSettings>,
     public: &PublicBase,
     dir: &Path,
     src: &mut Source,
@@ -58,7 +58,7 @@ pub(super) fn validate_portal(
         return None;
     }
     let before = src.problems.len();
-    let Some(clients) = clients else {
+    let Some(token) = token else {
         src.at(
             "portal",
             "portal",
@@ -66,11 +66,29 @@ pub(super) fn validate_portal(
         );
         return None;
     };
-    if !is_endpoint_path(&p.path) || p.path == "/metadata" || p.path.starts_with("/.well-known") {
+    // The portal is matched before anything else: it must not hide discovery, fhir-edge's own
+    // endpoints or FHIR (whose resource types start with a capital letter).
+    let overlaps = |other: &str| {
+        p.path == other
+            || p.path.starts_with(&format!("{other}/"))
+            || other.starts_with(&format!("{}/", p.path))
+    };
+    let first = p.path.trim_start_matches('/').chars().next();
+    if !is_endpoint_path(&p.path)
+        || first.is_none_or(|c| c.is_ascii_uppercase() || c == '$' || c == '_')
+        || [
+            "/metadata",
+            "/.well-known",
+            &token.path,
+            &token.management_path,
+        ]
+        .iter()
+        .any(|o| overlaps(o))
+    {
         src.at(
             &p.path,
             "portal.path",
-            "must be a path such as /portal, clear of discovery",
+            "must be a path such as /portal, clear of discovery, the token endpoints and FHIR resource types",
         );
     }
     let mut listen = Vec::new();
@@ -94,7 +112,7 @@ pub(super) fn validate_portal(
         }
         None => format!("{}{}", public.url.trim_end_matches('/'), p.path),
     };
-    let store = match clients {
+    let store = match &token.clients {
         StoreConfig::File(_) => {
             if p.state_file.is_empty() {
                 src.at(

@@ -66,13 +66,9 @@ pub(super) fn validate(f: Settings, src: &mut Source) -> Option<Config> {
         _ => None,
     };
     let portal = match (&f.portal, &public) {
-        (Some(p), Some(public)) => crate::config::portal::validate_portal(
-            p,
-            token.as_ref().map(|t| &t.clients),
-            public,
-            dir,
-            src,
-        ),
+        (Some(p), Some(public)) => {
+            crate::config::portal::validate_portal(p, token.as_ref(), public, dir, src)
+        }
         _ => None,
     };
     let issuers = trusted_issuers(&f, dir, token.as_ref(), src);
