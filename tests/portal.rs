@@ -655,8 +655,7 @@ fn the_portal_over_postgresql_shares_sessions_and_clients_across_replicas() {
     assert!(stored.contains("$argon2id$") && !stored.contains(PASSWORD));
     // The last use reaches the database within the flush interval.
     assert!(crate::support::eventually(Duration::from_secs(40), || {
-        pg.psql("SELECT count(*) FROM fhir_edge_secret_usage")
-            .contains('1')
+        pg.psql("SELECT count(*) FROM fhir_edge_secret_usage") == "1"
     }));
 }
 
