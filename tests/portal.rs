@@ -740,3 +740,88 @@ fn a_portal_path_that_would_hide_fhir_or_the_token_endpoint_is_refused() {
         .expect("a portal without a token endpoint");
     assert!(err.contains("needs token_endpoint"), "{err}");
 }
+
+/// The current RFC 6238 code of a base32 key (SHA-1, 6 digits, 30 s), and its time step.
+fn totp_now(key: &str) -> (String, u64) {
+    let totp = totp_rs::Builder::new()
+        .with_secret(totp_rs::Secret::try_from_base32(key).unwrap())
+        .build()
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    (totp.generate(now).to_string(), now / 30)
+}
+
+#[test]
+fn required_two_step_sign_in_is_set_up_first_and_each_code_works_once() {
+    let env = start("  require_totp: true\n");
+    let mut b = owner(&env, "owner@a.example", &[TENANT_A]);
+    // Until TOTP is on, every page leads to its set-up.
+    let p = b.get("/portal/clients");
+    assert_eq!(
+        (p.status, p.location.as_deref()),
+        (303, Some("/portal/account/totp"))
+    );
+    let setup = b.get("/portal/account/totp");
+    let key = setup.by_id("totp-key");
+    assert_eq!(key.len(), 32);
+    let wrong = b.post(
+        "/portal/account/totp",
+        &[
+            ("csrf", &setup.csrf()),
+            ("secret", &key),
+            ("code", "000000"),
+        ],
+    );
+    assert_eq!(wrong.status, 400);
+    let (code, step) = totp_now(&key);
+    let done = b.post(
+        "/portal/account/totp",
+        &[("csrf", &setup.csrf()), ("secret", &key), ("code", &code)],
+    );
+    assert_eq!(done.status, 200, "{}", done.body);
+    let recovery: Vec<String> = done
+        .body
+        .split("<li><code>")
+        .skip(1)
+        .map(|c| c.split('<').next().unwrap().to_string())
+        .collect();
+    assert_eq!(recovery.len(), 10);
+    assert_eq!(b.get("/portal/clients").status, 200);
+    let mut other = Browser::new(b.origin.clone());
+    let sign_in = |x: &mut Browser, code: &str| {
+        x.submit(
+            "/portal/login",
+            "/portal/login",
+            &[
+                ("email", "owner@a.example"),
+                ("password", PASSWORD),
+                ("code", code),
+            ],
+        )
+        .status
+    };
+    // The password alone is not enough, nor is the code already used to turn TOTP on.
+    assert_eq!(sign_in(&mut other, ""), 401);
+    let (again, same_step) = totp_now(&key);
+    if same_step == step {
+        assert_eq!(
+            sign_in(&mut other, &again),
+            401,
+            "a TOTP code was accepted twice"
+        );
+    }
+    // A recovery code works once.
+    assert_eq!(sign_in(&mut other, &recovery[0]), 303);
+    assert_eq!(
+        sign_in(&mut Browser::new(b.origin.clone()), &recovery[0]),
+        401
+    );
+    let state = std::fs::read_to_string(env.proxy.dir.path().join("portal-state.json")).unwrap();
+    assert!(
+        !state.contains(&recovery[1]),
+        "a recovery code is stored as is"
+    );
+}
