@@ -582,7 +582,41 @@ fn invites_are_single_use_and_password_changes_and_disabling_end_sessions() {
 #[test]
 fn the_portal_can_have_a_listener_of_its_own() {
     let port = crate::support::proxy::free_port();
-    let env = start(&format!("  listen: [\"127.0.0.1:{port}\"]\n"));
+    // A public URL whose path is not where the pages are would print dead invitation links.
+    let meta = StubUpstream::start("meta");
+    let mut cfg = ProxyConfig::new(meta.url("/fhir"), "tenants: {}\n".into());
+    cfg.token = Some(default_token_section());
+    cfg.top = portal_section(&format!("  public_url: \"http://127.0.0.1:{port}\"\n"));
+    let err = Proxy::try_start(cfg)
+        .err()
+        .expect("a public_url without the portal's path");
+    assert!(
+        err.contains("portal.public_url") && err.contains("/portal"),
+        "{err}"
+    );
+    let env = start(&format!(
+        "  listen: [\"127.0.0.1:{port}\"]\n  public_url: \"http://127.0.0.1:{port}/portal\"\n"
+    ));
+    // The invitation link names the portal's own listener, and works there.
+    let out = portal_cli(
+        &env.proxy,
+        &[],
+        &[
+            "--json",
+            "invite",
+            "--email",
+            "owner@a.example",
+            "--tenant",
+            TENANT_A,
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let link = v["link"].as_str().unwrap();
+    assert!(
+        link.starts_with(&format!("http://127.0.0.1:{port}/portal/invite/")),
+        "{link}"
+    );
+    assert_eq!(client().get(link).send().unwrap().status(), 200);
     let http = client();
     let own = http
         .get(format!("http://127.0.0.1:{port}/portal/login"))
@@ -647,6 +681,17 @@ fn the_portal_over_postgresql_shares_sessions_and_clients_across_replicas() {
         .send()
         .unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().unwrap());
+    // Failed sign-ins count once for the fleet: three on one replica lock the address on two.
+    let mut x1 = Browser::new(format!("http://{}", one.authority()));
+    for _ in 0..3 {
+        assert_eq!(
+            x1.sign_in("owner@a.example", "not the password at all")
+                .status,
+            401
+        );
+    }
+    let mut x2 = Browser::new(format!("http://{}", two.authority()));
+    assert_eq!(x2.sign_in("owner@a.example", PASSWORD).status, 429);
     // Signing out on one ends the session on two.
     let csrf = b.get("/portal/clients").csrf();
     assert_eq!(b.post("/portal/logout", &[("csrf", &csrf)]).status, 303);
@@ -824,4 +869,34 @@ fn required_two_step_sign_in_is_set_up_first_and_each_code_works_once() {
         !state.contains(&recovery[1]),
         "a recovery code is stored as is"
     );
+}
+
+#[test]
+fn a_successful_sign_in_clears_the_failures_before_it() {
+    let env = start("");
+    let b = owner(&env, "owner@a.example", &[TENANT_A]);
+    let mut x = Browser::new(b.origin.clone());
+    for _ in 0..2 {
+        assert_eq!(
+            x.sign_in("owner@a.example", "a typo in the password")
+                .status,
+            401
+        );
+    }
+    assert_eq!(x.sign_in("owner@a.example", PASSWORD).status, 303);
+    for _ in 0..2 {
+        assert_eq!(
+            x.sign_in("owner@a.example", "a typo in the password")
+                .status,
+            401
+        );
+    }
+    assert_eq!(
+        x.sign_in("owner@a.example", PASSWORD).status,
+        303,
+        "locked out by earlier typos"
+    );
+    // The count is in the state file, by the address's hash: never the address or a password.
+    let state = std::fs::read_to_string(env.proxy.dir.path().join("portal-state.json")).unwrap();
+    assert!(!state.contains("a typo"));
 }

@@ -102,13 +102,24 @@ pub(super) fn validate_portal(
             ),
         }
     }
+    // Pages, links and cookies live below the public base path and `path` on every listener, so a
+    // `public_url` (a load balancer's or the portal listener's name) must end in that same path.
+    let prefix = format!("{}{}", public.path.trim_end_matches('/'), p.path);
     let public_url = match &p.public_url {
-        Some(u) if u.starts_with("https://") || u.starts_with("http://") => {
-            u.trim_end_matches('/').to_string()
-        }
         Some(u) => {
-            src.at(u, "portal.public_url", "must be an http(s) URL");
-            String::new()
+            let u = u.trim_end_matches('/');
+            let path = u
+                .strip_prefix("https://")
+                .or_else(|| u.strip_prefix("http://"))
+                .map(|rest| rest.find('/').map_or("", |i| &rest[i..]));
+            if path != Some(prefix.as_str()) {
+                src.at(
+                    u,
+                    "portal.public_url",
+                    format!("must be an http(s) URL whose path is {prefix} (public base path + portal.path), e.g. https://portal.example.org{prefix}"),
+                );
+            }
+            u.to_string()
         }
         None => format!("{}{}", public.url.trim_end_matches('/'), p.path),
     };

@@ -53,12 +53,16 @@ pub(crate) fn password_problem(password: &str, email: &str, min_len: usize) -> O
     let lower = password.to_lowercase();
     let local = email.split('@').next().unwrap_or_default().to_lowercase();
     let squashed = lower.replace(['-', '_', ' ', '.'], "");
+    // A short local part (`ann`) is inside too many ordinary words to be refused anywhere; from five
+    // characters on it is a name, not a syllable.
     if lower.contains(&email.to_lowercase())
-        || (local.len() >= 3 && lower.contains(&local))
-        || lower.contains(PRODUCT)
-        || squashed.contains("fhiredge")
+        || lower == local
+        || (local.chars().count() >= 5 && lower.contains(&local))
     {
-        return Some("Do not use your e-mail address or the product's name.".into());
+        return Some("Do not use your e-mail address or its name part in the password.".into());
+    }
+    if lower.contains(PRODUCT) || squashed.contains("fhiredge") {
+        return Some("Do not use the product's name in the password.".into());
     }
     if password.chars().all(|c| password.starts_with(c)) {
         return Some("Do not repeat one character.".into());
@@ -181,6 +185,10 @@ mod tests {
         assert!(password_problem("short", e, 12).is_some());
         assert!(password_problem("my owner@hospital.example pw", e, 12).is_some());
         assert!(password_problem("xxOWNERxx-long-enough", e, 12).is_some());
+        // A short name part is inside ordinary words: not refused.
+        let short = "ann@hospital.example";
+        assert!(password_problem("planning a channel cruise", short, 12).is_none());
+        assert!(password_problem("ann@hospital.example!", short, 12).is_some());
         assert!(password_problem("Fhir_Edge is my password", e, 12).is_some());
         assert!(password_problem("aaaaaaaaaaaaaaaa", e, 12).is_some());
         assert!(password_problem("correct horse battery staple", e, 12).is_none());

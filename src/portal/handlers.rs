@@ -26,7 +26,7 @@ impl Portal {
         let post = req.method == Method::POST;
         match (segments.as_slice(), get, post) {
             (["static", "portal.css"], true, _) => Ok(stylesheet()),
-            (["login"], true, _) => self.login_page(req, None, 200),
+            (["login"], true, _) => self.login_page(req, None, 200, ""),
             (["login"], _, true) => self.login(req, now).await,
             (["invite", token], true, _) => self.invite_page(req, token, now).await,
             (["invite", token], _, true) => self.accept_invite(req, token, now).await,
@@ -107,7 +107,7 @@ impl Portal {
 
     // ---- signing in ----
 
-    fn login_page(&self, req: &Request, flash: Option<Flash>, status: u16) -> Page {
+    fn login_page(&self, req: &Request, flash: Option<Flash>, status: u16, email: &str) -> Page {
         let token = self
             .cookie(req, "csrf")
             .map_or_else(|| random_or_fail(()), Ok)?;
@@ -119,7 +119,7 @@ impl Portal {
         let mut r = self.html(
             status,
             "{portal}/login",
-            pages::login(self, &token, flash.as_ref()),
+            pages::login(self, &token, email, flash.as_ref()),
         );
         r.headers.push(self.set_cookie(req, "csrf", Some(&token)));
         Ok(r)
@@ -130,7 +130,20 @@ impl Portal {
         self.check_anonymous_csrf(req, &form)?;
         let email = form.get("email").unwrap_or_default().trim().to_lowercase();
         let password = form.get("password").unwrap_or_default().to_string();
-        if let Some(wait) = self.limiter.retry_after(Some(&email), req.source) {
+        // Failures count per address given, in the store (one count for the fleet, the same
+        // whether or not an account has the address), and per source, in this replica's sketch.
+        let key = sha256_hex(&email);
+        let t = &self.cfg.throttle;
+        let (failures, since) = self
+            .store
+            .login_failures(&key, now, t.window_seconds)
+            .await?;
+        let by_account = (failures >= t.per_client)
+            .then(|| since.saturating_add(t.window_seconds).saturating_sub(now));
+        if let Some(wait) = by_account
+            .max(self.limiter.retry_after(None, req.source))
+            .map(|w| w.max(1))
+        {
             let minutes = wait.div_ceil(60);
             let mut r = self.login_page(
                 req,
@@ -139,6 +152,7 @@ impl Portal {
                     if minutes == 1 { "" } else { "s" }
                 ))),
                 429,
+                &email,
             )?;
             r.headers.push(("retry-after", wait.to_string()));
             r.action = Some("sign_in_throttled");
@@ -158,7 +172,10 @@ impl Portal {
             }
         }
         let Some(a) = usable.filter(|_| ok) else {
-            self.limiter.record_failure(Some(&email), req.source);
+            self.limiter.record_failure(None, req.source);
+            self.store
+                .note_login_failure(&key, now, t.window_seconds)
+                .await?;
             if let Some(a) = &account {
                 self.note(req, &a.id, "sign_in_failed", None, None, now)
                     .await?;
@@ -169,11 +186,15 @@ impl Portal {
                     "The e-mail address, password or code is not right.".into(),
                 )),
                 401,
+                &email,
             )?;
             r.action = Some("sign_in_failed");
             r.account = account.map(|a| a.id);
             return Ok(r);
         };
+        if failures > 0 {
+            self.store.clear_login_failures(&key).await?;
+        }
         // A new session id at every sign-in: a session id planted before cannot be signed in.
         if let Some(old) = self.cookie(req, "session") {
             self.store.end_session(&sha256_hex(&old)).await?;

@@ -97,7 +97,7 @@ pub(super) fn message(p: &Portal, s: Option<&Signed>, title: &str, text: &str) -
     layout(p, s, title, html! { p { (text) } })
 }
 
-pub(super) fn login(p: &Portal, csrf: &str, f: Option<&Flash>) -> Markup {
+pub(super) fn login(p: &Portal, csrf: &str, email: &str, f: Option<&Flash>) -> Markup {
     layout(
         p,
         None,
@@ -107,11 +107,11 @@ pub(super) fn login(p: &Portal, csrf: &str, f: Option<&Flash>) -> Markup {
             form.card method="post" action=(p.link("/login")) {
                 input type="hidden" name="csrf" value=(csrf);
                 label for="email" { "E-mail address" }
-                input id="email" name="email" type="email" autocomplete="username" required;
+                input id="email" name="email" type="email" autocomplete="username" required value=(email);
                 label for="password" { "Password" }
                 input id="password" name="password" type="password" autocomplete="current-password" required;
                 label for="code" { "Authenticator code or recovery code" }
-                p.hint id="code-hint" { "Only if you turned on two-step sign-in." }
+                p.hint id="code-hint" { "Only if you turned on two-step sign-in. Each code works once: if you just used one, wait for the next." }
                 input id="code" name="code" type="text" inputmode="numeric" autocomplete="one-time-code" aria-describedby="code-hint";
                 button type="submit" { "Sign in" }
             }

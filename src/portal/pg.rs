@@ -402,8 +402,14 @@ impl PgStore {
         now: u64,
         idle_before: u64,
         created_before: u64,
+        failures_before: u64,
     ) -> Result<(), PortalError> {
         self.run(move |c| async move {
+            c.execute(
+                "DELETE FROM fhir_edge_portal_login_failures WHERE since < $1",
+                &[&int(failures_before)],
+            )
+            .await?;
             c.execute(
                 "DELETE FROM fhir_edge_portal_sessions WHERE last_seen < $1 OR created < $2",
                 &[&int(idle_before), &int(created_before)],
@@ -412,6 +418,66 @@ impl PgStore {
             c.execute(
                 "DELETE FROM fhir_edge_portal_invites WHERE expires <= $1",
                 &[&int(now)],
+            )
+            .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub(crate) async fn login_failures(&self, key: &str) -> Result<(u32, u64), PortalError> {
+        let key = key.to_string();
+        self.run(move |c| async move {
+            let row = c
+                .query_opt(
+                    "SELECT failures, since FROM fhir_edge_portal_login_failures WHERE key_hash = $1",
+                    &[&key],
+                )
+                .await?;
+            Ok(match row {
+                Some(r) => {
+                    let (n, since): (i32, i64) = (r.try_get(0)?, r.try_get(1)?);
+                    (
+                        u32::try_from(n).unwrap_or(0),
+                        u64::try_from(since).unwrap_or(0),
+                    )
+                }
+                None => (0, 0),
+            })
+        })
+        .await
+    }
+
+    pub(crate) async fn note_login_failure(
+        &self,
+        key: &str,
+        now: u64,
+        window: u64,
+    ) -> Result<(), PortalError> {
+        let key = key.to_string();
+        self.run(move |c| async move {
+            // One statement: concurrent failures on several replicas all count.
+            c.execute(
+                "INSERT INTO fhir_edge_portal_login_failures (key_hash, failures, since) \
+                 VALUES ($1, 1, $2) ON CONFLICT (key_hash) DO UPDATE SET \
+                 failures = CASE WHEN $2 >= fhir_edge_portal_login_failures.since + $3 THEN 1 \
+                     ELSE fhir_edge_portal_login_failures.failures + 1 END, \
+                 since = CASE WHEN $2 >= fhir_edge_portal_login_failures.since + $3 THEN $2 \
+                     ELSE fhir_edge_portal_login_failures.since END",
+                &[&key, &int(now), &int(window)],
+            )
+            .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub(crate) async fn clear_login_failures(&self, key: &str) -> Result<(), PortalError> {
+        let key = key.to_string();
+        self.run(move |c| async move {
+            c.execute(
+                "DELETE FROM fhir_edge_portal_login_failures WHERE key_hash = $1",
+                &[&key],
             )
             .await?;
             Ok(())

@@ -71,7 +71,12 @@ impl PortalService {
         let now = now_unix();
         let idle_before = now.saturating_sub(p.cfg.idle_seconds);
         let created_before = now.saturating_sub(p.cfg.absolute_seconds);
-        if let Err(e) = p.store.purge(now, idle_before, created_before).await {
+        let failures_before = now.saturating_sub(p.cfg.throttle.window_seconds);
+        if let Err(e) = p
+            .store
+            .purge(now, idle_before, created_before, failures_before)
+            .await
+        {
             log::warn!("portal: cannot drop expired sessions: {e}");
         }
     }

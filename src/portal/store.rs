@@ -345,13 +345,14 @@ impl PortalStore {
         }
     }
 
-    /// Drops sessions idle since `idle_before` or created before `created_before`, and expired
-    /// invites.
+    /// Drops sessions idle since `idle_before` or created before `created_before`, expired
+    /// invites, and sign-in failures whose window started before `failures_before`.
     pub(crate) async fn purge(
         &self,
         now: u64,
         idle_before: u64,
         created_before: u64,
+        failures_before: u64,
     ) -> Result<(), PortalError> {
         match self {
             PortalStore::File(f) => {
@@ -360,6 +361,7 @@ impl PortalStore {
                         .iter()
                         .any(|x| x.last_seen < idle_before || x.created < created_before)
                         || s.invites.iter().any(|i| i.expires <= now)
+                        || s.login_failures.values().any(|(_, t)| *t < failures_before)
                 })?;
                 if !stale {
                     return Ok(());
@@ -368,10 +370,85 @@ impl PortalStore {
                     s.sessions
                         .retain(|x| x.last_seen >= idle_before && x.created >= created_before);
                     s.invites.retain(|i| i.expires > now);
+                    s.login_failures.retain(|_, (_, t)| *t >= failures_before);
                     Ok(())
                 })
             }
-            PortalStore::Postgres(p) => p.purge(now, idle_before, created_before).await,
+            PortalStore::Postgres(p) => {
+                p.purge(now, idle_before, created_before, failures_before)
+                    .await
+            }
+        }
+    }
+
+    /// The failures counted against `key` in the window that started at its first failure (`(0,
+    /// 0)`: none, or the window is over).
+    pub(crate) async fn login_failures(
+        &self,
+        key: &str,
+        now: u64,
+        window: u64,
+    ) -> Result<(u32, u64), PortalError> {
+        let live = |(n, since): (u32, u64)| {
+            if now < since.saturating_add(window) {
+                (n, since)
+            } else {
+                (0, 0)
+            }
+        };
+        match self {
+            PortalStore::File(f) => {
+                f.read(|s| live(s.login_failures.get(key).copied().unwrap_or((0, 0))))
+            }
+            PortalStore::Postgres(p) => Ok(live(p.login_failures(key).await?)),
+        }
+    }
+
+    /// Counts one failed sign-in against `key` (a new window when the last one is over).
+    pub(crate) async fn note_login_failure(
+        &self,
+        key: &str,
+        now: u64,
+        window: u64,
+    ) -> Result<(), PortalError> {
+        match self {
+            PortalStore::File(f) => f.mutate(|s| {
+                let e = s.login_failures.entry(key.to_string()).or_insert((0, now));
+                *e = if now >= e.1.saturating_add(window) {
+                    (1, now)
+                } else {
+                    (e.0.saturating_add(1), e.1)
+                };
+                while s.login_failures.len() > LOGIN_FAILURES_KEPT {
+                    let oldest = s
+                        .login_failures
+                        .iter()
+                        .min_by_key(|(_, (_, since))| *since)
+                        .map(|(k, _)| k.clone());
+                    match oldest {
+                        Some(k) => s.login_failures.remove(&k),
+                        None => break,
+                    };
+                }
+                Ok(())
+            }),
+            PortalStore::Postgres(p) => p.note_login_failure(key, now, window).await,
+        }
+    }
+
+    /// Forgets `key`'s failures (a successful sign-in).
+    pub(crate) async fn clear_login_failures(&self, key: &str) -> Result<(), PortalError> {
+        match self {
+            PortalStore::File(f) => {
+                if f.read(|s| s.login_failures.contains_key(key))? {
+                    f.mutate(|s| {
+                        s.login_failures.remove(key);
+                        Ok(())
+                    })?;
+                }
+                Ok(())
+            }
+            PortalStore::Postgres(p) => p.clear_login_failures(key).await,
         }
     }
 
@@ -466,7 +543,14 @@ pub(crate) struct State {
     /// `client_id/secret_id` → Unix time.
     #[serde(default)]
     pub last_used: BTreeMap<String, u64>,
+    /// SHA-256 of an e-mail address given at sign-in → failures and when the window started.
+    #[serde(default)]
+    pub login_failures: BTreeMap<String, (u32, u64)>,
 }
+
+/// Failure entries the state file keeps (the oldest windows go first): a flood of made-up
+/// addresses cannot grow the file without bound.
+const LOGIN_FAILURES_KEPT: usize = 10_000;
 
 /// The portal's state in one JSON file, read on every use and changed under an exclusive lock on
 /// `<file>.lock` (read, change, write a temporary file, fsync, rename), so the running proxy and

@@ -54,6 +54,15 @@ CREATE TABLE fhir_edge_portal_activity (
 
 CREATE INDEX fhir_edge_portal_activity_account ON fhir_edge_portal_activity (account_id, id DESC);
 
+-- Failed sign-ins per e-mail address given (SHA-256 of it, lower case; whether or not an account has
+-- it), in a window starting at the first failure: one count for the whole fleet, cleared by a
+-- successful sign-in.
+CREATE TABLE fhir_edge_portal_login_failures (
+    key_hash text PRIMARY KEY,
+    failures integer NOT NULL,
+    since bigint NOT NULL
+);
+
 -- Outside the secrets table, so recording a use does not notify every replica.
 CREATE TABLE fhir_edge_secret_usage (
     client_id text NOT NULL,
