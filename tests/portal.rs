@@ -373,11 +373,14 @@ fn an_owner_never_sees_or_changes_another_tenants_clients() {
         .split('<')
         .next()
         .unwrap();
-    let p = a.post(
-        &format!("/portal/clients/{b_client}/secrets/{secret_id}/revoke"),
-        &[("csrf", &csrf)],
+    let revoke = format!("/portal/clients/{b_client}/secrets/{secret_id}/revoke");
+    assert_eq!(a.get(&revoke).status, 404);
+    assert_eq!(a.post(&revoke, &[("csrf", &csrf)]).status, 404);
+    assert_eq!(
+        b.get(&revoke).status,
+        200,
+        "the owner's own confirmation page"
     );
-    assert_eq!(p.status, 404);
     // Nor can A create a client for B's tenant by editing the form.
     let p = a.post(
         "/portal/clients/new",
@@ -812,6 +815,8 @@ fn required_two_step_sign_in_is_set_up_first_and_each_code_works_once() {
     let setup = b.get("/portal/account/totp");
     let key = setup.by_id("totp-key");
     assert_eq!(key.len(), 32);
+    // A reload shows the key already scanned.
+    assert_eq!(b.get("/portal/account/totp").by_id("totp-key"), key);
     let wrong = b.post(
         "/portal/account/totp",
         &[

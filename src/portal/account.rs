@@ -124,9 +124,17 @@ pub(crate) fn totp(secret_base32: &str) -> Option<Totp> {
         .ok()
 }
 
-/// A new TOTP secret (160 bits, RFC 4226 §4), base32.
-pub(crate) fn new_totp_secret() -> Result<String, String> {
-    Ok(Secret::new_stack(random_bytes::<20>()?).to_base32())
+/// The TOTP secret offered to a session during set-up (160 bits, RFC 4226 §4), base32: derived
+/// from the session's id hash (256 random bits, kept server-side), so reloading the set-up page
+/// shows the key already scanned, and each session gets another.
+pub(crate) fn setup_totp_secret(session_id_hash: &str) -> String {
+    let d = Sha256::new()
+        .chain_update(b"fhir-edge TOTP set-up\0")
+        .chain_update(session_id_hash.as_bytes())
+        .finalize();
+    let mut key = [0u8; 20];
+    key.copy_from_slice(&d[..20]);
+    Secret::new_stack(key).to_base32()
 }
 
 /// The `otpauth://` URI authenticator apps import (Key Uri Format): label `issuer:email`.

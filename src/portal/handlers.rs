@@ -63,6 +63,9 @@ impl Portal {
             (["clients", "new"], _, true) => self.create_client(req, &s, now).await,
             (["clients", id], true, _) => self.client_page(&s, id, None, 200).await,
             (["clients", id, "secrets"], _, true) => self.add_secret(req, &s, id, now).await,
+            (["clients", id, "secrets", sid, "revoke"], true, _) => {
+                self.revoke_page(&s, id, sid).await
+            }
             (["clients", id, "secrets", sid, "revoke"], _, true) => {
                 self.revoke_secret(req, &s, id, sid, now).await
             }
@@ -383,14 +386,7 @@ impl Portal {
         }
         let (flash, secret, status) = match flash {
             Some((f, secret)) => (Some(f), secret, 400),
-            None => (
-                None,
-                account::new_totp_secret().map_err(|e| {
-                    log::error!("portal: {e}");
-                    PageError::Unavailable
-                })?,
-                200,
-            ),
+            None => (None, account::setup_totp_secret(&s.session.id_hash), 200),
         };
         let uri = account::otpauth_uri(&secret, &s.account.email);
         Ok(self.html(
@@ -626,14 +622,7 @@ impl Portal {
 
     async fn client_page(&self, s: &Signed, id: &str, flash: Option<Flash>, status: u16) -> Page {
         let mut view = self.owned_client(s, id)?;
-        let mut used = self.store.last_used(id).await?;
-        for (sid, at) in self.token.usage.pending_for(id) {
-            let e = used.entry(sid).or_insert(0);
-            *e = (*e).max(at);
-        }
-        for secret in &mut view.secrets {
-            secret.last_used = used.get(&secret.id).copied();
-        }
+        self.fill_last_used(&mut view).await?;
         Ok(self.html(
             status,
             "{portal}/clients/{client_id}",
@@ -645,6 +634,32 @@ impl Portal {
                 flash.as_ref(),
             ),
         ))
+    }
+
+    async fn revoke_page(&self, s: &Signed, id: &str, sid: &str) -> Page {
+        let mut view = self.owned_client(s, id)?;
+        self.fill_last_used(&mut view).await?;
+        let Some(x) = view.secrets.iter().find(|x| x.id == sid) else {
+            return Err(PageError::NotFound);
+        };
+        Ok(self.html(
+            200,
+            "{portal}/clients/{client_id}/secrets/{secret_id}/revoke",
+            pages::revoke(self, s, &view, x),
+        ))
+    }
+
+    /// Adds when each secret was last used (the store's record and this replica's newer uses).
+    async fn fill_last_used(&self, view: &mut ClientView) -> Result<(), PageError> {
+        let mut used = self.store.last_used(&view.id).await?;
+        for (sid, at) in self.token.usage.pending_for(&view.id) {
+            let e = used.entry(sid).or_insert(0);
+            *e = (*e).max(at);
+        }
+        for secret in &mut view.secrets {
+            secret.last_used = used.get(&secret.id).copied();
+        }
+        Ok(())
     }
 
     async fn add_secret(&self, req: &Request, s: &Signed, id: &str, now: u64) -> Page {

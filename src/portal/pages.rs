@@ -464,10 +464,7 @@ pub(super) fn client(
                             td { @match x.expires { Some(e) => (when(e)), None => "never" } @if !x.live { " (expired)" } }
                             td { @match x.last_used { Some(u) => (when(u)), None => "never" } }
                             td {
-                                form.inline method="post" action=(p.link(&format!("{base}/secrets/{}/revoke", x.id))) {
-                                    (csrf(s))
-                                    button.danger type="submit" aria-label=(format!("Revoke secret {}", x.id)) { "Revoke" }
-                                }
+                                a.button.danger href=(p.link(&format!("{base}/secrets/{}/revoke", x.id))) aria-label=(format!("Revoke secret {}", x.id)) { "Revoke" }
                             }
                         }
                     }
@@ -491,6 +488,29 @@ pub(super) fn client(
                 }
                 button.danger type="submit" { "Delete client" }
             }
+        },
+    )
+}
+
+pub(super) fn revoke(p: &Portal, s: &Signed, c: &ClientView, x: &SecretView) -> Markup {
+    let base = format!("/clients/{}", c.id);
+    layout(
+        p,
+        Some(s),
+        "Revoke a secret?",
+        html! {
+            dl {
+                dt { "Client" } dd { (c.name) " " code { (c.id) } }
+                dt { "Secret" } dd { code { (x.id) } }
+                dt { "Description" } dd { (x.description.as_deref().unwrap_or("")) }
+                dt { "Last used" } dd { @match x.last_used { Some(u) => (when(u)), None => "never" } }
+            }
+            p { "The secret stops working at once, and so does every token obtained with it. The client's other secrets keep working. This cannot be undone." }
+            form.card method="post" action=(p.link(&format!("{base}/secrets/{}/revoke", x.id))) {
+                (csrf(s))
+                button.danger type="submit" { "Revoke secret" }
+            }
+            p { a href=(p.link(&base)) { "Cancel" } }
         },
     )
 }

@@ -121,15 +121,27 @@ def fhir_edge_bin():
     return built
 
 
-class Edge:
-    """fhir-edge in front of the two servers: tenant A → `a`, tenant B → `b`, metadata from `a`."""
+# The registration portal's section (with the file client store its state goes in a JSON file beside it).
+PORTAL_YAML = """
+portal:
+  path: /portal
+  state_file: portal-state.json
+  require_totp: false
+"""
 
-    def __init__(self, workdir: Path, a: Sekmet, b: Sekmet):
+
+class Edge:
+    """fhir-edge in front of the two servers: tenant A → `a`, tenant B → `b`, metadata from `a`.
+    With `portal`, it serves the registration portal at {base}/portal as well."""
+
+    def __init__(self, workdir: Path, a: Sekmet, b: Sekmet, name: str = "edge", portal: bool = False):
         self.bin = fhir_edge_bin()
-        self.dir = workdir / "edge"
+        self.dir = workdir / name
         self.dir.mkdir()
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}/fhir"
+        self.config = self.dir / "fhir-edge.yaml"
+        self.portal = f"{self.base}/portal" if portal else None
         keys = REPO / "tests" / "fixtures" / "keys"
         (self.dir / "routes.yaml").write_text(
             f"tenants:\n  {TENANT_A}:\n    name: hospital-a\n    upstream: \"{a.base}\"\n"
@@ -160,7 +172,7 @@ server:
   reload_debounce_ms: 50
   pid_file: {self.dir}/pid
   upgrade_sock: {self.dir}/upgrade.sock
-""")
+""" + (PORTAL_YAML if portal else ""))
         out = subprocess.run(
             [str(self.bin), "clients", "--config", str(self.dir / "fhir-edge.yaml"), "--json",
              "add", "--name", "teams-patients-app", "--tenant", TENANT_A, "--tenant", TENANT_B],
