@@ -905,3 +905,36 @@ fn a_successful_sign_in_clears_the_failures_before_it() {
     let state = std::fs::read_to_string(env.proxy.dir.path().join("portal-state.json")).unwrap();
     assert!(!state.contains("a typo"));
 }
+
+#[test]
+fn over_tls_the_cookies_are_secure_and_named_so() {
+    let env = Env::start_with(|cfg| {
+        cfg.token = Some(default_token_section());
+        cfg.top = portal_section("");
+        cfg.tls = true;
+    });
+    let port = env.proxy.tls_port.unwrap();
+    let pem = std::fs::read(fixture("tls/ca.pem")).unwrap();
+    let https = reqwest::blocking::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = https
+        .get(format!("https://localhost:{port}/portal/login"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let set = r.headers()["set-cookie"].to_str().unwrap();
+    assert!(
+        set.starts_with("__Secure-fhir-edge-csrf=") && set.contains("; Secure"),
+        "{set}"
+    );
+    // The same portal over plain HTTP: no `Secure`, no prefix (a browser would drop such a cookie).
+    let plain = client().get(env.proxy.url("/portal/login")).send().unwrap();
+    let set = plain.headers()["set-cookie"].to_str().unwrap();
+    assert!(
+        set.starts_with("fhir-edge-csrf=") && !set.contains("Secure"),
+        "{set}"
+    );
+}
