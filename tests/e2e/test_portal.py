@@ -14,6 +14,9 @@ it, and forms without the session's CSRF token or sent cross-site are refused.
 
 Every page visited is saved as a 1280x900 screenshot: in docs/portal/ (which the portal's documentation
 shows) when PORTAL_SCREENSHOTS=1, else in a temporary directory, so a test run leaves the tree clean.
+Every page screenshotted, and the other states of a page the journey comes to (a refused form's message,
+the empty list, a name with markup), is checked for accessibility by axe-core (tests/e2e/axe, pinned in its
+package-lock.json, installed by scripts/setup) against the WCAG 2.1 A and AA rules: no violations at all.
 """
 
 import json
@@ -55,6 +58,19 @@ EMAIL = "owner@hospital.example"
 PASSWORD = "seven blue kites over Lisbon"
 MARKUP_NAME = "<script>alert(1)</script>"
 WAIT = 20  # seconds for a page or an element
+AXE_JS = REPO / "tests" / "e2e" / "axe" / "node_modules" / "axe-core" / "axe.min.js"
+AXE_TAGS = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "best-practice"]
+# Runs axe on the page and hands back its violations, each cut down to what a failure message needs.
+# WebDriver's scripts are not subject to the page's Content-Security-Policy (`default-src 'none'`), so axe
+# is injected into the page as it is served; the test checks that it did load.
+AXE_RUN = """
+const tags = arguments[0], done = arguments[arguments.length - 1];
+axe.run(document, {runOnly: {type: 'tag', values: tags}, resultTypes: ['violations']}).then(
+  r => done({violations: r.violations.map(v => ({
+    id: v.id, impact: v.impact, help: v.help, helpUrl: v.helpUrl,
+    nodes: v.nodes.map(n => ({target: n.target, html: n.html, summary: n.failureSummary}))}))}),
+  e => done({error: String(e && e.stack || e)}));
+"""
 
 
 # ---- fixtures ----
@@ -73,6 +89,8 @@ def browser(edge):
     for path in (CHROMIUM, CHROMEDRIVER):
         if not Path(path).exists():
             pytest.fail(f"{path} is missing: scripts/setup installs chromium and chromium-driver")
+    if not AXE_JS.exists():
+        pytest.fail(f"{AXE_JS} is missing: scripts/setup installs it (npm ci in tests/e2e/axe)")
     options = Options()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900",
@@ -81,8 +99,9 @@ def browser(edge):
     # An explicit driver: without it Selenium Manager would try to download one.
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(WAIT)
+    driver.set_script_timeout(WAIT)
     SHOTS.mkdir(parents=True, exist_ok=True)
-    yield Browser(driver, edge.portal)
+    yield Browser(driver, edge.portal, AXE_JS.read_text())
     driver.quit()
 
 
@@ -98,8 +117,9 @@ def journey():
 class Browser:
     """The browser on the portal: pages by path below the portal, forms submitted and waited for."""
 
-    def __init__(self, driver, portal):
+    def __init__(self, driver, portal, axe_js):
         self.d = driver
+        self.axe_js = axe_js
         self.portal = portal
         self.prefix = urlparse(portal).path
 
@@ -169,9 +189,21 @@ class Browser:
         return self.css("main").text
 
     def shot(self, name):
-        """Saves the page as docs/portal/<name>.png (no focus ring or caret on it)."""
+        """Saves the page as docs/portal/<name>.png (no focus ring or caret on it), then checks it with axe."""
         self.d.execute_script("document.activeElement && document.activeElement.blur()")
         assert self.d.save_screenshot(str(SHOTS / f"{name}.png")), name
+        self.accessible(name)
+
+    def accessible(self, name):
+        """Runs axe-core on the page as it is now (WCAG 2.1 A and AA) and fails on any violation."""
+        if not self.d.execute_script("return typeof window.axe === 'object'"):
+            self.d.execute_script(self.axe_js)
+            assert self.d.execute_script("return typeof window.axe === 'object' && axe.version"), \
+                f"{name}: axe-core did not load into the page"
+        result = self.d.execute_async_script(AXE_RUN, AXE_TAGS)
+        assert "error" not in result, f"{name}: axe.run failed: {result.get('error')}"
+        found = result["violations"]
+        assert not found, f"{name} ({self.path}): {len(found)} accessibility violation(s):\n" + axe_report(found)
 
     def table(self):
         """The page's first table body as rows of cell texts."""
@@ -192,6 +224,17 @@ class Browser:
         self.fill("#email", email)
         self.fill("#password", password)
         self.fill("#code", code)
+
+
+def axe_report(violations):
+    """Each violation: rule id, impact, help and its page, then each element's selector, markup and what to fix."""
+    lines = []
+    for v in violations:
+        lines.append(f"- {v['id']} ({v['impact']}): {v['help']} <{v['helpUrl']}>")
+        for n in v["nodes"]:
+            lines.append(f"    {' '.join(map(str, n['target']))}: {' '.join(n['html'].split())}")
+            lines.extend(f"      {line}" for line in (n["summary"] or "").splitlines())
+    return "\n".join(lines)
 
 
 def portal_cli(edge, *args):
@@ -272,6 +315,7 @@ def test_the_invitation_link_sets_the_password(browser, journey, edge):
     b.submit()
     assert b.h1() == "Choose your password"
     assert "e-mail address" in b.flash()
+    b.accessible("invite, refused")
     b.fill("#password", PASSWORD)
     b.fill("#confirm", PASSWORD)
     b.submit()
@@ -297,6 +341,7 @@ def test_two_step_sign_in_is_turned_on_with_an_authenticator(browser, journey):
     b.submit()
     assert "not right" in b.flash()
     assert b.css("code#totp-key").text == key
+    b.accessible("totp, refused")
     now = time.time()
     b.fill("#code", totp.at(now))
     journey.totp_step = int(now) // 30
@@ -313,6 +358,7 @@ def test_two_step_sign_in_is_turned_on_with_an_authenticator(browser, journey):
     assert "No clients yet." in b.text()
     # The operator's client for both tenants is not this owner's, so it is not listed.
     assert "teams-patients-app" not in b.text()
+    b.accessible("clients, none yet")
 
 
 def test_sign_out_and_in_again_with_a_recovery_code(browser, journey):
@@ -321,12 +367,14 @@ def test_sign_out_and_in_again_with_a_recovery_code(browser, journey):
     assert b.path == "/login?out"
     assert b.flash() == "Signed out."
     assert b.session_cookie() is None
+    b.accessible("login, signed out")
     b.sign_in(EMAIL, PASSWORD, journey.codes[0].upper().replace("-", " "))  # typed loosely
     b.shot("login")
     # The password alone is not enough any more.
     b.fill("#code", "")
     b.submit()
     assert b.h1() == "Sign in" and "not right" in b.flash()
+    b.accessible("login, refused")
     b.sign_in(EMAIL, PASSWORD, journey.codes[0].upper().replace("-", " "))
     b.submit()
     assert b.path == "/clients"
@@ -441,12 +489,14 @@ def test_a_name_with_markup_is_shown_as_text_and_the_client_can_be_deleted(brows
     assert b.h1() == MARKUP_NAME
     assert b.d.title.startswith(MARKUP_NAME)
     assert not b.all("script") and no_alert(b.d)
+    b.accessible("client, named with markup")
     # The only secret cannot be revoked: the page says what to do instead.
     (only,) = b.secrets()
     b.click_and_wait(b.css(f'a[aria-label="Revoke secret {only}"]'))
     b.click_and_wait(b.css("main form button[type=submit]"))
     assert "only secret" in b.flash()
     assert list(b.secrets()) == [only]
+    b.accessible("client, only secret not revoked")
     b.open("/clients")
     names = [row[0] for row in b.table()]
     assert sorted(names) == sorted([MARKUP_NAME, "patients-app-prod"])
@@ -456,6 +506,7 @@ def test_a_name_with_markup_is_shown_as_text_and_the_client_can_be_deleted(brows
     b.open(f"/clients/{client_id}")
     b.submit(f"form[action$='/clients/{client_id}/delete']")
     assert "Tick the box" in b.flash()
+    b.accessible("client, delete refused")
     b.css("#confirm").click()
     b.submit(f"form[action$='/clients/{client_id}/delete']")
     assert b.path == "/clients"
