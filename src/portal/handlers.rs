@@ -180,8 +180,24 @@ impl Portal {
                 .note_login_failure(&key, now, t.window_seconds)
                 .await?;
             if let Some(a) = &account {
-                self.note(req, &a.id, "sign_in_failed", None, None, now)
-                    .await?;
+                // Recorded off the answer's path: a reply that waited for this write would take
+                // longer for an address that has an account than for one that has none.
+                let (store, activity) = (
+                    self.store.clone(),
+                    Activity {
+                        at: now,
+                        account_id: a.id.clone(),
+                        source: req.source.map(|s| s.to_string()),
+                        action: "sign_in_failed".into(),
+                        client_id: None,
+                        secret_id: None,
+                    },
+                );
+                tokio::spawn(async move {
+                    if let Err(e) = store.record(activity).await {
+                        log::warn!("portal: cannot record a failed sign-in: {e}");
+                    }
+                });
             }
             let mut r = self.login_page(
                 req,
