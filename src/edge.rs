@@ -137,8 +137,15 @@ impl Edge {
                 .attach_registry()
                 .map_err(|e| EdgeError::Metrics(e.to_string()))?;
         }
-        let audit =
-            AuditLog::open(&config.access_log).map_err(|e| EdgeError::AccessLog(e.to_string()))?;
+        let audit = AuditLog::open(
+            &config.access_log,
+            config.access_queue,
+            crate::ops::audit::AuditCounters {
+                dropped: metrics.audit_lines_dropped.clone(),
+                failed: metrics.audit_write_failures.clone(),
+            },
+        )
+        .map_err(|e| EdgeError::AccessLog(e.to_string()))?;
         let discovery = Arc::new(Discovery::new(
             metadata_source(&config)?,
             config.metadata_ttl,
@@ -243,6 +250,7 @@ impl Edge {
     /// edit after start-up goes unnoticed.
     pub fn add_to(self, server: &mut Server) -> Result<(), EdgeError> {
         let config = Arc::new(self.config);
+        let reopen_audit = self.audit.reopener();
         let proxy = FhirEdge::new(
             config.clone(),
             self.routes.clone(),
@@ -276,6 +284,7 @@ impl Edge {
                 files,
                 debounce: config.server.reload_debounce,
                 poll: config.server.reload_poll,
+                on_hangup: vec![Box::new(reopen_audit)],
             },
         ));
         proxy_handle.add_dependency(&reload_handle);

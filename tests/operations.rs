@@ -498,3 +498,65 @@ fn canaries_never_reach_any_sink_at_trace_level() {
     // The run did log at trace level, and the requests were audited.
     assert!(env.proxy.every_sink().contains("\"route\""));
 }
+
+/// Lines in the audit file at `path` (0 when it does not exist).
+fn audit_lines(path: &std::path::Path) -> usize {
+    std::fs::read_to_string(path)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn the_audit_log_is_reopened_on_sighup_after_logrotate_renames_it() {
+    let env = Env::start();
+    let log = env.proxy.dir.path().join("access.log");
+    let rotated = env.proxy.dir.path().join("access.log.1");
+    client().get(env.proxy.url("/metadata")).send().unwrap();
+    assert!(crate::support::eventually(
+        Duration::from_secs(5),
+        || audit_lines(&log) == 1
+    ));
+    std::fs::rename(&log, &rotated).unwrap();
+    env.proxy.signal("HUP");
+    // The reopen happens before the writer's next write: the first line after SIGHUP goes to the
+    // new file (a line already queued before it may still go to the renamed one).
+    assert!(crate::support::eventually(Duration::from_secs(5), || {
+        client().get(env.proxy.url("/metadata")).send().unwrap();
+        audit_lines(&log) >= 1
+    }));
+    assert!(
+        audit_lines(&rotated) >= 1,
+        "the lines before the rename were lost"
+    );
+}
+
+#[test]
+fn a_stuck_audit_sink_drops_lines_and_never_holds_a_request() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("audit.fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    // A reader that never reads: once the pipe's buffer is full, every write blocks.
+    let _reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    let path = fifo.display().to_string();
+    let env = Env::start_with(move |c| {
+        c.access = path;
+        c.log_extra = "  access_queue_lines: 16".into();
+    });
+    // Far more requests than the pipe and the queue hold; each is answered at once.
+    for _ in 0..600 {
+        let r = client().get(env.proxy.url("/metadata")).send().unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let (_, metrics) = env.proxy.admin("/metrics");
+    let dropped = metric(&metrics, "fhir_edge_audit_lines_dropped_total");
+    assert!(dropped > 0.0, "nothing dropped:\n{metrics}");
+}

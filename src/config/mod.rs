@@ -148,6 +148,8 @@ pub(crate) struct Config {
     pub admin_listen: SocketAddr,
     /// Where audit lines go.
     pub access_log: audit::Target,
+    /// Lines queued for the audit writer before new ones are dropped.
+    pub access_queue: usize,
 }
 
 impl Config {

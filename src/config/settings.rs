@@ -339,6 +339,8 @@ impl Default for ServerSettings {
 pub struct LogSettings {
     pub level: String,
     pub access: String,
+    /// Audit lines the writer thread may have queued before new ones are dropped.
+    pub access_queue_lines: usize,
 }
 
 impl Default for LogSettings {
@@ -346,6 +348,7 @@ impl Default for LogSettings {
         LogSettings {
             level: "info".into(),
             access: "stdout".into(),
+            access_queue_lines: 8192,
         }
     }
 }

@@ -60,6 +60,13 @@ pub(super) fn validate(f: Settings, src: &mut Source) -> Option<Config> {
         "off" => audit::Target::Off,
         path => audit::Target::File(resolve(dir, path)),
     };
+    if !(16..=1_048_576).contains(&f.log.access_queue_lines) {
+        src.at(
+            "access_queue_lines",
+            "log.access_queue_lines",
+            "must be between 16 and 1048576",
+        );
+    }
     let metadata = metadata(&f, dir, src);
     let token = match (&f.token_endpoint, &public) {
         (Some(t), Some(public)) => validate_token(t, f.database.as_ref(), public, dir, src),
@@ -103,6 +110,7 @@ pub(super) fn validate(f: Settings, src: &mut Source) -> Option<Config> {
         portal,
         admin_listen: admin_listen?,
         access_log,
+        access_queue: f.log.access_queue_lines,
     })
 }
 

@@ -7,13 +7,16 @@
 //! Every field is either a fixed vocabulary, a value fhir-edge generated, or an identifier of a
 //! tenant, client or upstream from its own configuration; nothing is copied from the request except
 //! a client-sent `X-Request-Id` that passed the request-id check. Lines go to stdout (default),
-//! stderr or a file opened for appending, one `write` per line.
+//! stderr or a file opened for appending, written by a thread of their own ([`AuditLog`]).
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
 
+use prometheus::IntCounter;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -26,15 +29,30 @@ pub(crate) enum Target {
     Off,
 }
 
+/// The audit log: lines are serialised on the worker that answered the request and handed to a
+/// writer thread through a bounded queue. A worker never waits for the disk: when the queue is full
+/// (the sink is slower than the traffic, or stuck) the line is dropped and counted in
+/// `fhir_edge_audit_lines_dropped_total`. A file target is reopened (a new file after logrotate's
+/// rename) when [`AuditLog::reopen`] is called: on `SIGHUP`.
 pub(crate) struct AuditLog {
-    sink: Sink,
+    queue: Option<SyncSender<Vec<u8>>>,
+    reopen: Arc<AtomicBool>,
+    dropped: IntCounter,
 }
 
+/// What the writer thread writes to.
 enum Sink {
     Stdout,
     Stderr,
-    File(Mutex<File>),
-    Off,
+    File(PathBuf, File),
+}
+
+/// The counters the audit log keeps.
+pub(crate) struct AuditCounters {
+    /// Lines the queue had no room for.
+    pub dropped: IntCounter,
+    /// Lines the sink refused (a full disk, a closed pipe).
+    pub failed: IntCounter,
 }
 
 /// One request.
@@ -73,32 +91,111 @@ pub(crate) struct Record<'a> {
     pub bytes_out: usize,
 }
 
+fn open_append(p: &PathBuf) -> std::io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(p)
+}
+
 impl AuditLog {
-    pub(crate) fn open(target: &Target) -> std::io::Result<AuditLog> {
+    /// Opens the target (a file now, so a path that cannot be written stops the start) and starts
+    /// the writer thread with a queue of `queue` lines.
+    pub(crate) fn open(
+        target: &Target,
+        queue: usize,
+        counters: AuditCounters,
+    ) -> std::io::Result<AuditLog> {
         let sink = match target {
+            Target::Off => {
+                return Ok(AuditLog {
+                    queue: None,
+                    reopen: Arc::new(AtomicBool::new(false)),
+                    dropped: counters.dropped,
+                })
+            }
             Target::Stdout => Sink::Stdout,
             Target::Stderr => Sink::Stderr,
-            Target::Off => Sink::Off,
-            Target::File(p) => Sink::File(Mutex::new(
-                OpenOptions::new().create(true).append(true).open(p)?,
-            )),
+            Target::File(p) => Sink::File(p.clone(), open_append(p)?),
         };
-        Ok(AuditLog { sink })
+        let (tx, rx) = sync_channel(queue.max(1));
+        let reopen = Arc::new(AtomicBool::new(false));
+        let flag = reopen.clone();
+        std::thread::Builder::new()
+            .name("fhir-edge-audit".into())
+            .spawn(move || write_lines(rx, sink, &flag, &counters.failed))?;
+        Ok(AuditLog {
+            queue: Some(tx),
+            reopen,
+            dropped: counters.dropped,
+        })
     }
 
     pub(crate) fn enabled(&self) -> bool {
-        !matches!(self.sink, Sink::Off)
+        self.queue.is_some()
     }
 
-    /// Writes one line; `Err` when it could not be written (counted by the caller).
-    pub(crate) fn write(&self, record: &Record) -> std::io::Result<()> {
-        let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
+    /// Queues one line; never waits. A line the queue has no room for is dropped and counted.
+    pub(crate) fn write(&self, record: &Record) {
+        let Some(queue) = &self.queue else {
+            return;
+        };
+        let Ok(mut line) = serde_json::to_vec(record) else {
+            return;
+        };
         line.push(b'\n');
-        match &self.sink {
-            Sink::Off => Ok(()),
-            Sink::Stdout => std::io::stdout().lock().write_all(&line),
-            Sink::Stderr => std::io::stderr().lock().write_all(&line),
-            Sink::File(f) => f.lock().unwrap_or_else(|p| p.into_inner()).write_all(&line),
+        match queue.try_send(line) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => self.dropped.inc(),
+        }
+    }
+
+    /// A handle that asks the writer to reopen a file target before its next write (after
+    /// logrotate renamed it): called on `SIGHUP`.
+    pub(crate) fn reopener(&self) -> impl Fn() + Send + Sync + 'static {
+        let (flag, queue) = (self.reopen.clone(), self.queue.clone());
+        move || {
+            flag.store(true, Ordering::Relaxed);
+            if let Some(q) = &queue {
+                // An empty line wakes the writer; a full queue wakes it anyway.
+                let _ = q.try_send(Vec::new());
+            }
+        }
+    }
+}
+
+/// The writer thread: takes whatever is queued, writes it with one `write` per batch.
+fn write_lines(rx: Receiver<Vec<u8>>, mut sink: Sink, reopen: &AtomicBool, failed: &IntCounter) {
+    let mut batch = Vec::with_capacity(64 * 1024);
+    while let Ok(first) = rx.recv() {
+        batch.clear();
+        let mut lines = u64::from(!first.is_empty());
+        batch.extend_from_slice(&first);
+        while batch.len() < 256 * 1024 {
+            match rx.try_recv() {
+                Ok(l) => {
+                    lines += u64::from(!l.is_empty());
+                    batch.extend_from_slice(&l);
+                }
+                Err(_) => break,
+            }
+        }
+        if reopen.swap(false, Ordering::Relaxed) {
+            if let Sink::File(path, file) = &mut sink {
+                match open_append(path) {
+                    Ok(f) => *file = f,
+                    Err(e) => log::error!("cannot reopen the audit log {}: {e}", path.display()),
+                }
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let written = match &mut sink {
+            Sink::Stdout => std::io::stdout().lock().write_all(&batch),
+            Sink::Stderr => std::io::stderr().lock().write_all(&batch),
+            Sink::File(_, f) => f.write_all(&batch),
+        };
+        if let Err(e) = written {
+            failed.inc_by(lines);
+            log::error!("cannot write the audit log: {e}");
         }
     }
 }
@@ -138,7 +235,11 @@ mod tests {
     fn lines_are_json_without_empty_fields() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
-        let log = AuditLog::open(&Target::File(path.clone())).unwrap();
+        let counters = AuditCounters {
+            dropped: IntCounter::new("d", "d").unwrap(),
+            failed: IntCounter::new("f", "f").unwrap(),
+        };
+        let log = AuditLog::open(&Target::File(path.clone()), 16, counters).unwrap();
         let r = Record {
             time: "2026-11-29T00:00:00.000Z",
             request_id: "r1",
@@ -158,9 +259,16 @@ mod tests {
             latency_ms: 1.25,
             bytes_out: 10,
         };
-        log.write(&r).unwrap();
-        log.write(&r).unwrap();
-        let text = std::fs::read_to_string(&path).unwrap();
+        log.write(&r);
+        log.write(&r);
+        let mut text = String::new();
+        for _ in 0..200 {
+            text = std::fs::read_to_string(&path).unwrap();
+            if text.lines().count() == 2 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2);
         let v: serde_json::Value = serde_json::from_str(lines[0]).unwrap();

@@ -58,6 +58,7 @@ pub(crate) struct Metrics {
     pub clients_registered: IntGauge,
     pub metadata_refresh_failures: IntCounter,
     pub audit_write_failures: IntCounter,
+    pub audit_lines_dropped: IntCounter,
     pub build_info: IntGaugeVec,
     pub jwks_fetches: IntCounterVec,
     pub jwks_keys: IntGaugeVec,
@@ -294,6 +295,11 @@ impl Metrics {
                 &r,
                 "fhir_edge_audit_write_failures_total",
                 "Audit log lines that could not be written.",
+            )?,
+            audit_lines_dropped: int_counter(
+                &r,
+                "fhir_edge_audit_lines_dropped_total",
+                "Audit log lines dropped because the writer's queue was full (the sink is slower than the traffic).",
             )?,
             build_info: gauge_vec(
                 &r,

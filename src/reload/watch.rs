@@ -188,6 +188,8 @@ pub(crate) struct Reloader {
     pub debounce: Duration,
     /// Zero disables the poll.
     pub poll: Duration,
+    /// Called on every `SIGHUP` as well (the audit log's reopen).
+    pub on_hangup: Vec<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl Reloader {
@@ -318,7 +320,10 @@ impl BackgroundService for Reloader {
                         None => std::future::pending().await,
                     }
                 } => {
-                    log::info!("SIGHUP: reloading");
+                    log::info!("SIGHUP: reloading, reopening the audit log");
+                    for hook in &self.on_hangup {
+                        hook();
+                    }
                     if self.reload_all(&worker, true, true).await {
                         pending = Some(Instant::now() + self.debounce);
                     }

@@ -31,6 +31,9 @@ pub struct ProxyConfig {
     /// Extra lines for the `server:` section.
     pub server: String,
     pub log_level: String,
+    /// `log.access` (default `access.log` in the proxy's directory) and extra `log:` lines.
+    pub access: String,
+    pub log_extra: String,
     /// Also listen with TLS (the fixture certificate for localhost/127.0.0.1) on another port.
     pub tls: bool,
     /// Extra entries for `auth.issuers` (YAML list items indented by four spaces).
@@ -70,6 +73,8 @@ impl ProxyConfig {
             limits: String::new(),
             server: String::new(),
             log_level: "info".into(),
+            access: "access.log".into(),
+            log_extra: String::new(),
             tls: false,
             extra_issuers: String::new(),
             token: None,
@@ -160,7 +165,8 @@ server:
 {server}
 log:
   level: {level}
-  access: access.log
+  access: {access}
+{log_extra}
 admin:
   listen: "127.0.0.1:{admin_port}"
 {admin}
@@ -188,6 +194,8 @@ admin:
                 .map(|t| format!("token_endpoint:\n{t}"))
                 .unwrap_or_default(),
             level = cfg.log_level,
+            access = cfg.access,
+            log_extra = cfg.log_extra,
             dir = dir.path().display(),
         );
         fs::write(dir.path().join("fhir-edge.yaml"), yaml).unwrap();
