@@ -47,6 +47,21 @@ fn the_admin_listener_serves_metrics_health_and_readiness_and_the_public_one_doe
     );
     assert!(text.contains("# TYPE fhir_edge_request_duration_seconds histogram"));
     assert!(text.contains("fhir_edge_build_info{version=\"0.1.0\"} 1"));
+    // The process's own figures, under Prometheus' standard names.
+    for name in [
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
+        "process_threads",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(name) && !l.ends_with(" 0")),
+            "{name} missing or zero"
+        );
+    }
+    assert!(text.contains("process_cpu_seconds_total "));
     assert_eq!(metric(&text, "fhir_edge_routing_tenants"), 2.0);
     assert_eq!(metric(&text, "fhir_edge_clients_registered"), 0.0);
     assert_eq!(env.proxy.admin("/healthz"), (200, "ok\n".to_string()));

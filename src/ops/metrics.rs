@@ -189,6 +189,13 @@ fn histogram(
 impl Metrics {
     pub(crate) fn new() -> prometheus::Result<Metrics> {
         let r = Registry::new();
+        // The process's CPU seconds, resident and virtual memory, open and maximum file descriptors,
+        // threads and start time, read from /proc at each scrape (`process_*`, Prometheus' standard
+        // names): the figures memory targets and alerts are stated in.
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         let lookups = counter(
             &r,
             "fhir_edge_token_cache_lookups_total",
