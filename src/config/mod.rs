@@ -224,6 +224,14 @@ mod tests {
     }
 
     #[test]
+    fn the_default_admin_port_is_none_an_exporter_or_prometheus_uses() {
+        let addr: SocketAddr = Settings::default().admin.listen.parse().unwrap();
+        // Prometheus allocates 9100-9999 to exporters (node_exporter: 9100); 9090-9093 are its own.
+        assert!(!(9100..=9999).contains(&addr.port()) && !(9090..=9093).contains(&addr.port()));
+        assert!(addr.ip().is_loopback());
+    }
+
+    #[test]
     fn a_metadata_host_is_not_resolved_while_validating() {
         let settings = Settings {
             listen: vec!["127.0.0.1:8080".into()],

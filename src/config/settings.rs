@@ -540,7 +540,7 @@ pub struct AdminSettings {
 impl Default for AdminSettings {
     fn default() -> Self {
         AdminSettings {
-            listen: "127.0.0.1:9100".into(),
+            listen: "127.0.0.1:9089".into(),
             tenant_label: "name".into(),
         }
     }

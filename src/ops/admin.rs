@@ -1,4 +1,4 @@
-//! The admin listener (default `127.0.0.1:9100`): `/metrics`, `/healthz`, `/readyz`.
+//! The admin listener (default `127.0.0.1:9089`): `/metrics`, `/healthz`, `/readyz`.
 //!
 //! A separate Pingora service on its own address, never reachable through the public listener (the
 //! proxy has no route to it). `/healthz` says the process serves HTTP; `/readyz` says it should get
