@@ -74,6 +74,7 @@ pub use config::settings::{
     TlsListenerSettings, TokenEndpointSettings,
 };
 pub use edge::{Edge, EdgeError};
+pub use ops::logging::LogFormat;
 
 /// Installs fhir-edge's JWT crypto provider process-wide (aws-lc-rs with RSA and ECDSA keys parsed once
 /// instead of per token); true when it is the one in use. Optional: without it jsonwebtoken's own
@@ -86,7 +87,12 @@ pub fn install_crypto_provider() -> bool {
 /// Installs fhir-edge's process logger (one line per record on stderr, Pingora's records that could
 /// carry request bytes fenced off). An embedder may use its own logger instead.
 pub fn init_logging(level: log::LevelFilter) {
-    ops::logging::init(level)
+    ops::logging::init(level, LogFormat::Text)
+}
+
+/// As [`init_logging`], in the given line format (`log.format` in the config file).
+pub fn init_logging_as(level: log::LevelFilter, format: LogFormat) {
+    ops::logging::init(level, format)
 }
 
 /// Not API: the internals that the fuzz targets (`fuzz/`), the benchmarks (`benches/`) and a few tests

@@ -575,3 +575,32 @@ fn a_stuck_audit_sink_drops_lines_and_never_holds_a_request() {
     let dropped = metric(&metrics, "fhir_edge_audit_lines_dropped_total");
     assert!(dropped > 0.0, "nothing dropped:\n{metrics}");
 }
+
+#[test]
+fn the_process_log_can_be_json_lines() {
+    let env = Env::start_with(|c| c.log_extra = "  format: json".into());
+    // A malformed request makes Pingora log; its raw bytes stay withheld in JSON too.
+    let mut s = TcpStream::connect(env.proxy.authority()).unwrap();
+    s.write_all(
+        b"GET /Patient?canary=json-log-canary HTTP/1.1\r\nHost: x\r\nContent-Length: zz\r\n\r\n",
+    )
+    .unwrap();
+    let mut sink = Vec::new();
+    let _ = s.read_to_end(&mut sink);
+    client().get(env.proxy.url("/metadata")).send().unwrap();
+    let logs = env.proxy.logs();
+    let lines: Vec<&str> = logs.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() >= 2, "{logs}");
+    for line in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        for key in ["time", "level", "target", "message"] {
+            assert!(v[key].is_string(), "{key} missing: {line}");
+        }
+    }
+    assert!(
+        logs.contains("\"message\":\"fhir-edge "),
+        "the start line: {logs}"
+    );
+    assert!(!env.proxy.every_sink().contains("json-log-canary"));
+}

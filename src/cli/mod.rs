@@ -122,7 +122,15 @@ fn run(config: PathBuf, upgrade: bool, daemon: bool, hooks: Hooks) -> anyhow::Re
     // The logger first, so that what loading the files logs is seen.
     let settings =
         Settings::from_file(&config).map_err(|p| anyhow!("invalid configuration:\n{p}"))?;
-    crate::init_logging(settings.log.level.parse().unwrap_or(log::LevelFilter::Info));
+    let format = if settings.log.format == "json" {
+        crate::LogFormat::Json
+    } else {
+        crate::LogFormat::Text
+    };
+    crate::init_logging_as(
+        settings.log.level.parse().unwrap_or(log::LevelFilter::Info),
+        format,
+    );
     let mut edge = Edge::from_file(&config).context("cannot start")?;
     if let Some(release) = hooks.release_memory {
         edge = edge.release_memory_with(release);

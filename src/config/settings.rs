@@ -338,6 +338,8 @@ impl Default for ServerSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct LogSettings {
     pub level: String,
+    /// The process log's line format: `text` or `json`.
+    pub format: String,
     pub access: String,
     /// Audit lines the writer thread may have queued before new ones are dropped.
     pub access_queue_lines: usize,
@@ -347,6 +349,7 @@ impl Default for LogSettings {
     fn default() -> Self {
         LogSettings {
             level: "info".into(),
+            format: "text".into(),
             access: "stdout".into(),
             access_queue_lines: 8192,
         }

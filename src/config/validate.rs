@@ -60,6 +60,9 @@ pub(super) fn validate(f: Settings, src: &mut Source) -> Option<Config> {
         "off" => audit::Target::Off,
         path => audit::Target::File(resolve(dir, path)),
     };
+    if !matches!(f.log.format.as_str(), "text" | "json") {
+        src.at(&f.log.format, "log.format", "must be `text` or `json`");
+    }
     if !(16..=1_048_576).contains(&f.log.access_queue_lines) {
         src.at(
             "access_queue_lines",

@@ -12,6 +12,17 @@ use log::{LevelFilter, Log, Metadata, Record};
 
 struct Logger {
     level: LevelFilter,
+    json: bool,
+}
+
+/// How process log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// `time LEVEL target: message`
+    #[default]
+    Text,
+    /// One JSON object per line: `{"time", "level", "target", "message"}`, for log shippers.
+    Json,
 }
 
 /// Markers after which a Pingora message may quote raw bytes.
@@ -55,13 +66,20 @@ impl Log for Logger {
                 msg.push_str("[raw bytes withheld]");
             }
         }
-        let line = format!(
-            "{} {:<5} {}: {}\n",
-            crate::time::rfc3339_now_millis(),
-            record.level(),
-            record.target(),
-            msg
-        );
+        let time = crate::time::rfc3339_now_millis();
+        let line = if self.json {
+            let mut l = serde_json::json!({
+                "time": time,
+                "level": record.level().as_str(),
+                "target": record.target(),
+                "message": msg,
+            })
+            .to_string();
+            l.push('\n');
+            l
+        } else {
+            format!("{time} {:<5} {}: {msg}\n", record.level(), record.target())
+        };
         // One write per line so concurrent records do not interleave.
         let _ = std::io::stderr().lock().write_all(line.as_bytes());
     }
@@ -72,8 +90,9 @@ impl Log for Logger {
 }
 
 /// Installs the logger (once per process; later calls only change nothing).
-pub(crate) fn init(level: LevelFilter) {
-    if log::set_boxed_logger(Box::new(Logger { level })).is_ok() {
+pub(crate) fn init(level: LevelFilter, format: LogFormat) {
+    let json = format == LogFormat::Json;
+    if log::set_boxed_logger(Box::new(Logger { level, json })).is_ok() {
         log::set_max_level(level);
     }
 }
