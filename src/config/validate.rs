@@ -76,6 +76,8 @@ pub(super) fn validate(f: Settings, src: &mut Source) -> Option<Config> {
         _ => None,
     };
     let portal = match (&f.portal, &public) {
+        // A token endpoint with problems of its own: the portal's checks would only echo them.
+        (Some(_), Some(_)) if f.token_endpoint.is_some() && token.is_none() => None,
         (Some(p), Some(public)) => {
             crate::config::portal::validate_portal(p, token.as_ref(), public, dir, src)
         }
@@ -265,7 +267,9 @@ fn trusted_issuers(
             Err(m) => src.at("token_endpoint", "token_endpoint", m),
         }
     }
-    if f.auth.issuers.is_empty() && token.is_none() {
+    // A token_endpoint that is there but invalid has its own problems reported: "nothing to trust"
+    // would send the operator looking in the wrong place.
+    if f.auth.issuers.is_empty() && f.token_endpoint.is_none() {
         src.at(
             "auth",
             "auth.issuers",

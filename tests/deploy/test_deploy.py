@@ -63,7 +63,17 @@ def test_kubernetes_manifests_hang_together():
     assert cfg["admin"]["listen"].endswith(f":{ports['admin']}")
     assert any(l.endswith(f":{ports['http']}") for l in cfg["listen"])
     grace = cfg["server"]["grace_period_seconds"] + cfg["server"]["graceful_shutdown_timeout_seconds"]
-    assert spec["terminationGracePeriodSeconds"] > grace
+    # A rollout never refuses connections: the pod keeps serving while it leaves the endpoints.
+    pause = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pause >= 3
+    assert spec["terminationGracePeriodSeconds"] > pause + grace
+    # Drains leave a replica serving, and replicas spread over nodes.
+    pdb = m[("PodDisruptionBudget", "fhir-edge")]["spec"]
+    assert pdb["selector"]["matchLabels"].items() <= labels.items()
+    assert 1 <= pdb["minAvailable"] < dep["spec"]["replicas"]
+    (term,) = spec["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= labels.items()
 
 
 def test_the_kubernetes_configuration_passes_fhir_edge_check(tmp_path):
@@ -123,3 +133,116 @@ def test_the_systemd_unit_runs_fhir_edge_with_reload_and_drain():
     assert int(s["TimeoutStopSec"]) > 10
     assert s["NoNewPrivileges"] == "yes" and s["ProtectSystem"] == "strict"
     assert unit["Install"]["WantedBy"] == "multi-user.target"
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kubelet_files(directory: Path, files: dict, mode: int, group: int):
+    """Writes a volume's files the way the kubelet does: owned by root and the pod's fsGroup (root
+    without one), with the volume's mode."""
+    directory.mkdir(mode=0o755)
+    os.chown(directory, 0, group)
+    for name, text in files.items():
+        p = directory / name
+        p.write_text(text)
+        os.chown(p, 0, group)
+        p.chmod(mode)
+
+
+def test_the_kubernetes_pod_starts_as_its_container_would():
+    """The Deployment's container, reproduced with the real binary: its user and groups (runAsUser,
+    runAsGroup, fsGroup), its volumes' owners and modes, its probes. A key it cannot read would make
+    it exit at start, and Kubernetes would restart it forever."""
+    import shutil
+    import tempfile
+    import time
+    import urllib.error
+    import urllib.request
+
+    if os.geteuid() != 0:
+        import pytest
+        pytest.fail("needs root to reproduce the container's user and file owners")
+    m = manifests()
+    pod = m[("Deployment", "fhir-edge")]["spec"]["template"]["spec"]
+    sc = pod["securityContext"]
+    (c,) = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    fs_group = sc.get("fsGroup")
+    root = Path(tempfile.mkdtemp(prefix="fhir-edge-pod-"))
+    try:
+        root.chmod(0o755)
+        # The image: the binary in a directory anyone may read.
+        binary = root / "fhir-edge"
+        shutil.copy(fhir_edge(), binary)
+        binary.chmod(0o755)
+        mounts = {mnt["mountPath"]: root / mnt["name"] for mnt in c["volumeMounts"]}
+        http_port, admin_port = free_port(), free_port()
+
+        mount_paths = re.compile("(" + "|".join(re.escape(p) for p in sorted(mounts, key=len, reverse=True))
+                                 + r")(?=[/\"'\s]|$)")
+
+        def localise(text: str) -> str:
+            # One pass, so a path already moved under the (temporary) root is not moved again.
+            text = mount_paths.sub(lambda mt: str(mounts[mt.group(1)]), text)
+            text = re.sub(r"[a-z0-9.-]+\.(svc\.cluster\.local|example)(?=[:/\"])", "127.0.0.1", text)
+            text = text.replace('"0.0.0.0:8080"', f'"127.0.0.1:{http_port}"')
+            return text.replace('"0.0.0.0:9089"', f'"127.0.0.1:{admin_port}"')
+
+        config_files = {k: localise(v) for k, v in m[("ConfigMap", "fhir-edge-config")]["data"].items()}
+        kubelet_files(mounts["/etc/fhir-edge"], config_files,
+                      volumes["config"]["configMap"].get("defaultMode", 0o644), fs_group or 0)
+        secret = dict(m[("Secret", "fhir-edge-secrets")]["stringData"])
+        key = root / "key.pem"
+        subprocess.run([fhir_edge(), "keygen", "--out", str(key)], check=True, capture_output=True)
+        secret["signing.pem"] = key.read_text()
+        kubelet_files(mounts["/var/run/secrets/fhir-edge"], secret,
+                      volumes["secrets"]["secret"].get("defaultMode", 0o644), fs_group or 0)
+        tmp = mounts["/tmp"]
+        tmp.mkdir()
+        os.chown(tmp, sc["runAsUser"], sc["runAsGroup"])
+        groups = ["--groups", str(fs_group)] if fs_group is not None else ["--clear-groups"]
+        as_container = ["setpriv", "--reuid", str(sc["runAsUser"]), "--regid", str(sc["runAsGroup"]),
+                        *groups, "--", str(binary)]
+        args = [localise(a) for a in c["args"]]
+        log = open(root / "stderr.log", "w")
+        proc = subprocess.Popen(as_container + args, stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            def probe(path):
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}{path}", timeout=2) as r:
+                        return r.status
+                except urllib.error.HTTPError as e:
+                    return e.code
+                except OSError:
+                    return None
+
+            deadline = time.time() + 15
+            while probe(c["livenessProbe"]["httpGet"]["path"]) != 200:
+                assert proc.poll() is None, "the container exited:\n" + (root / "stderr.log").read_text()
+                assert time.time() < deadline, (root / "stderr.log").read_text()
+                time.sleep(0.1)
+            # No database here, so not ready: the readiness probe keeps it out of the Service until
+            # the registry is read, while the liveness probe keeps it running.
+            assert probe(c["readinessProbe"]["httpGet"]["path"]) == 503
+            time.sleep(1)
+            assert proc.poll() is None, (root / "stderr.log").read_text()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=15)
+            log.close()
+        stderr = (root / "stderr.log").read_text()
+        assert "Permission denied" not in stderr, stderr
+        # The migration Job, as the same user with its own mounts, reads its files too (and then
+        # finds no database).
+        job = m[("Job", "fhir-edge-db-migrate")]["spec"]["template"]["spec"]
+        out = subprocess.run(as_container + [localise(a) for a in job["containers"][0]["args"]],
+                             capture_output=True, text=True, timeout=60)
+        assert "Permission denied" not in out.stderr and "cannot read" not in out.stderr, out.stderr
+        assert "unavailable" in out.stderr, out.stderr
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
