@@ -1,4 +1,4 @@
-//! The `fhir-edge` command line: `run` (the default), `check`, `keygen`, `clients …`, `db …` and `portal …`.
+//! The `fhir-edge` command line: `run` (the default), `check`, `keygen`, `clients …`, `db …`, `portal …` and `schema`.
 //!
 //! It lives in the library so that it reaches the registry and key code without making them public;
 //! the binary's `main.rs` keeps what is process-wide (the allocator, `prctl`, the crypto provider) and
@@ -74,6 +74,11 @@ enum Command {
     Db(db::DbArgs),
     /// The registration portal's accounts: invite an owner, list, reset, disable.
     Portal(portal::PortalArgs),
+    /// Print the JSON Schema of a file (the copies in conf/schema/ are these).
+    Schema {
+        #[arg(value_enum)]
+        file: crate::config::schema::SchemaFile,
+    },
 }
 
 /// What the binary gives the command line: process-wide hooks the library does not install itself.
@@ -108,6 +113,10 @@ pub fn main(hooks: Hooks) -> ExitCode {
         Command::Clients(args) => clients::manage(args),
         Command::Db(args) => db::run(args),
         Command::Portal(args) => portal::run(args),
+        Command::Schema { file } => {
+            print!("{}", file.text());
+            Ok(ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,

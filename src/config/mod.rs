@@ -11,6 +11,7 @@ mod issuers;
 pub(crate) mod portal;
 pub(crate) mod problems;
 pub(crate) mod routes;
+pub(crate) mod schema;
 pub(crate) mod settings;
 mod token;
 mod validate;

@@ -14,7 +14,8 @@ use serde::Deserialize;
 
 /// One tenant's entry as the file states it. Strings borrow from the file's text where the parser
 /// allows (serde_json, for values without escapes); the entry is dropped as soon as its route is built.
-#[derive(Deserialize, Debug, PartialEq)]
+#[derive(Deserialize, Debug, PartialEq, schemars::JsonSchema)]
+#[schemars(description = "One tenant's route")]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TenantEntry<'t> {
     #[serde(borrow)]
@@ -49,6 +50,32 @@ fn yes() -> bool {
 /// only in case are refused when the route is built, as header names are case-insensitive.
 #[derive(Debug, Default, PartialEq)]
 pub(crate) struct Headers<'t>(pub Vec<(Cow<'t, str>, Cow<'t, str>)>);
+
+impl schemars::JsonSchema for Headers<'_> {
+    fn schema_name() -> Cow<'static, str> {
+        "UpstreamHeaders".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "Header name → value, sent upstream with every request of the tenant",
+            "type": "object",
+            "additionalProperties": {"type": "string"}
+        })
+    }
+}
+
+/// The routing file as a whole, for its JSON Schema (the reader streams it instead).
+#[derive(schemars::JsonSchema)]
+#[schemars(
+    description = "fhir-edge's routing table: tenant GUID → that tenant's upstream FHIR server (docs/routing.md)"
+)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub(crate) struct RoutesFile<'t> {
+    /// Tenant GUID → its route.
+    tenants: std::collections::BTreeMap<String, TenantEntry<'t>>,
+}
 
 impl<'de: 't, 't> Deserialize<'de> for Headers<'t> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {

@@ -8,13 +8,14 @@
 
 use std::path::{Path, PathBuf};
 
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 use crate::config::problems::{whole_file, Problems, Source};
 
 /// The static configuration of one fhir-edge (restart to change; the routing table and the client
 /// registry it names are hot-reloaded).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     /// Plain-HTTP listeners, `IP:port`.
@@ -97,7 +98,7 @@ impl Settings {
 }
 
 /// A TLS listener: address and PEM certificate chain and key.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsListenerSettings {
     pub addr: String,
@@ -106,7 +107,7 @@ pub struct TlsListenerSettings {
 }
 
 /// Bearer-token verification: limits and the external issuers fhir-edge trusts.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthSettings {
     /// Clock skew allowed on `exp`/`nbf`.
@@ -132,7 +133,7 @@ impl Default for AuthSettings {
 }
 
 /// An external token issuer: who it is, where its keys come from, and what its tokens may grant.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct IssuerSettings {
     /// The exact `iss` of its tokens.
@@ -172,6 +173,22 @@ pub enum IssuerTenants {
     List(Vec<String>),
 }
 
+impl JsonSchema for IssuerTenants {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "IssuerTenants".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "`any`, or the tenant GUIDs this issuer may grant",
+            "oneOf": [
+                {"const": "any"},
+                {"type": "array", "items": {"type": "string"}}
+            ]
+        })
+    }
+}
+
 impl<'de> Deserialize<'de> for IssuerTenants {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
@@ -191,7 +208,7 @@ impl<'de> Deserialize<'de> for IssuerTenants {
 }
 
 /// The claim an issuer's tokens carry their scopes in.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ScopeClaim {
     /// `scope`: a space-separated string (RFC 8693 §4.2, RFC 9068).
@@ -202,7 +219,7 @@ pub enum ScopeClaim {
 }
 
 /// Fetching and refreshing an issuer's remote keys.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct FetchSettings {
     /// Plain `http://` URLs. For tests only: keys fetched in the clear can be replaced in transit.
@@ -250,7 +267,7 @@ impl Default for FetchSettings {
 }
 
 /// One verification key of an issuer: a public key (RS*, ES*, EdDSA) or an HMAC secret file.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct IssuerKeySettings {
     pub kid: Option<String>,
@@ -260,7 +277,7 @@ pub struct IssuerKeySettings {
 }
 
 /// Request size and connection limits.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitSettings {
     pub max_uri_bytes: usize,
@@ -291,7 +308,7 @@ impl Default for LimitSettings {
 }
 
 /// Process, upstream-connection and reload settings.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerSettings {
     pub threads: usize,
@@ -334,7 +351,7 @@ impl Default for ServerSettings {
 }
 
 /// The process log level and where audit lines go (`stdout`, `stderr`, `off` or a file path).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSettings {
     pub level: String,
@@ -357,7 +374,7 @@ impl Default for LogSettings {
 }
 
 /// fhir-edge's own OAuth 2.0 token endpoint (client credentials).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct TokenEndpointSettings {
     pub path: String,
@@ -400,7 +417,7 @@ impl Default for TokenEndpointSettings {
 }
 
 /// Where the client registry lives.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClientsSettings {
     /// `file` or `postgres`.
@@ -423,7 +440,7 @@ impl Default for ClientsSettings {
 
 /// The PostgreSQL database a fleet of replicas shares. The URL (`postgresql://user:password@host/db`,
 /// with `sslmode`) is a secret: it is read from an environment variable or a file, never written here.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseSettings {
     /// The environment variable that holds the URL.
@@ -453,7 +470,7 @@ impl Default for DatabaseSettings {
 }
 
 /// The registration portal: accounts of client owners, their sessions and pages.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct PortalSettings {
     pub enabled: bool,
@@ -494,7 +511,7 @@ impl Default for PortalSettings {
 
 /// Failed portal logins allowed per account (the e-mail given, whether or not it exists) and per
 /// source address within the window.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct LoginThrottleSettings {
     pub per_account: u32,
@@ -513,7 +530,7 @@ impl Default for LoginThrottleSettings {
 }
 
 /// Throttling of failed client authentications at the token endpoint.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct FailedAuthSettings {
     pub per_client: u32,
@@ -532,7 +549,7 @@ impl Default for FailedAuthSettings {
 }
 
 /// The admin listener (`/metrics`, `/healthz`, `/readyz`) and how tenants are named in metrics.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminSettings {
     pub listen: String,

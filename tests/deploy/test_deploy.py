@@ -246,3 +246,32 @@ def test_the_kubernetes_pod_starts_as_its_container_would():
         assert "unavailable" in out.stderr, out.stderr
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_every_shipped_file_matches_its_json_schema():
+    """conf/schema/ holds the JSON Schema of each file an operator writes (generated from the structs
+    that read them; `cargo test` checks they are current). Every shipped file must match its schema,
+    and the schemas must catch a misspelt key as fhir-edge does."""
+    import jsonschema
+
+    schemas = {name: json.loads((REPO / "conf" / "schema" / f"{name}.schema.json").read_text())
+               for name in ("fhir-edge", "routes", "clients")}
+    for s in schemas.values():
+        jsonschema.Draft202012Validator.check_schema(s)
+    files = [("fhir-edge", yaml.safe_load((REPO / "conf" / "fhir-edge.yaml").read_text())),
+             ("routes", yaml.safe_load((REPO / "conf" / "routes.yaml").read_text())),
+             ("clients", yaml.safe_load((REPO / "conf" / "clients.yaml").read_text()))]
+    data = manifests()[("ConfigMap", "fhir-edge-config")]["data"]
+    files += [("fhir-edge", yaml.safe_load(data["fhir-edge.yaml"])),
+              ("fhir-edge", yaml.safe_load(data["migrate.yaml"])),
+              ("routes", yaml.safe_load(data["routes.yaml"]))]
+    for name, doc in files:
+        # YAML timestamps and the like arrive as Python objects; the schema speaks JSON.
+        doc = json.loads(json.dumps(doc, default=str))
+        errors = sorted(jsonschema.Draft202012Validator(schemas[name]).iter_errors(doc), key=str)
+        assert not errors, f"{name}: " + "; ".join(e.message for e in errors)
+    bad = yaml.safe_load((REPO / "conf" / "fhir-edge.yaml").read_text())
+    bad["admin"]["tenant_lable"] = "name"
+    assert not jsonschema.Draft202012Validator(schemas["fhir-edge"]).is_valid(bad)
+    bad_route = {"tenants": {"145f4184-1b0b-41c7-ba24-b3c1291bfda1": {"name": "x", "upstream": "http://a", "tls_verfy": False}}}
+    assert not jsonschema.Draft202012Validator(schemas["routes"]).is_valid(bad_route)

@@ -15,14 +15,14 @@ use crate::tenant::TenantId;
 use crate::time::parse_rfc3339;
 
 /// `clients.yaml` as written on disk.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ClientsFile {
     #[serde(default)]
     pub clients: OrderedMap<ClientEntry>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ClientEntry {
     pub name: String,
@@ -34,7 +34,7 @@ pub(crate) struct ClientEntry {
     pub secrets: Vec<SecretEntry>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct SecretEntry {
     pub id: String,
