@@ -36,6 +36,7 @@ use crate::proxy::FhirEdge;
 use crate::reload::{Live, Reload, Reloader};
 use crate::routing::upstream::Upstream;
 use crate::routing::RoutingTable;
+use crate::tls::{CertReloader, CertStore};
 use crate::token::clients::sync::{PgRegistry, RegistrySync};
 use crate::token::clients::{ClientRegistry, ClientStore, StoreConfig};
 use crate::token::endpoint::TokenService;
@@ -260,8 +261,17 @@ impl Edge {
             self.audit,
         )
         .with_portal(self.portal.clone());
-        let service = proxy_service(server, &config, proxy)?;
+        let (service, cert_stores) = proxy_service(server, &config, proxy)?;
         let proxy_handle = server.add_service(service);
+        if !cert_stores.is_empty() {
+            server.add_service(background_service(
+                "TLS certificates",
+                CertReloader {
+                    stores: cert_stores,
+                    metrics: self.metrics.clone(),
+                },
+            ));
+        }
         let mut files: Vec<Arc<dyn Reload>> = vec![self.routes.clone()];
         match self.token.as_deref().map(|t| &t.clients) {
             Some(ClientStore::File(live)) => files.push(live.clone()),
@@ -345,15 +355,22 @@ fn open_store(config: &StoreConfig) -> Result<ClientStore, EdgeError> {
     }
 }
 
-/// The proxy application behind the header deadline, on every configured listener.
+/// The proxy service, behind the header deadline.
+type ProxyService = Service<HeaderDeadline<pingora_proxy::HttpProxy<FhirEdge>>>;
+
+/// The proxy application behind the header deadline, on every configured listener, and the TLS
+/// listeners' certificate stores (for their reloader).
 fn proxy_service(
     server: &Server,
     config: &Config,
     proxy: FhirEdge,
-) -> Result<Service<HeaderDeadline<pingora_proxy::HttpProxy<FhirEdge>>>, EdgeError> {
+) -> Result<(ProxyService, Vec<Arc<CertStore>>), EdgeError> {
     let limits = &config.limits;
     let mut server_options = HttpServerOptions::default();
     server_options.keepalive_request_limit = Some(limits.keepalive_requests);
+    // HTTP/2 without TLS only when asked for; on TLS listeners it is negotiated by ALPN. Pingora's
+    // defaults bound each h2 connection: 100 concurrent streams, 64 KiB of decoded headers.
+    server_options.h2c = config.server.h2c;
     let mut app = pingora_proxy::http_proxy(&server.configuration, proxy);
     app.server_options = Some(server_options);
     // Every connection gets a total deadline for each request's header block (slowloris) and a
@@ -369,19 +386,28 @@ fn proxy_service(
     for addr in config.listen.iter().chain(portal_listen) {
         service.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(buffers));
     }
+    let mut stores = Vec::new();
     for l in &config.tls_listeners {
-        let (cert, key) = (l.cert_file.to_string_lossy(), l.key_file.to_string_lossy());
-        let tls = TlsSettings::intermediate(&cert, &key).map_err(|e| EdgeError::Listener {
+        let failed = |message: String| EdgeError::Listener {
             addr: l.addr.to_string(),
-            message: format!("{:?}", e.etype()),
-        })?;
+            message,
+        };
+        let store = Arc::new(CertStore::open(l.addr.to_string(), l.pairs.clone()).map_err(failed)?);
+        // The paths are not used: the store answers every handshake.
+        let mut tls =
+            TlsSettings::intermediate("", "").map_err(|e| failed(format!("{:?}", e.etype())))?;
+        tls.set_cert_resolver(store.clone());
+        if l.http2 {
+            tls.enable_h2();
+        }
+        stores.push(store);
         service.add_listener(
             ListenerConfig::tcp(l.addr.to_string())
                 .tls(tls)
                 .l4_buffer(buffers),
         );
     }
-    Ok(service)
+    Ok((service, stores))
 }
 
 fn admin_service(addr: SocketAddr, admin: Admin) -> Service<HttpServer<Admin>> {

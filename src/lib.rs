@@ -64,14 +64,15 @@ pub(crate) mod reload;
 pub(crate) mod routing;
 pub(crate) mod tenant;
 pub(crate) mod time;
+pub(crate) mod tls;
 pub(crate) mod token;
 
 pub use config::problems::{Problem, Problems};
 pub use config::settings::{
-    AdminSettings, AuthSettings, ClientsSettings, DatabaseSettings, FailedAuthSettings,
-    FetchSettings, IssuerKeySettings, IssuerSettings, IssuerTenants, LimitSettings, LogSettings,
-    LoginThrottleSettings, PortalSettings, ScopeClaim, ServerSettings, Settings,
-    TlsListenerSettings, TokenEndpointSettings,
+    AdminSettings, AuthSettings, CertificateSettings, ClientsSettings, DatabaseSettings,
+    FailedAuthSettings, FetchSettings, IssuerKeySettings, IssuerSettings, IssuerTenants,
+    LimitSettings, LogSettings, LoginThrottleSettings, PortalSettings, ScopeClaim, ServerSettings,
+    Settings, TlsListenerSettings, TokenEndpointSettings,
 };
 pub use edge::{Edge, EdgeError};
 pub use ops::logging::LogFormat;

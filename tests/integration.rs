@@ -25,5 +25,6 @@ mod reload;
 mod rewriting;
 mod signatures;
 mod storm;
+mod tls;
 mod token;
 mod wire;

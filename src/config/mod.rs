@@ -54,8 +54,9 @@ pub(crate) struct PublicBase {
 #[derive(Debug, Clone)]
 pub(crate) struct TlsListener {
     pub addr: SocketAddr,
-    pub cert_file: PathBuf,
-    pub key_file: PathBuf,
+    /// The default pair first, then the others (chosen by SNI).
+    pub pairs: Vec<(PathBuf, PathBuf)>,
+    pub http2: bool,
 }
 
 /// Request size and connection limits (Pingora's own defaults are loose for an internet edge).
@@ -90,6 +91,7 @@ pub(crate) struct ServerConfig {
     pub upgrade_sock: String,
     pub reload_debounce: Duration,
     pub reload_poll: Duration,
+    pub h2c: bool,
 }
 
 /// Defaults every route starts from (each route may override timeouts, TLS and SNI).

@@ -97,11 +97,38 @@ impl Settings {
     }
 }
 
-/// A TLS listener: address and PEM certificate chain and key.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+/// A TLS listener (TLS 1.2 and 1.3, rustls' cipher suites): address, certificates (chosen by SNI,
+/// hot-reloaded when their files change) and HTTP/2.
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsListenerSettings {
     pub addr: String,
+    /// The default certificate chain and key (PEM), for clients that send no SNI or a name no other
+    /// certificate covers.
+    pub cert_file: String,
+    pub key_file: String,
+    /// More certificates, each chosen when the client's SNI matches one of its DNS names.
+    pub certificates: Vec<CertificateSettings>,
+    /// Offer HTTP/2 by ALPN (`h2`, then `http/1.1`).
+    pub http2: bool,
+}
+
+impl Default for TlsListenerSettings {
+    fn default() -> Self {
+        TlsListenerSettings {
+            addr: String::new(),
+            cert_file: String::new(),
+            key_file: String::new(),
+            certificates: Vec::new(),
+            http2: true,
+        }
+    }
+}
+
+/// One certificate chain and its key (PEM files), hot-reloaded when either changes.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct CertificateSettings {
     pub cert_file: String,
     pub key_file: String,
 }
@@ -326,6 +353,8 @@ pub struct ServerSettings {
     pub upgrade_sock: String,
     pub reload_debounce_ms: u64,
     pub reload_poll_seconds: u64,
+    /// Accept HTTP/2 without TLS (prior knowledge) on the plain listeners.
+    pub h2c: bool,
 }
 
 impl Default for ServerSettings {
@@ -346,6 +375,7 @@ impl Default for ServerSettings {
             upgrade_sock: "/tmp/fhir-edge-upgrade.sock".into(),
             reload_debounce_ms: 150,
             reload_poll_seconds: 30,
+            h2c: false,
         }
     }
 }

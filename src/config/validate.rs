@@ -148,25 +148,45 @@ fn listeners(f: &Settings, dir: &Path, src: &mut Source) -> (Vec<SocketAddr>, Ve
             .addr
             .parse::<SocketAddr>()
             .map_err(|_| src.at(&l.addr, format!("{key}.addr"), "must be an IP:port address"));
-        let cert_file = resolve(dir, &l.cert_file);
-        let key_file = resolve(dir, &l.key_file);
-        for (name, p, raw) in [
-            ("cert_file", &cert_file, &l.cert_file),
-            ("key_file", &key_file, &l.key_file),
-        ] {
-            if let Err(e) = std::fs::metadata(p) {
-                src.at(
-                    raw,
-                    format!("{key}.{name}"),
-                    format!("cannot read {}: {e}", p.display()),
-                );
+        let mut pairs = vec![(resolve(dir, &l.cert_file), resolve(dir, &l.key_file))];
+        pairs.extend(
+            l.certificates
+                .iter()
+                .map(|c| (resolve(dir, &c.cert_file), resolve(dir, &c.key_file))),
+        );
+        let named = std::iter::once((key.clone(), &l.cert_file, &l.key_file)).chain(
+            l.certificates.iter().enumerate().map(|(j, c)| {
+                (
+                    format!("{key}.certificates[{j}]"),
+                    &c.cert_file,
+                    &c.key_file,
+                )
+            }),
+        );
+        let mut readable = true;
+        for ((at, raw_cert, raw_key), (cert, pkey)) in named.zip(&pairs) {
+            for (name, p, raw) in [("cert_file", cert, raw_cert), ("key_file", pkey, raw_key)] {
+                if let Err(e) = std::fs::metadata(p) {
+                    readable = false;
+                    src.at(
+                        raw,
+                        format!("{at}.{name}"),
+                        format!("cannot read {}: {e}", p.display()),
+                    );
+                }
+            }
+        }
+        // The pairs as the listener will load them: PEM, a key that matches its certificate.
+        if readable {
+            if let Err(m) = crate::tls::Certificates::load(&pairs) {
+                src.at(&l.cert_file, key.clone(), m);
             }
         }
         if let Ok(addr) = addr {
             tls_listeners.push(TlsListener {
                 addr,
-                cert_file,
-                key_file,
+                pairs,
+                http2: l.http2,
             });
         }
     }
@@ -464,6 +484,7 @@ fn validate_server(
             upgrade_sock: s.upgrade_sock.clone(),
             reload_debounce: Duration::from_millis(s.reload_debounce_ms),
             reload_poll: Duration::from_secs(s.reload_poll_seconds),
+            h2c: s.h2c,
         }),
         Some(RouteDefaults {
             connect_timeout: Duration::from_millis(s.upstream_connect_timeout_ms),

@@ -59,6 +59,10 @@ pub(crate) struct Metrics {
     pub metadata_refresh_failures: IntCounter,
     pub audit_write_failures: IntCounter,
     pub audit_lines_dropped: IntCounter,
+    /// TLS certificate reloads by listener and result (`applied`, `rejected`).
+    pub tls_reloads: IntCounterVec,
+    /// The earliest `notAfter` of each TLS listener's certificates.
+    pub tls_expiry: IntGaugeVec,
     pub build_info: IntGaugeVec,
     pub jwks_fetches: IntCounterVec,
     pub jwks_keys: IntGaugeVec,
@@ -307,6 +311,18 @@ impl Metrics {
                 &r,
                 "fhir_edge_audit_lines_dropped_total",
                 "Audit log lines dropped because the writer's queue was full (the sink is slower than the traffic).",
+            )?,
+            tls_reloads: counter(
+                &r,
+                "fhir_edge_tls_certificate_reloads_total",
+                "TLS certificate reloads after start-up, by listener and result (applied, rejected: the old certificates keep serving).",
+                &["listener", "result"],
+            )?,
+            tls_expiry: gauge_vec(
+                &r,
+                "fhir_edge_tls_certificate_expiry_timestamp_seconds",
+                "The earliest notAfter of the certificates a TLS listener serves, Unix time.",
+                &["listener"],
             )?,
             build_info: gauge_vec(
                 &r,

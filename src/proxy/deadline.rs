@@ -394,7 +394,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderDeadline<A> {
         session: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let stream: Stream = if session.as_any().is::<DownstreamConn>() {
+        // HTTP/2 (ALPN `h2`) has frames, not a header block to time: its own limits (Pingora's
+        // concurrent-stream and header-list bounds, h2's reset-flood defences) apply instead.
+        let h2 = session.selected_alpn_proto() == Some(ALPN::H2);
+        let stream: Stream = if h2 || session.as_any().is::<DownstreamConn>() {
             session
         } else {
             Box::new(DownstreamConn::new(
