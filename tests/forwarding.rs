@@ -320,3 +320,104 @@ fn keep_alive_requests_with_different_tokens_are_routed_each_by_its_own() {
     }
     assert_eq!((env.a.count(), env.b.count()), (5, 5));
 }
+
+/// A request from the loopback peer with `X-Forwarded-For: xff`; the address the upstream was told.
+fn forwarded_for(env: &Env, xff: &str) -> String {
+    let r = client()
+        .get(env.proxy.url("/Patient/1"))
+        .header("authorization", bearer(TENANT_A))
+        .header("x-forwarded-for", xff)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    env.a.last().header("x-forwarded-for").unwrap().to_string()
+}
+
+#[test]
+fn behind_trusted_proxies_the_client_is_the_right_most_untrusted_forwarded_address() {
+    let env = Env::start_with(|c| {
+        c.top = "trusted_proxies: [\"127.0.0.1\", \"10.0.0.0/8\"]\n".into();
+        c.token = Some(per_source_limit_of_three());
+    });
+    // The balancer (127.0.0.1, trusted) appended the client; a trusted inner hop is skipped; what
+    // the client itself wrote further left is not believed.
+    assert_eq!(forwarded_for(&env, "6.6.6.6, 203.0.113.7"), "203.0.113.7");
+    assert_eq!(
+        forwarded_for(&env, "6.6.6.6, 203.0.113.7, 10.1.2.3"),
+        "203.0.113.7"
+    );
+    // Across several header lines, as RFC 9110 §5.3 allows.
+    let r = raw::send(
+        env.proxy.port,
+        format!(
+            "GET /Patient/1 HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nX-Forwarded-For: 6.6.6.6\r\n\
+             X-Forwarded-For: 198.51.100.9, 10.0.0.1\r\nConnection: close\r\n\r\n",
+            bearer(TENANT_A)
+        )
+        .as_bytes(),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(env.a.last().header("x-forwarded-for"), Some("198.51.100.9"));
+    // Garbage ends the walk at the last trusted hop.
+    assert_eq!(
+        forwarded_for(&env, "203.0.113.7, not-an-ip, 10.1.2.3"),
+        "10.1.2.3"
+    );
+    let lines = env.proxy.access_log_at_least(4);
+    assert!(
+        lines.iter().any(|l| l["client_ip"] == "198.51.100.9"),
+        "{lines:?}"
+    );
+
+    // The token endpoint's throttle counts per resolved client: one client locked out by its
+    // failures does not lock out another behind the same balancer.
+    let statuses = |xffs: &[&str]| -> Vec<u16> {
+        xffs.iter()
+            .enumerate()
+            .map(|(i, ip)| failed_token_request(&env, ip, i))
+            .collect()
+    };
+    assert_eq!(statuses(&["203.0.113.7"; 4]), vec![401, 401, 401, 429]);
+    assert_eq!(statuses(&["198.51.100.9"]), vec![401]);
+}
+
+/// A token request with a wrong secret (for a new client id each time, so only the per-source
+/// limit can trip) from the loopback peer with `X-Forwarded-For: xff`.
+fn failed_token_request(env: &Env, xff: &str, n: usize) -> u16 {
+    client()
+        .post(env.proxy.url("/token"))
+        .header("x-forwarded-for", xff)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!(
+            "grant_type=client_credentials&client_id=nobody-{xff}-{n}&client_secret=x&scope={TENANT_A}"
+        ))
+        .send()
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+fn per_source_limit_of_three() -> String {
+    crate::support::proxy::default_token_section().replace(
+        "failed_auth: { per_client: 5, per_source: 1000, window_seconds: 3 }",
+        "failed_auth: { per_client: 1000, per_source: 3, window_seconds: 60 }",
+    )
+}
+
+#[test]
+fn without_trusted_proxies_a_forwarded_address_is_never_believed() {
+    let env = Env::start_with(|c| c.token = Some(per_source_limit_of_three()));
+    assert_eq!(forwarded_for(&env, "203.0.113.7"), "127.0.0.1");
+    let lines = env.proxy.access_log_at_least(1);
+    assert!(
+        lines.iter().all(|l| l["client_ip"] == "127.0.0.1"),
+        "{lines:?}"
+    );
+    // Rotating X-Forwarded-For buys no fresh throttle budget: the peer is the source.
+    let statuses: Vec<u16> = ["1.1.1.1", "2.2.2.2", "3.3.3.3", "4.4.4.4"]
+        .iter()
+        .enumerate()
+        .map(|(i, ip)| failed_token_request(&env, ip, i))
+        .collect();
+    assert_eq!(statuses, vec![401, 401, 401, 429]);
+}

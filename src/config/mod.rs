@@ -130,6 +130,8 @@ pub(crate) struct Config {
     pub listen: Vec<SocketAddr>,
     pub tls_listeners: Vec<TlsListener>,
     pub public: PublicBase,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     pub routes_file: PathBuf,
     /// Where `/metadata` comes from (resolved when the edge is built).
     pub metadata: MetadataSource,

@@ -23,6 +23,9 @@ pub struct Settings {
     pub tls_listeners: Vec<TlsListenerSettings>,
     /// What clients call this proxy: `https://edge.example.org/fhir` (required).
     pub public_base_url: String,
+    /// Load balancers and proxies (CIDRs or addresses) whose `X-Forwarded-For` is believed: the
+    /// client is the right-most address in it that is not one of them.
+    pub trusted_proxies: Vec<String>,
     /// The hot-reloaded routing table, YAML or JSON (required).
     pub routes_file: String,
     /// Where `GET {base}/metadata` comes from: an upstream FHIR base URL, or a file.
@@ -51,6 +54,7 @@ impl Default for Settings {
             listen: Vec::new(),
             tls_listeners: Vec::new(),
             public_base_url: String::new(),
+            trusted_proxies: Vec::new(),
             routes_file: String::new(),
             metadata_upstream: None,
             metadata_file: None,

@@ -34,6 +34,20 @@ pub(super) fn validate(f: Settings, src: &mut Source) -> Option<Config> {
             .ok()
     });
     let routes_file = required(&f.routes_file, "routes_file", src).map(|p| resolve(dir, p));
+    let mut trusted_proxies = Vec::new();
+    for (i, t) in f.trusted_proxies.iter().enumerate() {
+        match t
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| t.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        {
+            Ok(net) => trusted_proxies.push(net.trunc()),
+            Err(_) => src.at(
+                t,
+                format!("trusted_proxies[{i}]"),
+                "must be an address or a CIDR such as 10.0.0.0/8",
+            ),
+        }
+    }
     let limits = validate_limits(&f.limits, src);
     let (server, mut route_defaults) = validate_server(&f.server, dir, src);
     if let (Some(d), Some(p)) = (&mut route_defaults, &public) {
@@ -100,6 +114,7 @@ pub(super) fn validate(f: Settings, src: &mut Source) -> Option<Config> {
         listen,
         tls_listeners,
         public: public?,
+        trusted_proxies,
         routes_file: routes_file?,
         metadata: metadata?,
         metadata_ttl: Duration::from_secs(f.metadata_ttl_seconds),

@@ -81,6 +81,10 @@ pub(crate) struct Record<'a> {
     pub portal_action: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub account: Option<&'a str>,
+    /// The client's address (the TCP peer, or from a trusted proxy's `X-Forwarded-For`): a
+    /// service's address, never a patient's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_ip: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -253,6 +257,7 @@ mod tests {
             jti_hash: Some(&jti_hash("abc")),
             portal_action: None,
             account: None,
+            client_ip: Some("10.1.2.3"),
             upstream: Some("10.0.0.5:8090"),
             auth_failure: None,
             error: None,

@@ -43,6 +43,8 @@ pub(crate) struct RequestCtx {
     pub(crate) grant: Option<Arc<auth::Grant>>,
     /// The registration portal's action, and the account that took it.
     pub(crate) portal_action: Option<&'static str>,
+    /// The client's address: the TCP peer, or from a trusted proxy's `X-Forwarded-For`.
+    pub(crate) client_ip: Option<std::net::IpAddr>,
     pub(crate) portal_account: Option<String>,
 }
 
@@ -66,6 +68,7 @@ impl RequestCtx {
             upstream_start: None,
             grant: None,
             portal_action: None,
+            client_ip: None,
             portal_account: None,
         }
     }

@@ -2,6 +2,7 @@
 //! (`request_filter`), the upstream request's target and headers (`upstream_request_filter`), and
 //! the upstream response's headers (`upstream_response_filter`).
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH};
@@ -165,12 +166,7 @@ impl FhirEdge {
     /// The upstream request: the decided target, the route's `Host`, rebuilt forwarding headers and
     /// the route's upstream headers; nothing the client says about where it came from or which
     /// tenant it is for.
-    pub(super) fn upstream_request(
-        &self,
-        session: &Session,
-        req: &mut RequestHeader,
-        ctx: &RequestCtx,
-    ) -> Result<()> {
+    pub(super) fn upstream_request(&self, req: &mut RequestHeader, ctx: &RequestCtx) -> Result<()> {
         let Some(route) = &ctx.route else {
             return Error::e_explain(ErrorType::InternalError, "no upstream decided");
         };
@@ -191,11 +187,8 @@ impl FhirEdge {
             req.insert_header(CONTENT_LENGTH, length)?;
         }
         req.insert_header(http::header::HOST, upstream.host.clone())?;
-        if let Some(ip) = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip())
-        {
+        // One address, resolved once (`client_ip`): what the client sent is never passed on.
+        if let Some(ip) = ctx.client_ip {
             req.insert_header("x-forwarded-for", ip.to_string())?;
         }
         let public = &self.settings.public;
@@ -338,8 +331,78 @@ fn must_strip(name: &HeaderName) -> bool {
         || n.contains('_')
 }
 
+/// The client's address: the TCP peer, unless the peer is a trusted proxy, in which case the
+/// right-most `X-Forwarded-For` address that is not a trusted proxy (what each trusted hop appended;
+/// anything to its left the client could have written). An entry that is not an address ends the
+/// walk at the last trusted hop. With no trusted proxies, headers are never read: a client that
+/// rotates `X-Forwarded-For` gains nothing.
+pub(crate) fn client_ip(
+    peer: Option<IpAddr>,
+    headers: &http::HeaderMap,
+    trusted: &[ipnet::IpNet],
+) -> Option<IpAddr> {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    let mut client = peer?;
+    if !is_trusted(&client) {
+        return Some(client);
+    }
+    let entries: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .collect();
+    for entry in entries.iter().rev() {
+        let Ok(ip) = entry.trim().parse::<IpAddr>() else {
+            break;
+        };
+        client = ip;
+        if !is_trusted(&ip) {
+            break;
+        }
+    }
+    Some(client)
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_client_address_is_believed_only_from_trusted_hops() {
+        let trusted: Vec<ipnet::IpNet> = vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "192.0.2.1/32".parse().unwrap(),
+        ];
+        let xff = |v: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert("x-forwarded-for", v.parse().unwrap());
+            h
+        };
+        let lb: Option<std::net::IpAddr> = Some("192.0.2.1".parse().unwrap());
+        let outsider: Option<std::net::IpAddr> = Some("203.0.113.9".parse().unwrap());
+        let ip = |s: &str| Some(s.parse::<std::net::IpAddr>().unwrap());
+        assert_eq!(client_ip(outsider, &xff("1.1.1.1"), &trusted), outsider);
+        assert_eq!(
+            client_ip(lb, &xff("1.1.1.1, 2.2.2.2"), &trusted),
+            ip("2.2.2.2")
+        );
+        assert_eq!(
+            client_ip(lb, &xff("1.1.1.1, 10.9.9.9"), &trusted),
+            ip("1.1.1.1")
+        );
+        assert_eq!(client_ip(lb, &xff("10.1.1.1"), &trusted), ip("10.1.1.1"));
+        assert_eq!(
+            client_ip(lb, &xff("junk, 10.1.1.1"), &trusted),
+            ip("10.1.1.1")
+        );
+        assert_eq!(client_ip(lb, &http::HeaderMap::new(), &trusted), lb);
+        assert_eq!(
+            client_ip(lb, &xff(" 2001:db8::1 "), &trusted),
+            ip("2001:db8::1")
+        );
+        assert_eq!(client_ip(lb, &xff("1.1.1.1"), &[]), lb);
+    }
+
     use super::*;
 
     #[test]

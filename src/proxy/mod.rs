@@ -119,6 +119,7 @@ impl FhirEdge {
             }
         };
         let tenant = ctx.tenant.map(TenantId::text);
+        let client_ip = ctx.client_ip.map(|ip| ip.to_string());
         let elapsed = ctx.start.elapsed();
         let record = audit::Record {
             time: &crate::time::rfc3339_now_millis(),
@@ -132,6 +133,7 @@ impl FhirEdge {
             client_id: ctx.client(),
             jti_hash: ctx.grant.as_ref().and_then(|g| g.jti_hash.as_deref()),
             portal_action: ctx.portal_action,
+            client_ip: client_ip.as_deref(),
             account: ctx.portal_account.as_deref(),
             upstream: ctx
                 .route
@@ -186,6 +188,14 @@ impl ProxyHttp for FhirEdge {
                 .headers
                 .get("x-request-id")
                 .map(HeaderValue::as_bytes),
+        );
+        ctx.client_ip = forward::client_ip(
+            session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip()),
+            &session.req_header().headers,
+            &self.settings.trusted_proxies,
         );
         if let Some(o) = self.check_limits(session.req_header()) {
             return self.reject(session, ctx, o).await;
@@ -249,11 +259,11 @@ impl ProxyHttp for FhirEdge {
 
     async fn upstream_request_filter(
         &self,
-        session: &mut Session,
+        _session: &mut Session,
         req: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        self.upstream_request(session, req, ctx)
+        self.upstream_request(req, ctx)
     }
 
     async fn request_body_filter(

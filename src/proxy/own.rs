@@ -83,10 +83,7 @@ impl FhirEdge {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<bool> {
-        let source = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
+        let source = ctx.client_ip;
         let method = &session.req_header().method;
         let result = match which {
             OwnEndpoint::SmartConfiguration => {

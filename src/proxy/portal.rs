@@ -62,10 +62,7 @@ impl FhirEdge {
             .1
             .map(|q| String::from_utf8_lossy(q).into_owned());
         let headers = req.headers.clone();
-        let source = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
+        let source = ctx.client_ip;
         let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         let reply = match below {
             None => portal.not_found(),
