@@ -369,3 +369,98 @@ fn every_poll_is_recorded_as_a_check_in_the_metrics() {
         "no check recorded after {first}"
     );
 }
+
+#[test]
+fn a_tenant_whose_host_does_not_resolve_is_unavailable_and_the_others_serve() {
+    // `.invalid` never resolves (RFC 6761).
+    let env = Env::start_with(|c| c.server = "  reload_poll_seconds: 1".into());
+    let unresolvable = routes_yaml(&[
+        (
+            TENANT_A,
+            "tenant-a",
+            "http://fhir.hospital-a.invalid:8080/r4",
+            "",
+        ),
+        (TENANT_B, "tenant-b", &env.b.url(""), ""),
+    ]);
+    let gen = |m: &str| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("fhir_edge_config_generation{file=\"routes\"} "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let before = gen(&env.proxy.admin("/metrics").1);
+    fs::write(env.proxy.routes_path(), unresolvable).unwrap();
+    // The edit is accepted, not refused for one hospital's DNS.
+    assert!(eventually(WITHIN, || probe(&env, TENANT_A).0 == 503));
+    let (status, body) = status_with_token(&env.proxy, "/Patient/1", &token(TENANT_A));
+    assert_eq!(status, 503);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["resourceType"], "OperationOutcome");
+    assert_eq!(v["issue"][0]["code"], "transient");
+    assert!(!body.contains("invalid"), "the host name leaked: {body}");
+    assert_eq!(probe(&env, TENANT_B), (200, "tenant-b".into()));
+    let (ready, detail) = env.proxy.admin("/readyz");
+    assert_eq!(ready, 200);
+    assert!(
+        detail.contains("unavailable tenants") && detail.contains("tenant-a"),
+        "{detail}"
+    );
+    let metrics = env.proxy.admin("/metrics").1;
+    assert!(
+        metrics.contains("fhir_edge_routing_unavailable_tenants 1"),
+        "{metrics}"
+    );
+    // While a host does not resolve, every poll tries again (the text has not changed).
+    let tried = gen(&metrics);
+    assert!(tried > before);
+    assert!(eventually(Duration::from_secs(5), || gen(&env
+        .proxy
+        .admin("/metrics")
+        .1)
+        > tried));
+    let lines = env.proxy.access_log_at_least(1);
+    assert!(lines
+        .iter()
+        .any(|l| l["error"] == "tenant_unavailable" && l["tenant_name"] == "tenant-a"));
+    // Fixed: the tenant serves again, and the polls stop rebuilding.
+    fs::write(
+        env.proxy.routes_path(),
+        routes_yaml(&[
+            (TENANT_A, "tenant-a", &env.a.url("/r4"), ""),
+            (TENANT_B, "tenant-b", &env.b.url(""), ""),
+        ]),
+    )
+    .unwrap();
+    assert!(eventually(WITHIN, || probe(&env, TENANT_A) == (200, "tenant-a".into())));
+    assert!(env
+        .proxy
+        .admin("/metrics")
+        .1
+        .contains("fhir_edge_routing_unavailable_tenants 0"));
+}
+
+#[test]
+fn a_start_with_a_host_that_does_not_resolve_serves_the_other_tenants() {
+    let b = crate::support::StubUpstream::start("tenant-b");
+    let meta = crate::support::StubUpstream::start("meta");
+    let routes = routes_yaml(&[
+        (
+            TENANT_A,
+            "tenant-a",
+            "http://fhir.hospital-a.invalid/r4",
+            "",
+        ),
+        (TENANT_B, "tenant-b", &b.url(""), ""),
+    ]);
+    let proxy =
+        crate::support::Proxy::start(crate::support::ProxyConfig::new(meta.url(""), routes));
+    assert_eq!(
+        status_with_token(&proxy, "/Patient/1", &token(TENANT_A)).0,
+        503
+    );
+    assert_eq!(
+        status_with_token(&proxy, "/Patient/1", &token(TENANT_B)).0,
+        200
+    );
+}

@@ -205,11 +205,21 @@ fn check(config: PathBuf, offline: bool) -> anyhow::Result<ExitCode> {
         TableContext::from(defaults)
     };
     match Live::<RoutingTable>::load_file(settings.routes_file.clone(), context) {
-        Ok(t) => summary.push(format!(
-            "routing table {}: {}",
-            settings.routes_file.display(),
-            t.load().summary()
-        )),
+        Ok(t) => {
+            let table = t.load();
+            // `run` serves the others and answers these tenants 503; a check says so plainly.
+            for name in table.unavailable() {
+                problems.push(format!(
+                    "{}: tenant `{name}`: its upstream host does not resolve (the tenant would be unavailable)",
+                    settings.routes_file.display()
+                ));
+            }
+            summary.push(format!(
+                "routing table {}: {}",
+                settings.routes_file.display(),
+                table.summary()
+            ))
+        }
         Err(p) => problems.push(p.to_string()),
     }
     match settings.token.as_ref().map(|t| &t.clients) {

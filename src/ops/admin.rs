@@ -69,9 +69,13 @@ impl Admin {
 
     fn metrics_text(&self) -> Vec<u8> {
         self.metrics.observe_file("routes", &self.routes);
+        let table = self.routes.load();
         self.metrics
             .routing_tenants
-            .set(i64::try_from(self.routes.load().len()).unwrap_or(i64::MAX));
+            .set(i64::try_from(table.len()).unwrap_or(i64::MAX));
+        self.metrics
+            .routing_unavailable
+            .set(i64::try_from(table.unavailable().len()).unwrap_or(i64::MAX));
         if let Some(t) = &self.token {
             match &t.clients {
                 ClientStore::File(live) => self.metrics.observe_file("clients", live),
@@ -109,7 +113,20 @@ impl ServeHttp for Admin {
             "/readyz" => {
                 let why = self.not_ready();
                 if why.is_empty() {
-                    reply(StatusCode::OK, "text/plain", b"ready\n".to_vec())
+                    // Ready, with what serves less than it should named (never a reason to take
+                    // the replica out: the other tenants are served).
+                    let table = self.routes.load();
+                    let mut body = b"ready\n".to_vec();
+                    if !table.unavailable().is_empty() {
+                        body.extend_from_slice(
+                            format!(
+                                "unavailable tenants (upstream host does not resolve): {}\n",
+                                table.unavailable().join(", ")
+                            )
+                            .as_bytes(),
+                        );
+                    }
+                    reply(StatusCode::OK, "text/plain", body)
                 } else {
                     reply(
                         StatusCode::SERVICE_UNAVAILABLE,

@@ -55,6 +55,8 @@ pub(crate) struct Metrics {
     pub config_last_success: IntGaugeVec,
     pub config_last_check: IntGaugeVec,
     pub routing_tenants: IntGauge,
+    /// Tenants whose upstream host did not resolve when the current table was built.
+    pub routing_unavailable: IntGauge,
     pub clients_registered: IntGauge,
     pub metadata_refresh_failures: IntCounter,
     pub audit_write_failures: IntCounter,
@@ -286,6 +288,11 @@ impl Metrics {
                 "fhir_edge_config_last_check_timestamp_seconds",
                 "Unix time the file was last read and checked for changes (each event and poll), by file.",
                 &["file"],
+            )?,
+            routing_unavailable: int_gauge(
+                &r,
+                "fhir_edge_routing_unavailable_tenants",
+                "Tenants of the current routing table whose upstream host did not resolve (answered 503 until it does).",
             )?,
             routing_tenants: int_gauge(
                 &r,

@@ -72,6 +72,10 @@ impl Outcome {
                 "transient",
                 "The upstream FHIR server could not be reached."
             ),
+            Outcome::TenantUnavailable => operation_outcome!(
+                "transient",
+                "The tenant's FHIR server cannot be reached now. Try again later."
+            ),
             Outcome::UpstreamTimeout => operation_outcome!(
                 "timeout",
                 "The upstream FHIR server did not answer in time."
@@ -102,6 +106,7 @@ mod tests {
             Outcome::HeadersTooLarge,
             Outcome::BodyTooLarge,
             Outcome::UpstreamUnavailable,
+            Outcome::TenantUnavailable,
             Outcome::UpstreamTimeout,
             Outcome::Internal,
         ];

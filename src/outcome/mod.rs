@@ -45,6 +45,8 @@ pub(crate) enum Outcome {
     BodyTooLarge,
     /// The upstream refused, reset or broke the exchange before a response started.
     UpstreamUnavailable,
+    /// The tenant's upstream host did not resolve when the routing table was built.
+    TenantUnavailable,
     UpstreamTimeout,
     Internal,
     /// An error of the token endpoint, the JWKS, smart-configuration or client self-service.
@@ -71,6 +73,7 @@ impl Outcome {
             Outcome::HeadersTooLarge => 431,
             Outcome::BodyTooLarge => 413,
             Outcome::UpstreamUnavailable => 502,
+            Outcome::TenantUnavailable => 503,
             Outcome::UpstreamTimeout => 504,
             Outcome::Internal => 500,
             Outcome::OAuth(e) => e.status(),
@@ -90,6 +93,7 @@ impl Outcome {
             Outcome::HeadersTooLarge => "headers_too_large",
             Outcome::BodyTooLarge => "body_too_large",
             Outcome::UpstreamUnavailable => "upstream_unavailable",
+            Outcome::TenantUnavailable => "tenant_unavailable",
             Outcome::UpstreamTimeout => "upstream_timeout",
             Outcome::Internal => "internal",
             Outcome::OAuth(e) => e.label(),

@@ -126,6 +126,11 @@ impl FhirEdge {
             .cloned()
             // The same response as a token naming no tenant: nothing tells a caller which tenants exist.
             .ok_or_else(|| self.auth_failed(AuthFailure::UnknownTenant))?;
+        if route.upstream.unresolved.is_some() {
+            // At once, without a connect attempt to an address there is none of.
+            ctx.route = Some(route);
+            return Err(Outcome::TenantUnavailable);
+        }
         let remainder = remainder.map_err(|e| match e {
             PathError::NotUnderBase => Outcome::NotFound,
             PathError::Rejected => Outcome::BadRequest,

@@ -41,6 +41,11 @@ pub trait Loadable: Send + Sync + Sized + 'static {
     fn from_text(path: &Path, text: &str, ctx: &Self::Context) -> Result<Self, Problems>;
     /// For log lines: "3 tenants".
     fn summary(&self) -> String;
+    /// Whether this value should be rebuilt at the next poll even from unchanged text (a routing
+    /// table whose hosts did not all resolve).
+    fn retry(&self) -> bool {
+        false
+    }
 }
 
 /// The current value of a hot-reloaded file, plus reload bookkeeping.

@@ -95,7 +95,7 @@ impl<T: Loadable> Reload for Live<T> {
         Live::path(self)
     }
     fn reload(&self, force: bool, settle: bool) -> ReloadOutcome {
-        Live::reload(self, force, settle)
+        Live::reload(self, force || self.load().retry(), settle)
     }
 }
 

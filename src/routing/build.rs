@@ -158,7 +158,16 @@ impl<'p> Builder<'p> {
         if routes.capacity() > 2 * routes.len() + 16 {
             routes.shrink_to_fit();
         }
-        Ok(RoutingTable { routes })
+        let mut unavailable: Vec<Box<str>> = routes
+            .values()
+            .filter(|r| r.upstream.unresolved.is_some())
+            .map(|r| r.name.clone())
+            .collect();
+        unavailable.sort();
+        Ok(RoutingTable {
+            routes,
+            unavailable,
+        })
     }
 }
 

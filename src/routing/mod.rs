@@ -87,6 +87,8 @@ pub struct RoutingTable {
     /// only looks up a tenant named by a verified token, so SipHash's flooding resistance buys
     /// nothing here, while it was most of a lookup's cost.
     routes: hashbrown::HashMap<TenantId, Arc<Route>>,
+    /// Names of the tenants whose upstream host did not resolve when this table was built.
+    unavailable: Vec<Box<str>>,
 }
 
 /// How a table build turns upstream host names into addresses.
@@ -151,11 +153,27 @@ impl Loadable for RoutingTable {
     }
 
     fn summary(&self) -> String {
-        format!("{} tenants", self.len())
+        match self.unavailable.len() {
+            0 => format!("{} tenants", self.len()),
+            n => format!(
+                "{} tenants, {n} unavailable (host does not resolve)",
+                self.len()
+            ),
+        }
+    }
+
+    fn retry(&self) -> bool {
+        !self.unavailable.is_empty()
     }
 }
 
 impl RoutingTable {
+    /// Tenants (by name) whose upstream host did not resolve when this table was built: they are
+    /// answered 503 until a rebuild (every poll while there are any, and on SIGHUP) resolves them.
+    pub fn unavailable(&self) -> &[Box<str>] {
+        &self.unavailable
+    }
+
     pub fn get(&self, tenant: &TenantId) -> Option<&Arc<Route>> {
         self.routes.get(tenant)
     }

@@ -2,6 +2,7 @@
 //! upstream headers (environment references expanded, reserved names refused) and the upstream
 //! (URL, TLS, SNI, timeouts, link bases, CA file, address).
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
@@ -139,11 +140,19 @@ pub(super) fn upstream(
         let der = read_ca_file(&dir.join(&**ca)).map_err(|m| invalid("ca_file", ca, m))?;
         settings.ca_der = Some(der);
     }
-    let addr = ctx
-        .resolve
-        .address(&url)
+    // A host that does not resolve makes its tenants unavailable, not the table invalid: one
+    // hospital's DNS must not freeze every other tenant's routing edits (or the start).
+    let (addr, unresolved) = match ctx.resolve.address(&url) {
+        Ok(addr) => (addr, None),
+        Err(m) => (
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), url.port),
+            Some(m.into_boxed_str()),
+        ),
+    };
+    let mut upstream = Upstream::build(&url, addr, &settings)
         .map_err(|m| invalid("upstream", &entry.upstream, m))?;
-    Upstream::build(&url, addr, &settings).map_err(|m| invalid("upstream", &entry.upstream, m))
+    upstream.unresolved = unresolved;
+    Ok(upstream)
 }
 
 /// A DNS host name as TLS SNI carries it (RFC 6066 §3: no IP literals): dot-separated labels of 1-63

@@ -135,6 +135,9 @@ pub struct Upstream {
     pub base_url: String,
     /// Upstream base URLs → the public base, for response headers and JSON bodies.
     pub rewrites: Rewrites,
+    /// Why the host has no address (it did not resolve when the table was built): the tenant is
+    /// unavailable (503) until a rebuild resolves it.
+    pub unresolved: Option<Box<str>>,
 }
 
 impl Upstream {
@@ -185,6 +188,7 @@ impl Upstream {
             base_path: url.base_path.clone(),
             base_url: url.base_url(),
             rewrites: Rewrites::new(&bases, &s.public_base),
+            unresolved: None,
         })
     }
 }
