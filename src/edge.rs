@@ -118,7 +118,11 @@ impl Edge {
         let routes = Arc::new(
             Live::<RoutingTable>::load_file(
                 config.routes_file.clone(),
-                config.route_defaults.clone(),
+                crate::routing::TableContext {
+                    defaults: config.route_defaults.clone(),
+                    resolve: crate::routing::Resolve::Dns,
+                    refresh: config.server.dns_refresh,
+                },
             )
             .map_err(EdgeError::Routes)?,
         );

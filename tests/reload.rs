@@ -464,3 +464,42 @@ fn a_start_with_a_host_that_does_not_resolve_serves_the_other_tenants() {
         200
     );
 }
+
+#[test]
+fn host_names_are_resolved_again_on_a_timer_and_address_literals_are_not() {
+    let env = Env::start_with(|c| {
+        c.server = "  reload_poll_seconds: 1\n  dns_refresh_seconds: 1".into();
+    });
+    let gen = || {
+        env.proxy
+            .admin("/metrics")
+            .1
+            .lines()
+            .find_map(|l| l.strip_prefix("fhir_edge_config_generation{file=\"routes\"} "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // The stubs are named by address (127.0.0.1): nothing to resolve, no rebuilds.
+    let start = gen();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(gen(), start, "an address-only table was rebuilt");
+    // Named by host (localhost): rebuilt, so resolved again, every refresh interval.
+    let port = env.a.addr.port();
+    fs::write(
+        env.proxy.routes_path(),
+        routes_yaml(&[
+            (
+                TENANT_A,
+                "tenant-a",
+                &format!("http://localhost:{port}/r4"),
+                "",
+            ),
+            (TENANT_B, "tenant-b", &env.b.url(""), ""),
+        ]),
+    )
+    .unwrap();
+    assert!(eventually(WITHIN, || gen() > start));
+    let edited = gen();
+    assert!(eventually(Duration::from_secs(6), || gen() >= edited + 2.0));
+    assert_eq!(probe(&env, TENANT_A), (200, "tenant-a".into()));
+}

@@ -92,6 +92,8 @@ pub(crate) struct ServerConfig {
     pub reload_debounce: Duration,
     pub reload_poll: Duration,
     pub h2c: bool,
+    /// How often upstream host names are resolved again (`None`: never on a timer).
+    pub dns_refresh: Option<Duration>,
 }
 
 /// Defaults every route starts from (each route may override timeouts, TLS and SNI).

@@ -359,6 +359,9 @@ pub struct ServerSettings {
     pub reload_poll_seconds: u64,
     /// Accept HTTP/2 without TLS (prior knowledge) on the plain listeners.
     pub h2c: bool,
+    /// Resolve the routing table's upstream host names again this often (0: only on edits and
+    /// SIGHUP).
+    pub dns_refresh_seconds: u64,
 }
 
 impl Default for ServerSettings {
@@ -380,6 +383,7 @@ impl Default for ServerSettings {
             reload_debounce_ms: 150,
             reload_poll_seconds: 30,
             h2c: false,
+            dns_refresh_seconds: 300,
         }
     }
 }

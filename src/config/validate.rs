@@ -465,6 +465,11 @@ fn check_server_limits(s: &ServerSettings, src: &mut Source) {
         "reload_poll_seconds",
         "must be at most 86400 (0 disables)",
     );
+    check(
+        s.dns_refresh_seconds <= 86_400,
+        "dns_refresh_seconds",
+        "must be at most 86400 (0 disables)",
+    );
 }
 
 fn validate_server(
@@ -500,6 +505,8 @@ fn validate_server(
             reload_debounce: Duration::from_millis(s.reload_debounce_ms),
             reload_poll: Duration::from_secs(s.reload_poll_seconds),
             h2c: s.h2c,
+            dns_refresh: (s.dns_refresh_seconds > 0)
+                .then(|| Duration::from_secs(s.dns_refresh_seconds.min(86_400))),
         }),
         Some(RouteDefaults {
             connect_timeout: Duration::from_millis(s.upstream_connect_timeout_ms),

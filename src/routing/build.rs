@@ -12,7 +12,7 @@ use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
 use crate::config::problems::{Problem, Problems, Source};
 use crate::config::routes::TenantEntry;
 use crate::routing::upstream::Upstream;
-use crate::routing::{route, Route, RoutingTable, TableContext};
+use crate::routing::{route, Resolve, Route, RoutingTable, TableContext};
 use crate::tenant::TenantId;
 
 /// The fewest bytes a tenant's entry can take in either syntax (its GUID key alone is 36): bounds the
@@ -164,9 +164,16 @@ impl<'p> Builder<'p> {
             .map(|r| r.name.clone())
             .collect();
         unavailable.sort();
+        let named = routes.values().any(|r| r.upstream.named);
+        let refresh_at = self
+            .ctx
+            .refresh
+            .filter(|_| named && self.ctx.resolve == Resolve::Dns)
+            .map(|d| std::time::Instant::now() + d);
         Ok(RoutingTable {
             routes,
             unavailable,
+            refresh_at,
         })
     }
 }

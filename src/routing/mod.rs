@@ -89,6 +89,8 @@ pub struct RoutingTable {
     routes: hashbrown::HashMap<TenantId, Arc<Route>>,
     /// Names of the tenants whose upstream host did not resolve when this table was built.
     unavailable: Vec<Box<str>>,
+    /// When the table's host names are due to be resolved again (`None`: no names, or never).
+    refresh_at: Option<std::time::Instant>,
 }
 
 /// How a table build turns upstream host names into addresses.
@@ -123,6 +125,9 @@ impl Resolve {
 pub struct TableContext {
     pub defaults: RouteDefaults,
     pub resolve: Resolve,
+    /// How long a table whose upstreams include host names serves before it is rebuilt to resolve
+    /// them again (`None`: only on edits and SIGHUP).
+    pub refresh: Option<std::time::Duration>,
 }
 
 impl TableContext {
@@ -131,6 +136,7 @@ impl TableContext {
         TableContext {
             defaults,
             resolve: Resolve::Offline,
+            refresh: None,
         }
     }
 }
@@ -140,6 +146,7 @@ impl From<RouteDefaults> for TableContext {
         TableContext {
             defaults,
             resolve: Resolve::Dns,
+            refresh: None,
         }
     }
 }
@@ -164,6 +171,9 @@ impl Loadable for RoutingTable {
 
     fn retry(&self) -> bool {
         !self.unavailable.is_empty()
+            || self
+                .refresh_at
+                .is_some_and(|at| std::time::Instant::now() >= at)
     }
 }
 

@@ -138,6 +138,8 @@ pub struct Upstream {
     /// Why the host has no address (it did not resolve when the table was built): the tenant is
     /// unavailable (503) until a rebuild resolves it.
     pub unresolved: Option<Box<str>>,
+    /// The host is a DNS name (not an address literal): its address can change.
+    pub named: bool,
 }
 
 impl Upstream {
@@ -189,6 +191,11 @@ impl Upstream {
             base_url: url.base_url(),
             rewrites: Rewrites::new(&bases, &s.public_base),
             unresolved: None,
+            named: url
+                .host
+                .trim_matches(['[', ']'])
+                .parse::<std::net::IpAddr>()
+                .is_err(),
         })
     }
 }
