@@ -85,16 +85,19 @@ impl Portal {
         }
     }
 
-    /// Records an action in the account's activity; the reply carries it to the audit log.
-    async fn note(
+    /// Records an action in the account's activity, and marks `reply` with it for the audit log
+    /// and the metric, so the two always name the same action.
+    #[allow(clippy::too_many_arguments)]
+    async fn acted(
         &self,
         req: &Request,
+        mut reply: Reply,
         account_id: &str,
         action: &'static str,
         client_id: Option<&str>,
         secret_id: Option<&str>,
         now: u64,
-    ) -> Result<(), PageError> {
+    ) -> Page {
         self.store
             .record(Activity {
                 at: now,
@@ -105,7 +108,10 @@ impl Portal {
                 secret_id: secret_id.map(str::to_string),
             })
             .await?;
-        Ok(())
+        reply.action = Some(action);
+        reply.account = Some(account_id.to_string());
+        reply.client_id = client_id.map(str::to_string);
+        Ok(reply)
     }
 
     // ---- signing in ----
@@ -218,11 +224,9 @@ impl Portal {
         if let Some(old) = self.cookie(req, "session") {
             self.store.end_session(&sha256_hex(&old)).await?;
         }
-        let mut r = self.start_session(req, &a.id, "/clients", now).await?;
-        self.note(req, &a.id, "signed_in", None, None, now).await?;
-        r.action = Some("signed_in");
-        r.account = Some(a.id.clone());
-        Ok(r)
+        let r = self.start_session(req, &a.id, "/clients", now).await?;
+        self.acted(req, r, &a.id, "signed_in", None, None, now)
+            .await
     }
 
     /// The second factor: a TOTP code (each time step accepted once) or an unused recovery code.
@@ -271,13 +275,10 @@ impl Portal {
         self.store
             .change_account(&s.account.id, AccountChange::EndSessions)
             .await?;
-        self.note(req, &s.account.id, "signed_out", None, None, now)
-            .await?;
         let mut r = self.redirect("{portal}/logout", "/login?out");
         r.headers.push(self.set_cookie(req, "session", None));
-        r.action = Some("signed_out");
-        r.account = Some(s.account.id.clone());
-        Ok(r)
+        self.acted(req, r, &s.account.id, "signed_out", None, None, now)
+            .await
     }
 
     // ---- invites and passwords ----
@@ -341,13 +342,10 @@ impl Portal {
         let Some(a) = self.store.accept_invite(&hash, now, hashed).await? else {
             return Ok(self.invalid_invite());
         };
-        self.note(req, &a.id, "password_set", None, None, now)
-            .await?;
         let mut r = self.start_session(req, &a.id, "/account/totp", now).await?;
         r.template = "{portal}/invite/{token}";
-        r.action = Some("password_set");
-        r.account = Some(a.id);
-        Ok(r)
+        self.acted(req, r, &a.id, "password_set", None, None, now)
+            .await
     }
 
     fn password_page(&self, s: &Signed, flash: Option<Flash>, status: u16) -> Reply {
@@ -385,13 +383,10 @@ impl Portal {
         self.store
             .change_account(&s.account.id, AccountChange::Password(hashed))
             .await?;
-        self.note(req, &s.account.id, "password_changed", None, None, now)
-            .await?;
         let mut r = self.redirect("{portal}/account/password", "/login?changed");
         r.headers.push(self.set_cookie(req, "session", None));
-        r.action = Some("password_changed");
-        r.account = Some(s.account.id.clone());
-        Ok(r)
+        self.acted(req, r, &s.account.id, "password_changed", None, None, now)
+            .await
     }
 
     // ---- TOTP ----
@@ -452,16 +447,13 @@ impl Portal {
             )
             .await?;
         self.store.use_totp_step(&s.account.id, step).await?;
-        self.note(req, &s.account.id, "totp_enabled", None, None, now)
-            .await?;
-        let mut r = self.html(
+        let r = self.html(
             200,
             "{portal}/account/totp",
             pages::recovery_codes(self, s, &shown),
         );
-        r.action = Some("totp_enabled");
-        r.account = Some(s.account.id.clone());
-        Ok(r)
+        self.acted(req, r, &s.account.id, "totp_enabled", None, None, now)
+            .await
     }
 
     fn account_page(&self, s: &Signed, flash: Option<Flash>) -> Reply {
@@ -598,16 +590,7 @@ impl Portal {
             .apply(change)
             .await
             .map_err(store_error)?;
-        self.note(
-            req,
-            &s.account.id,
-            "client_created",
-            Some(&issued.client_id),
-            Some(&issued.secret_id),
-            now,
-        )
-        .await?;
-        let mut r = self.html(
+        let r = self.html(
             201,
             "{portal}/clients/new",
             pages::secret_shown(
@@ -621,10 +604,16 @@ impl Portal {
                 true,
             ),
         );
-        r.action = Some("client_created");
-        r.account = Some(s.account.id.clone());
-        r.client_id = Some(issued.client_id);
-        Ok(r)
+        self.acted(
+            req,
+            r,
+            &s.account.id,
+            "client_created",
+            Some(&issued.client_id),
+            Some(&issued.secret_id),
+            now,
+        )
+        .await
     }
 
     /// The client `id` if the owner may see it.
@@ -699,16 +688,7 @@ impl Portal {
             .apply(change)
             .await
             .map_err(store_error)?;
-        self.note(
-            req,
-            &s.account.id,
-            "secret_added",
-            Some(id),
-            Some(&issued.secret_id),
-            now,
-        )
-        .await?;
-        let mut r = self.html(
+        let r = self.html(
             201,
             "{portal}/clients/{client_id}/secrets",
             pages::secret_shown(
@@ -722,10 +702,16 @@ impl Portal {
                 false,
             ),
         );
-        r.action = Some("secret_added");
-        r.account = Some(s.account.id.clone());
-        r.client_id = Some(id.to_string());
-        Ok(r)
+        self.acted(
+            req,
+            r,
+            &s.account.id,
+            "secret_added",
+            Some(id),
+            Some(&issued.secret_id),
+            now,
+        )
+        .await
     }
 
     async fn revoke_secret(
@@ -766,23 +752,20 @@ impl Portal {
             }
             Err(e) => return Err(store_error(e)),
         }
-        self.note(
+        let r = self.redirect(
+            "{portal}/clients/{client_id}/secrets/{secret_id}/revoke",
+            &format!("/clients/{id}"),
+        );
+        self.acted(
             req,
+            r,
             &s.account.id,
             "secret_revoked",
             Some(id),
             Some(sid),
             now,
         )
-        .await?;
-        let mut r = self.redirect(
-            "{portal}/clients/{client_id}/secrets/{secret_id}/revoke",
-            &format!("/clients/{id}"),
-        );
-        r.action = Some("secret_revoked");
-        r.account = Some(s.account.id.clone());
-        r.client_id = Some(id.to_string());
-        Ok(r)
+        .await
     }
 
     async fn delete_client(&self, req: &Request, s: &Signed, id: &str, now: u64) -> Page {
@@ -811,13 +794,9 @@ impl Portal {
             Err(StoreError::NoClient(_)) => return Err(PageError::NotFound),
             Err(e) => return Err(store_error(e)),
         }
-        self.note(req, &s.account.id, "client_deleted", Some(id), None, now)
-            .await?;
-        let mut r = self.redirect("{portal}/clients/{client_id}/delete", "/clients");
-        r.action = Some("client_deleted");
-        r.account = Some(s.account.id.clone());
-        r.client_id = Some(id.to_string());
-        Ok(r)
+        let r = self.redirect("{portal}/clients/{client_id}/delete", "/clients");
+        self.acted(req, r, &s.account.id, "client_deleted", Some(id), None, now)
+            .await
     }
 }
 
