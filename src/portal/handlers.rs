@@ -117,9 +117,7 @@ impl Portal {
     // ---- signing in ----
 
     fn login_page(&self, req: &Request, flash: Option<Flash>, status: u16, email: &str) -> Page {
-        let token = self
-            .cookie(req, "csrf")
-            .map_or_else(|| random_or_fail(()), Ok)?;
+        let token = self.cookie(req, "csrf").map_or_else(new_token, Ok)?;
         let flash = flash.or_else(|| match req.query.as_deref() {
             Some("changed") => Some(Flash::Ok("Password changed. Sign in again.".into())),
             Some("out") => Some(Flash::Ok("Signed out.".into())),
@@ -251,8 +249,8 @@ impl Portal {
 
     /// Creates a session for `account_id` and redirects to `to` with its cookie.
     async fn start_session(&self, req: &Request, account_id: &str, to: &str, now: u64) -> Page {
-        let id = random_or_fail(())?;
-        let csrf = random_or_fail(())?;
+        let id = new_token()?;
+        let csrf = new_token()?;
         self.store
             .create_session(SessionRow {
                 id_hash: sha256_hex(&id),
@@ -287,9 +285,7 @@ impl Portal {
         let Some(a) = self.store.peek_invite(&sha256_hex(token), now).await? else {
             return Ok(self.invalid_invite());
         };
-        let csrf = self
-            .cookie(req, "csrf")
-            .map_or_else(|| random_or_fail(()), Ok)?;
+        let csrf = self.cookie(req, "csrf").map_or_else(new_token, Ok)?;
         let mut r = self.html(
             200,
             "{portal}/invite/{token}",
@@ -335,10 +331,7 @@ impl Portal {
         }
         let hashed = account::hash_password(password.to_string())
             .await
-            .map_err(|e| {
-                log::error!("portal: {e}");
-                PageError::Unavailable
-            })?;
+            .map_err(unavailable)?;
         let Some(a) = self.store.accept_invite(&hash, now, hashed).await? else {
             return Ok(self.invalid_invite());
         };
@@ -375,10 +368,9 @@ impl Portal {
         if let Some(p) = problem {
             return Ok(self.password_page(s, Some(Flash::Error(p)), 400));
         }
-        let hashed = account::hash_password(new.to_string()).await.map_err(|e| {
-            log::error!("portal: {e}");
-            PageError::Unavailable
-        })?;
+        let hashed = account::hash_password(new.to_string())
+            .await
+            .map_err(unavailable)?;
         // Ends every session of the account, this one included.
         self.store
             .change_account(&s.account.id, AccountChange::Password(hashed))
@@ -433,10 +425,7 @@ impl Portal {
                 )),
             );
         };
-        let (shown, stored) = account::new_recovery_codes().map_err(|e| {
-            log::error!("portal: {e}");
-            PageError::Unavailable
-        })?;
+        let (shown, stored) = account::new_recovery_codes().map_err(unavailable)?;
         self.store
             .change_account(
                 &s.account.id,
@@ -575,10 +564,7 @@ impl Portal {
             (None, Ok(f)) => f,
         };
         let tenant_texts = tenants.iter().map(ToString::to_string).collect();
-        let (mut change, issued) = new_client(&name, tenant_texts, now).map_err(|e| {
-            log::error!("portal: {e}");
-            PageError::Unavailable
-        })?;
+        let (mut change, issued) = new_client(&name, tenant_texts, now).map_err(unavailable)?;
         if let Change::AddClient { entry, .. } = &mut change {
             for secret in &mut entry.secrets {
                 secret.description = description.clone();
@@ -675,10 +661,7 @@ impl Portal {
             Ok(f) => f,
             Err(p) => return self.client_page(s, id, Some(Flash::Error(p)), 400).await,
         };
-        let (mut change, issued) = new_client_secret(id, None, now).map_err(|e| {
-            log::error!("portal: {e}");
-            PageError::Unavailable
-        })?;
+        let (mut change, issued) = new_client_secret(id, None, now).map_err(unavailable)?;
         if let Change::AddSecret { secret, .. } = &mut change {
             secret.description = description;
             secret.expires = Some(crate::time::format_rfc3339(expires));
@@ -828,11 +811,16 @@ impl ClientView {
     }
 }
 
-fn random_or_fail<T>(_: T) -> Result<String, PageError> {
-    account::random_token().map_err(|e| {
-        log::error!("portal: {e}");
-        PageError::Unavailable
-    })
+/// A new random token (a session id, a CSRF token).
+fn new_token() -> Result<String, PageError> {
+    account::random_token().map_err(unavailable)
+}
+
+/// A failure the owner can do nothing about (no randomness, a hashing task lost): logged, and
+/// answered as the portal being unavailable.
+fn unavailable(e: impl std::fmt::Display) -> PageError {
+    log::error!("portal: {e}");
+    PageError::Unavailable
 }
 
 fn store_error(e: StoreError) -> PageError {
