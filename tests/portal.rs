@@ -83,6 +83,12 @@ impl Page {
         self.body[at..].split('"').next().unwrap().to_string()
     }
 
+    /// The id of the first secret in a client page's table.
+    fn first_secret_id(&self) -> String {
+        let row = self.body.split("<td><code>").nth(1).expect("a secret row");
+        row.split('<').next().unwrap().to_string()
+    }
+
     /// The text of the element with `id`.
     fn by_id(&self, id: &str) -> String {
         let at = self.body.find(&format!(r#"id="{id}">"#)).expect(id) + id.len() + 6;
@@ -365,14 +371,7 @@ fn an_owner_never_sees_or_changes_another_tenants_clients() {
         }
     }
     let b_page = b.get(&format!("/portal/clients/{b_client}"));
-    let secret_id = b_page
-        .body
-        .split("<td><code>")
-        .nth(1)
-        .unwrap()
-        .split('<')
-        .next()
-        .unwrap();
+    let secret_id = b_page.first_secret_id();
     let revoke = format!("/portal/clients/{b_client}/secrets/{secret_id}/revoke");
     assert_eq!(a.get(&revoke).status, 404);
     assert_eq!(a.post(&revoke, &[("csrf", &csrf)]).status, 404);
@@ -462,15 +461,7 @@ fn revoking_a_secret_in_the_portal_ends_its_tokens_and_the_last_secret_stays() {
     let (id, first) = b.create_client("app", &[TENANT_A]);
     let old_token = env.proxy_token(&id, &first, TENANT_A);
     let page = b.get(&format!("/portal/clients/{id}"));
-    let first_id = page
-        .body
-        .split("<td><code>")
-        .nth(1)
-        .unwrap()
-        .split('<')
-        .next()
-        .unwrap()
-        .to_string();
+    let first_id = page.first_secret_id();
     // The only secret cannot be revoked.
     let p = b.post(
         &format!("/portal/clients/{id}/secrets/{first_id}/revoke"),
