@@ -383,12 +383,7 @@ fn a_tenant_whose_host_does_not_resolve_is_unavailable_and_the_others_serve() {
         ),
         (TENANT_B, "tenant-b", &env.b.url(""), ""),
     ]);
-    let gen = |m: &str| {
-        m.lines()
-            .find_map(|l| l.strip_prefix("fhir_edge_config_generation{file=\"routes\"} "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
+    let gen = |m: &str| routes_generation(m);
     let before = gen(&env.proxy.admin("/metrics").1);
     fs::write(env.proxy.routes_path(), unresolvable).unwrap();
     // The edit is accepted, not refused for one hospital's DNS.
@@ -470,15 +465,7 @@ fn host_names_are_resolved_again_on_a_timer_and_address_literals_are_not() {
     let env = Env::start_with(|c| {
         c.server = "  reload_poll_seconds: 1\n  dns_refresh_seconds: 1".into();
     });
-    let gen = || {
-        env.proxy
-            .admin("/metrics")
-            .1
-            .lines()
-            .find_map(|l| l.strip_prefix("fhir_edge_config_generation{file=\"routes\"} "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
+    let gen = || routes_generation(&env.proxy.admin("/metrics").1);
     // The stubs are named by address (127.0.0.1): nothing to resolve, no rebuilds.
     let start = gen();
     std::thread::sleep(Duration::from_millis(2500));
@@ -502,4 +489,13 @@ fn host_names_are_resolved_again_on_a_timer_and_address_literals_are_not() {
     let edited = gen();
     assert!(eventually(Duration::from_secs(6), || gen() >= edited + 2.0));
     assert_eq!(probe(&env, TENANT_A), (200, "tenant-a".into()));
+}
+
+/// The routing table's generation in a metrics text (0 when absent).
+fn routes_generation(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("fhir_edge_config_generation{file=\"routes\"} "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0)
 }
