@@ -31,11 +31,12 @@ use crate::ops::audit::AuditLog;
 use crate::ops::metrics::Metrics;
 use crate::portal::service::PortalService;
 use crate::portal::Portal;
+use crate::proxy::conns::ConnectionGate;
 use crate::proxy::deadline::HeaderDeadline;
 use crate::proxy::FhirEdge;
 use crate::reload::{Live, Reload, Reloader};
 use crate::routing::upstream::Upstream;
-use crate::routing::RoutingTable;
+use crate::routing::{RoutingState, RoutingTable};
 use crate::tls::{CertReloader, CertStore};
 use crate::token::clients::sync::{PgRegistry, RegistrySync};
 use crate::token::clients::{ClientRegistry, ClientStore, StoreConfig};
@@ -100,6 +101,8 @@ pub struct Edge {
     metrics: Arc<Metrics>,
     audit: AuditLog,
     portal: Option<Arc<Portal>>,
+    /// Limiter state and node health, kept across routing-table reloads.
+    routing: Arc<RoutingState>,
 }
 
 impl Edge {
@@ -115,6 +118,8 @@ impl Edge {
 
     fn build(mut config: Config) -> Result<Edge, EdgeError> {
         crate::auth::jwt::self_test().map_err(EdgeError::Crypto)?;
+        let metrics = Arc::new(Metrics::new().map_err(|e| EdgeError::Metrics(e.to_string()))?);
+        let routing = RoutingState::new(config.route_defaults.health, Some(metrics.clone()));
         let routes = Arc::new(
             Live::<RoutingTable>::load_file(
                 config.routes_file.clone(),
@@ -122,6 +127,7 @@ impl Edge {
                     defaults: config.route_defaults.clone(),
                     resolve: crate::routing::Resolve::Dns,
                     refresh: config.server.dns_refresh,
+                    state: routing.clone(),
                 },
             )
             .map_err(EdgeError::Routes)?,
@@ -133,7 +139,6 @@ impl Edge {
                 Some(Arc::new(TokenService::new(t, clients, routes.clone())))
             }
         };
-        let metrics = Arc::new(Metrics::new().map_err(|e| EdgeError::Metrics(e.to_string()))?);
         for issuer in config.verifier.issuers() {
             metrics.attach_issuer(issuer);
         }
@@ -173,6 +178,7 @@ impl Edge {
             metrics,
             audit,
             portal,
+            routing,
         })
     }
 
@@ -264,8 +270,15 @@ impl Edge {
             self.metrics.clone(),
             self.audit,
         )
-        .with_portal(self.portal.clone());
-        let (service, cert_stores) = proxy_service(server, &config, proxy)?;
+        .with_portal(self.portal.clone())
+        .with_routing_state(self.routing.clone());
+        let gate = Arc::new(ConnectionGate::new(
+            config.limits.max_connections,
+            config.limits.max_connections_per_source,
+            config.trusted_proxies.clone(),
+            Some(self.metrics.clone()),
+        ));
+        let (service, cert_stores) = proxy_service(server, &config, proxy, gate)?;
         let proxy_handle = server.add_service(service);
         if !cert_stores.is_empty() {
             server.add_service(background_service(
@@ -291,6 +304,22 @@ impl Edge {
         }
         if let Some(portal) = self.portal {
             server.add_service(background_service("portal", PortalService { portal }));
+        }
+        server.add_service(background_service(
+            "client buckets",
+            crate::routing::limits::Sweeper {
+                state: self.routing.clone(),
+            },
+        ));
+        if let Some((interval, timeout)) = config.route_defaults.health.check {
+            server.add_service(background_service(
+                "upstream checks",
+                crate::routing::probe::Prober {
+                    state: self.routing.clone(),
+                    interval,
+                    timeout,
+                },
+            ));
         }
         let reload_handle = server.add_service(background_service(
             "file reload",
@@ -368,6 +397,7 @@ fn proxy_service(
     server: &Server,
     config: &Config,
     proxy: FhirEdge,
+    gate: Arc<ConnectionGate>,
 ) -> Result<(ProxyService, Vec<Arc<CertStore>>), EdgeError> {
     let limits = &config.limits;
     let mut server_options = HttpServerOptions::default();
@@ -377,13 +407,14 @@ fn proxy_service(
     server_options.h2c = config.server.h2c;
     let mut app = pingora_proxy::http_proxy(&server.configuration, proxy);
     app.server_options = Some(server_options);
-    // Every connection gets a total deadline for each request's header block (slowloris) and a
-    // cap on its size (answered 431 before Pingora's own 1 MiB cap answers 400).
+    // Every connection is admitted under the connection bounds (src/proxy/conns.rs) and gets a
+    // total deadline for each request's header block (slowloris) and a cap on its size (answered
+    // 431 before Pingora's own 1 MiB cap answers 400).
     let max_header_block = (limits.max_uri_bytes + limits.max_header_bytes + HEADER_BLOCK_SLACK)
         .min(PINGORA_MAX_HEADER_BLOCK);
     let mut service = Service::new(
         "fhir-edge".to_string(),
-        HeaderDeadline::new(app, limits.header_timeout, max_header_block),
+        HeaderDeadline::new(app, limits.header_timeout, max_header_block, gate),
     );
     let buffers = L4BufferSettings::default().write(DOWNSTREAM_WRITE_BUFFER);
     let portal_listen = config.portal.iter().flat_map(|p| &p.listen);
@@ -428,7 +459,8 @@ fn metadata_source(config: &Config) -> Result<discovery::Source, EdgeError> {
         MetadataSource::File(v) => Ok(discovery::Source::File(v.clone())),
         MetadataSource::Upstream(url) => {
             let addr = url.resolve().map_err(EdgeError::Metadata)?;
-            Upstream::build(url, addr, &config.route_defaults.peer_settings(0))
+            let health = crate::routing::nodes::NodeHealth::standalone(&url.node_label());
+            Upstream::build(url, addr, &config.route_defaults.peer_settings(0), health)
                 .map(|u| discovery::Source::Upstream(Box::new(u)))
                 .map_err(EdgeError::Metadata)
         }

@@ -112,6 +112,9 @@ pub mod internals {
     }
     pub mod config {
         pub use crate::config::RouteDefaults;
+        pub mod limits {
+            pub use crate::config::limits::{ClientLimitSpec, LimitSpec, TenantLimits};
+        }
     }
     pub mod fhir {
         pub mod classify {
@@ -148,6 +151,9 @@ pub mod internals {
     }
     pub mod routing {
         pub use crate::routing::{RoutingTable, TableContext};
+        pub mod limits {
+            pub use crate::routing::limits::LimiterRegistry;
+        }
     }
     pub mod tenant {
         pub use crate::tenant::TenantId;

@@ -16,6 +16,7 @@ mod errors;
 mod forwarding;
 mod hardening;
 mod idp;
+mod isolation;
 mod lifecycle;
 mod metadata;
 mod operations;

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use crate::support::proxy::routes_yaml;
 use crate::support::{
-    eventually, status_with_token, tokens::token, Env, TENANT_A, TENANT_B, TENANT_C,
+    eventually, routes_generation, status_with_token, tokens::token, Env, TENANT_A, TENANT_B,
+    TENANT_C,
 };
 
 const WITHIN: Duration = Duration::from_secs(2);
@@ -489,13 +490,4 @@ fn host_names_are_resolved_again_on_a_timer_and_address_literals_are_not() {
     let edited = gen();
     assert!(eventually(Duration::from_secs(6), || gen() >= edited + 2.0));
     assert_eq!(probe(&env, TENANT_A), (200, "tenant-a".into()));
-}
-
-/// The routing table's generation in a metrics text (0 when absent).
-fn routes_generation(metrics: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("fhir_edge_config_generation{file=\"routes\"} "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .unwrap_or(0.0)
 }

@@ -25,6 +25,8 @@ fuzz_target!(|data: &[u8]| {
         ca_der: None,
         public_base: "https://edge.example/fhir".into(),
         tenant_label: TenantLabel::Name,
+        limits: Default::default(),
+        health: Default::default(),
     });
     let _ = RoutingTable::from_text(Path::new("routes.yaml"), text, &ctx);
     let _ = <ClientRegistry as Loadable>::from_text(Path::new("clients.yaml"), text, &());

@@ -28,6 +28,8 @@ fuzz_target!(|data: &[u8]| {
         ca_der: None,
         public_base: "https://edge.example/fhir".into(),
         tenant_label: TenantLabel::Name,
+        limits: Default::default(),
+        health: Default::default(),
     });
     let path = Path::new("routes.json");
     let json = RoutingTable::from_text_as(Syntax::Json, path, text, &ctx);

@@ -14,11 +14,18 @@ pub fn tenant_from_scope(scope: Option<&str>) -> Result<TenantId, AuthFailure> {
     scope.and_then(tenant_in).ok_or(AuthFailure::NoTenant)
 }
 
+/// The most elements a scope may have. A longer one is refused after this many are read, so a
+/// token (or a token request) with thousands of scope entries costs no more than this.
+pub(crate) const MAX_SCOPE_ELEMENTS: usize = 256;
+
 /// The one tenant a space-delimited scope string names, if it names exactly one, canonically. Shared
 /// by token verification and the token endpoint, so both read a scope the same way.
 pub fn tenant_in(scope: &str) -> Option<TenantId> {
     let mut found = None;
-    for element in scope.split(' ') {
+    for (i, element) in scope.split(' ').enumerate() {
+        if i == MAX_SCOPE_ELEMENTS {
+            return None;
+        }
         if let Some(t) = TenantId::parse(element) {
             if found.replace(t).is_some() {
                 return None;
@@ -49,6 +56,17 @@ mod tests {
             want,
             "uppercase GUIDs name the same tenant"
         );
+    }
+
+    #[test]
+    fn a_scope_of_thousands_of_entries_is_refused_after_the_bound() {
+        let within = format!(
+            "{} {T}",
+            "system/*.read ".repeat(MAX_SCOPE_ELEMENTS - 2).trim_end()
+        );
+        assert_eq!(tenant_in(&within), TenantId::parse(T));
+        let huge = format!("{T} {}", "system/*.read ".repeat(10_000));
+        assert_eq!(tenant_in(&huge), None);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! off its network. Relative paths resolve against the directory of the file that names them.
 
 mod issuers;
+pub(crate) mod limits;
 pub(crate) mod portal;
 pub(crate) mod problems;
 pub(crate) mod routes;
@@ -74,6 +75,10 @@ pub(crate) struct Limits {
     pub body_read_timeout: Duration,
     /// Longest wait for each write to the client (a client that stops reading is cut off).
     pub write_timeout: Duration,
+    /// Client connections open at once (0: no bound).
+    pub max_connections: usize,
+    /// Client connections open at once from one source address (0: no bound).
+    pub max_connections_per_source: usize,
 }
 
 /// Process and upstream-connection settings.
@@ -108,6 +113,10 @@ pub struct RouteDefaults {
     pub public_base: String,
     /// How routes are named in metric labels.
     pub tenant_label: TenantLabel,
+    /// `tenant_limits`: each tenant's limits unless its route says otherwise.
+    pub limits: limits::LimitSpec,
+    /// When upstream nodes are ejected and return.
+    pub health: limits::HealthPolicy,
 }
 
 impl RouteDefaults {

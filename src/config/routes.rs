@@ -20,8 +20,18 @@ use serde::Deserialize;
 pub(crate) struct TenantEntry<'t> {
     #[serde(borrow)]
     pub name: Cow<'t, str>,
-    #[serde(borrow)]
-    pub upstream: Cow<'t, str>,
+    /// The tenant's FHIR server (base URL); or `upstreams`, several nodes of one server.
+    #[serde(default, borrow)]
+    pub upstream: Option<Cow<'t, str>>,
+    /// Several base URLs serving the same data, requests spread over them (`balance`); failing
+    /// nodes are taken out of rotation (docs/isolation.md).
+    #[serde(default, borrow)]
+    pub upstreams: Vec<Cow<'t, str>>,
+    #[serde(default)]
+    pub balance: crate::routing::nodes::Balance,
+    /// Request limits of this tenant (each key overrides `tenant_limits` in fhir-edge.yaml).
+    #[serde(default)]
+    pub limits: Option<crate::config::limits::LimitSpec>,
     #[serde(default = "yes")]
     pub tls_verify: bool,
     #[serde(default, borrow)]

@@ -34,6 +34,10 @@ pub struct Settings {
     pub metadata_ttl_seconds: u64,
     pub auth: AuthSettings,
     pub limits: LimitSettings,
+    /// Every tenant's request limits unless its route says otherwise (docs/isolation.md).
+    pub tenant_limits: crate::config::limits::LimitSpec,
+    /// When an upstream node is taken out of rotation, and how it comes back.
+    pub upstream_health: crate::config::limits::UpstreamHealthSettings,
     pub server: ServerSettings,
     pub log: LogSettings,
     pub token_endpoint: Option<TokenEndpointSettings>,
@@ -61,6 +65,8 @@ impl Default for Settings {
             metadata_ttl_seconds: 300,
             auth: AuthSettings::default(),
             limits: LimitSettings::default(),
+            tenant_limits: Default::default(),
+            upstream_health: Default::default(),
             server: ServerSettings::default(),
             log: LogSettings::default(),
             token_endpoint: None,
@@ -320,6 +326,11 @@ pub struct LimitSettings {
     pub header_timeout_seconds: u64,
     pub body_read_timeout_seconds: u64,
     pub write_timeout_seconds: u64,
+    /// Client connections open at once on the proxy's listeners (0: no bound).
+    pub max_connections: usize,
+    /// Client connections open at once from one source address (0: no bound). A trusted proxy's
+    /// connections count towards `max_connections` only.
+    pub max_connections_per_source: usize,
 }
 
 impl Default for LimitSettings {
@@ -334,6 +345,8 @@ impl Default for LimitSettings {
             header_timeout_seconds: 10,
             body_read_timeout_seconds: 30,
             write_timeout_seconds: 30,
+            max_connections: 16_384,
+            max_connections_per_source: 1_024,
         }
     }
 }

@@ -56,6 +56,11 @@ pub(super) fn validate(f: Settings, src: &mut Source) -> Option<Config> {
     if let (Some(d), Some(l)) = (&mut route_defaults, tenant_label(&f, src)) {
         d.tenant_label = l;
     }
+    let (tenant_limits, health) = validate_isolation(&f, src);
+    if let Some(d) = &mut route_defaults {
+        d.limits = tenant_limits;
+        d.health = health;
+    }
     let admin_listen = f
         .admin
         .listen
@@ -401,6 +406,12 @@ fn validate_limits(l: &LimitSettings, src: &mut Source) -> Option<Limits> {
     ] {
         check((1..=3600).contains(&v), key, "must be between 1 and 3600");
     }
+    for (key, v) in [
+        ("max_connections", l.max_connections),
+        ("max_connections_per_source", l.max_connections_per_source),
+    ] {
+        check(v <= 1_000_000, key, "must be at most 1000000 (0: no bound)");
+    }
     (src.problems.len() == before).then_some(Limits {
         max_uri_bytes: l.max_uri_bytes,
         max_header_bytes: l.max_header_bytes,
@@ -411,6 +422,8 @@ fn validate_limits(l: &LimitSettings, src: &mut Source) -> Option<Limits> {
         header_timeout: Duration::from_secs(l.header_timeout_seconds),
         body_read_timeout: Duration::from_secs(l.body_read_timeout_seconds),
         write_timeout: Duration::from_secs(l.write_timeout_seconds),
+        max_connections: l.max_connections,
+        max_connections_per_source: l.max_connections_per_source,
     })
 }
 
@@ -472,6 +485,30 @@ fn check_server_limits(s: &ServerSettings, src: &mut Source) {
     );
 }
 
+/// `tenant_limits` and `upstream_health`: problems are reported, and the defaults stand in for
+/// the rest of the check.
+fn validate_isolation(
+    f: &Settings,
+    src: &mut Source,
+) -> (
+    crate::config::limits::LimitSpec,
+    crate::config::limits::HealthPolicy,
+) {
+    use crate::config::limits::{HealthPolicy, TenantLimits};
+    if let Err((key, m)) = TenantLimits::resolve(&f.tenant_limits, None) {
+        let leaf = key.rsplit('.').next().unwrap_or(key);
+        src.at(leaf, format!("tenant_limits.{key}"), m);
+    }
+    let health = match HealthPolicy::from_settings(&f.upstream_health) {
+        Ok(h) => h,
+        Err((key, m)) => {
+            src.at(key, format!("upstream_health.{key}"), m);
+            HealthPolicy::default()
+        }
+    };
+    (f.tenant_limits, health)
+}
+
 fn validate_server(
     s: &ServerSettings,
     dir: &Path,
@@ -516,6 +553,8 @@ fn validate_server(
             ca_der,
             public_base: String::new(),
             tenant_label: TenantLabel::Name,
+            limits: Default::default(),
+            health: Default::default(),
         }),
     )
 }

@@ -126,6 +126,21 @@ impl ServeHttp for Admin {
                             .as_bytes(),
                         );
                     }
+                    let (down, more) = table.all_nodes_out(20);
+                    if !down.is_empty() {
+                        let more = if more > 0 {
+                            format!(" and {more} more")
+                        } else {
+                            String::new()
+                        };
+                        body.extend_from_slice(
+                            format!(
+                                "tenants with every upstream node out of rotation: {}{more}\n",
+                                down.join(", ")
+                            )
+                            .as_bytes(),
+                        );
+                    }
                     reply(StatusCode::OK, "text/plain", body)
                 } else {
                     reply(

@@ -40,6 +40,22 @@ pub(crate) struct Metrics {
     pub request_duration: HistogramVec,
     pub upstream_duration: HistogramVec,
     pub upstream_errors: IntCounterVec,
+    /// Requests refused by a tenant's limits, by tenant and limit (`rate`, `in_flight`,
+    /// `client_rate`).
+    pub throttled: IntCounterVec,
+    /// Requests sent again to another node after the first failed, by tenant.
+    pub upstream_retries: IntCounterVec,
+    /// Requests refused at once because every node of the tenant was out of rotation.
+    pub upstreams_down: IntCounterVec,
+    /// Whether each upstream node is in rotation (1) or ejected (0), by `scheme://host:port`.
+    pub upstream_node_up: IntGaugeVec,
+    pub upstream_ejections: IntCounterVec,
+    /// Client connections open now.
+    pub client_connections: IntGauge,
+    /// Client connections refused over a bound, by bound (`total`, `per_source`).
+    pub connections_refused: IntCounterVec,
+    /// Idle keep-alive client connections closed to make room for a new one.
+    pub idle_connections_closed: IntCounter,
     pub response_bytes: IntCounterVec,
     pub auth_failures: IntCounterVec,
     /// `fhir_edge_token_cache_lookups_total{result="hit"|"miss"}`, resolved once (hot path).
@@ -232,6 +248,52 @@ impl Metrics {
                 "fhir_edge_upstream_errors_total",
                 "Failed upstream exchanges, by tenant and kind (connect, timeout, reset, protocol, other).",
                 &["tenant", "kind"],
+            )?,
+            throttled: counter(
+                &r,
+                "fhir_edge_throttled_requests_total",
+                "Requests refused with 429 by a tenant's limits, by tenant and limit (rate, in_flight, client_rate).",
+                &["tenant", "limit"],
+            )?,
+            upstream_retries: counter(
+                &r,
+                "fhir_edge_upstream_retries_total",
+                "Requests sent to another node of the tenant after the first failed before any response byte, by tenant.",
+                &["tenant"],
+            )?,
+            upstreams_down: counter(
+                &r,
+                "fhir_edge_upstreams_down_total",
+                "Requests refused with 503 at once because every node of the tenant was out of rotation, by tenant.",
+                &["tenant"],
+            )?,
+            upstream_node_up: gauge_vec(
+                &r,
+                "fhir_edge_upstream_node_up",
+                "Whether an upstream node is in rotation (1) or ejected (0), by node (scheme://host:port).",
+                &["node"],
+            )?,
+            upstream_ejections: counter(
+                &r,
+                "fhir_edge_upstream_ejections_total",
+                "Times an upstream node was taken out of rotation, by node (scheme://host:port).",
+                &["node"],
+            )?,
+            client_connections: int_gauge(
+                &r,
+                "fhir_edge_client_connections",
+                "Client connections open now, on every proxy listener.",
+            )?,
+            connections_refused: counter(
+                &r,
+                "fhir_edge_client_connections_refused_total",
+                "Client connections refused because a connection bound was reached and none was idle, by bound (total, per_source).",
+                &["bound"],
+            )?,
+            idle_connections_closed: int_counter(
+                &r,
+                "fhir_edge_idle_connections_closed_total",
+                "Idle keep-alive client connections closed to make room for a new connection.",
             )?,
             response_bytes: counter(
                 &r,

@@ -76,6 +76,18 @@ impl Outcome {
                 "transient",
                 "The tenant's FHIR server cannot be reached now. Try again later."
             ),
+            Outcome::UpstreamsDown { .. } => operation_outcome!(
+                "transient",
+                "Every FHIR server of this tenant is failing and out of rotation. Retry after the time in Retry-After."
+            ),
+            Outcome::Throttled(_) => operation_outcome!(
+                "throttled",
+                "Too many requests for this tenant or client. Retry after the time in Retry-After."
+            ),
+            Outcome::TooManyConnections => operation_outcome!(
+                "transient",
+                "Too many open connections. Retry after the time in Retry-After."
+            ),
             Outcome::UpstreamTimeout => operation_outcome!(
                 "timeout",
                 "The upstream FHIR server did not answer in time."
@@ -107,6 +119,12 @@ mod tests {
             Outcome::BodyTooLarge,
             Outcome::UpstreamUnavailable,
             Outcome::TenantUnavailable,
+            Outcome::UpstreamsDown { retry_after: 3 },
+            Outcome::Throttled(crate::routing::limits::Throttled {
+                limit: crate::routing::limits::Limit::Rate,
+                retry_after: 1,
+            }),
+            Outcome::TooManyConnections,
             Outcome::UpstreamTimeout,
             Outcome::Internal,
         ];

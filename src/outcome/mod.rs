@@ -47,6 +47,14 @@ pub(crate) enum Outcome {
     UpstreamUnavailable,
     /// The tenant's upstream host did not resolve when the routing table was built.
     TenantUnavailable,
+    /// Every node of the tenant is out of rotation; the first is due back in `retry_after` s.
+    UpstreamsDown {
+        retry_after: u32,
+    },
+    /// Over one of the tenant's limits (429).
+    Throttled(crate::routing::limits::Throttled),
+    /// A new connection over a connection bound, with no idle connection to make room.
+    TooManyConnections,
     UpstreamTimeout,
     Internal,
     /// An error of the token endpoint, the JWKS, smart-configuration or client self-service.
@@ -74,6 +82,9 @@ impl Outcome {
             Outcome::BodyTooLarge => 413,
             Outcome::UpstreamUnavailable => 502,
             Outcome::TenantUnavailable => 503,
+            Outcome::UpstreamsDown { .. } => 503,
+            Outcome::Throttled(_) => 429,
+            Outcome::TooManyConnections => 503,
             Outcome::UpstreamTimeout => 504,
             Outcome::Internal => 500,
             Outcome::OAuth(e) => e.status(),
@@ -94,6 +105,13 @@ impl Outcome {
             Outcome::BodyTooLarge => "body_too_large",
             Outcome::UpstreamUnavailable => "upstream_unavailable",
             Outcome::TenantUnavailable => "tenant_unavailable",
+            Outcome::UpstreamsDown { .. } => "upstreams_down",
+            Outcome::Throttled(t) => match t.limit {
+                crate::routing::limits::Limit::Rate => "throttled_rate",
+                crate::routing::limits::Limit::InFlight => "throttled_in_flight",
+                crate::routing::limits::Limit::ClientRate => "throttled_client_rate",
+            },
+            Outcome::TooManyConnections => "too_many_connections",
             Outcome::UpstreamTimeout => "upstream_timeout",
             Outcome::Internal => "internal",
             Outcome::OAuth(e) => e.label(),
@@ -150,6 +168,12 @@ impl Outcome {
         }
         match self {
             Outcome::MethodNotAllowed => h.insert_header("allow", ALLOW)?,
+            // RFC 9110 §10.2.3, RFC 6585 §4: when to come back.
+            Outcome::Throttled(crate::routing::limits::Throttled { retry_after, .. })
+            | Outcome::UpstreamsDown { retry_after } => {
+                h.insert_header("retry-after", retry_after.to_string())?
+            }
+            Outcome::TooManyConnections => h.insert_header("retry-after", "1")?,
             // RFC 6749 §5.1: token endpoint responses, errors included, are not cached.
             Outcome::OAuth(e) => {
                 h.insert_header("pragma", "no-cache")?;

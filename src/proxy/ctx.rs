@@ -7,6 +7,8 @@ use std::time::Instant;
 use crate::auth;
 use crate::fhir::rewrite::{BodyRewriter, Decoder};
 use crate::outcome::Outcome;
+use crate::routing::limits::InFlight;
+use crate::routing::nodes::Lease;
 use crate::routing::Route;
 use crate::tenant::TenantId;
 
@@ -16,8 +18,16 @@ pub(crate) struct RequestCtx {
     pub(crate) request_id: String,
     /// The tenant's route, from the routing-table snapshot taken for this request.
     pub(crate) route: Option<Arc<Route>>,
-    /// The request target sent upstream: base path + path below the public base + raw query.
-    pub(crate) upstream_target: Vec<u8>,
+    /// The request path below the public base, and the raw query: the upstream target is the
+    /// chosen node's base path followed by these.
+    pub(crate) below: Vec<u8>,
+    pub(crate) query: Option<Vec<u8>>,
+    /// Counted in the tenant's in-flight requests until the request ends.
+    pub(crate) admitted: Option<InFlight>,
+    /// The node of the current attempt (in flight on it until replaced or the request ends).
+    pub(crate) node: Option<Lease>,
+    /// Attempts made on upstream nodes.
+    pub(crate) attempts: u8,
     pub(crate) tenant: Option<TenantId>,
     /// The response fhir-edge made (or decided on, from a later phase) instead of the upstream's:
     /// the one record of what went wrong, for the audit line and the error response.
@@ -54,7 +64,11 @@ impl RequestCtx {
             start: Instant::now(),
             request_id: String::new(),
             route: None,
-            upstream_target: Vec::new(),
+            below: Vec::new(),
+            query: None,
+            admitted: None,
+            node: None,
+            attempts: 0,
             tenant: None,
             outcome: None,
             batch: None,

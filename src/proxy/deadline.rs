@@ -42,6 +42,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use crate::outcome::Outcome;
+use crate::proxy::conns::{Admission, ConnectionGate};
 
 /// Where a connection is in its request cycle, as far as the header goes.
 const HEADER: u8 = 0;
@@ -116,6 +117,8 @@ pub(crate) struct DownstreamConn {
     hold: AtomicBool,
     /// A flush was skipped while holding: the inner stream has bytes it has not sent.
     owed: bool,
+    /// The connection's place under the connection bounds (given back when it drops).
+    admission: Option<Admission>,
 }
 
 impl DownstreamConn {
@@ -133,7 +136,14 @@ impl DownstreamConn {
             refusal: None,
             hold: AtomicBool::new(false),
             owed: false,
+            admission: None,
         }
+    }
+
+    /// Holds the connection's admission: between requests it may be closed to make room.
+    pub(crate) fn admitted(mut self, admission: Admission) -> DownstreamConn {
+        self.admission = Some(admission);
+        self
     }
 
     /// Holds flushes until the response ends (see the module documentation).
@@ -150,9 +160,13 @@ impl DownstreamConn {
     /// The response has ended: releases any hold (returning whether there was one) and makes the
     /// next byte read start the next request's header clock.
     pub(crate) fn response_ended(&self) -> bool {
-        let _ = self
+        let ended = self
             .phase
-            .compare_exchange(DONE, IDLE, Ordering::Relaxed, Ordering::Relaxed);
+            .compare_exchange(DONE, IDLE, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok();
+        if let Some(a) = self.admission.as_ref().filter(|_| ended) {
+            a.slot().mark_idle();
+        }
         self.release_flushes()
     }
 
@@ -240,6 +254,15 @@ impl AsyncRead for DownstreamConn {
         if *this.phase.get_mut() == REFUSING {
             return this.poll_refuse(cx);
         }
+        let idle = *this.phase.get_mut() == IDLE;
+        if let Some(a) = this.admission.as_ref().filter(|_| idle) {
+            // Between requests: the connection gate may close this connection to make room. The
+            // waker is registered before the check, so a close in between still wakes this read.
+            a.slot().park(cx.waker());
+            if a.slot().closing() {
+                return Poll::Ready(Ok(()));
+            }
+        }
         if *this.phase.get_mut() == HEADER {
             if let Some(t) = this.timer.as_mut() {
                 if t.as_mut().poll(cx).is_ready() {
@@ -252,6 +275,13 @@ impl AsyncRead for DownstreamConn {
         }
         let before = buf.filled().len();
         ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        if let Some(a) = this.admission.as_ref().filter(|_| idle) {
+            if buf.filled().len() > before && !a.slot().mark_busy() {
+                // Chosen to be closed as this request arrived: it is not served (end of stream).
+                buf.set_filled(before);
+                return Poll::Ready(Ok(()));
+            }
+        }
         if !this.saw(&buf.filled()[before..]) {
             // Pingora never sees these bytes: the client is answered here.
             buf.set_filled(before);
@@ -374,17 +404,47 @@ pub(crate) struct HeaderDeadline<A> {
     inner: Arc<A>,
     limit: Duration,
     max_header_bytes: usize,
+    gate: Arc<ConnectionGate>,
 }
 
 impl<A> HeaderDeadline<A> {
-    /// `limit` is the total time for a header block; `max_header_bytes` its size on the wire.
-    pub(crate) fn new(inner: A, limit: Duration, max_header_bytes: usize) -> HeaderDeadline<A> {
+    /// `limit` is the total time for a header block; `max_header_bytes` its size on the wire;
+    /// `gate` admits (or refuses) each new connection.
+    pub(crate) fn new(
+        inner: A,
+        limit: Duration,
+        max_header_bytes: usize,
+        gate: Arc<ConnectionGate>,
+    ) -> HeaderDeadline<A> {
         HeaderDeadline {
             inner: Arc::new(inner),
             limit,
             max_header_bytes,
+            gate,
         }
     }
+}
+
+/// Answers a connection refused by the connection gate with a `503` and closes it. What the client
+/// sends is read (up to its header's end, briefly) so closing does not reset the answer away.
+async fn refuse(mut stream: Stream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let wire = Outcome::TooManyConnections.closing_response();
+    let answer = async {
+        stream.write_all(&wire).await?;
+        stream.flush().await?;
+        let mut blank = BlankLine::default();
+        let mut buf = [0u8; 4096];
+        let mut read = 0;
+        loop {
+            let n = stream.read(&mut buf).await?;
+            read += n;
+            if n == 0 || blank.find(&buf[..n]).is_some() || read > 64 * 1024 {
+                return Ok::<(), std::io::Error>(());
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
 }
 
 #[async_trait]
@@ -397,16 +457,33 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderDeadline<A> {
         // HTTP/2 (ALPN `h2`) has frames, not a header block to time: its own limits (Pingora's
         // concurrent-stream and header-list bounds, h2's reset-flood defences) apply instead.
         let h2 = session.selected_alpn_proto() == Some(ALPN::H2);
-        let stream: Stream = if h2 || session.as_any().is::<DownstreamConn>() {
-            session
-        } else {
-            Box::new(DownstreamConn::new(
-                session,
-                self.limit,
-                self.max_header_bytes,
-            ))
+        if session.as_any().is::<DownstreamConn>() {
+            // A kept-alive HTTP/1 connection back for its next request: already admitted.
+            return self.inner.process_new(session, shutdown).await;
+        }
+        let peer = session
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        let admission = match self.gate.admit(peer) {
+            Ok(a) => a,
+            Err(bound) => {
+                log::debug!("connection refused: {} bound reached", bound.as_str());
+                if !h2 {
+                    refuse(session).await;
+                }
+                return None;
+            }
         };
-        self.inner.process_new(stream, shutdown).await
+        if h2 {
+            // The HTTP/2 connection is served whole by this call; it holds its admission meanwhile.
+            let result = self.inner.process_new(session, shutdown).await;
+            drop(admission);
+            return result;
+        }
+        let conn = DownstreamConn::new(session, self.limit, self.max_header_bytes);
+        self.inner
+            .process_new(Box::new(conn.admitted(admission)), shutdown)
+            .await
     }
 
     async fn cleanup(&self) {

@@ -126,10 +126,37 @@ impl FhirEdge {
             .cloned()
             // The same response as a token naming no tenant: nothing tells a caller which tenants exist.
             .ok_or_else(|| self.auth_failed(AuthFailure::UnknownTenant))?;
-        if route.upstream.unresolved.is_some() {
+        if route.upstream.unresolved() {
             // At once, without a connect attempt to an address there is none of.
             ctx.route = Some(route);
             return Err(Outcome::TenantUnavailable);
+        }
+        if let Some(wait) = route.upstream.all_out() {
+            // At once too: no request waits on a connect timeout to a server known to be failing.
+            self.metrics
+                .upstreams_down
+                .with_label_values(&[&*route.label()])
+                .inc();
+            ctx.route = Some(route);
+            return Err(Outcome::UpstreamsDown {
+                retry_after: crate::routing::limits::retry_after_seconds(wait),
+            });
+        }
+        let admitted = self.limiters.limiters.admit(
+            route.tenant,
+            &route.upstream.limits,
+            grant.client_id.as_deref(),
+        );
+        match admitted {
+            Ok(admitted) => ctx.admitted = admitted,
+            Err(t) => {
+                self.metrics
+                    .throttled
+                    .with_label_values(&[&*route.label(), t.limit.as_str()])
+                    .inc();
+                ctx.route = Some(route);
+                return Err(Outcome::Throttled(t));
+            }
         }
         let remainder = remainder.map_err(|e| match e {
             PathError::NotUnderBase => Outcome::NotFound,
@@ -150,7 +177,8 @@ impl FhirEdge {
                 ctx.batch = Some(Vec::new());
             }
         }
-        ctx.upstream_target = join_target(&route.upstream.base_path, remainder, query);
+        ctx.below = remainder.to_vec();
+        ctx.query = query.map(<[u8]>::to_vec);
         ctx.route = Some(route);
         Ok(())
     }
@@ -172,11 +200,15 @@ impl FhirEdge {
     /// the route's upstream headers; nothing the client says about where it came from or which
     /// tenant it is for.
     pub(super) fn upstream_request(&self, req: &mut RequestHeader, ctx: &RequestCtx) -> Result<()> {
-        let Some(route) = &ctx.route else {
+        let (Some(route), Some(lease)) = (&ctx.route, &ctx.node) else {
             return Error::e_explain(ErrorType::InternalError, "no upstream decided");
         };
-        let upstream = &route.upstream;
-        req.set_raw_path(&ctx.upstream_target)?;
+        let upstream = &lease.node;
+        req.set_raw_path(&join_target(
+            &upstream.base_path,
+            &ctx.below,
+            ctx.query.as_deref(),
+        ))?;
         let strip: Vec<HeaderName> = req
             .headers
             .keys()
@@ -227,10 +259,10 @@ impl FhirEdge {
                 return Error::e_explain(ErrorType::HTTPStatus(502), "differing content lengths")
             }
         }
-        let Some(route) = &ctx.route else {
+        let Some(node) = ctx.node.as_ref().map(|l| l.node.clone()) else {
             return Ok(());
         };
-        let rw = &route.upstream.rewrites;
+        let rw = &node.rewrites;
         if rw.is_empty() {
             return Ok(());
         }

@@ -9,6 +9,7 @@
 //! [`crate::outcome`]. fhir-edge's own endpoints are in [`own`]; the downstream connection's header
 //! deadline and flush hold in [`deadline`].
 
+pub(crate) mod conns;
 pub(crate) mod ctx;
 pub(crate) mod deadline;
 mod forward;
@@ -54,6 +55,8 @@ pub(crate) struct FhirEdge {
     ids: RequestIds,
     /// The registration portal, when configured.
     portal: Option<Arc<crate::portal::Portal>>,
+    /// Each tenant's limiter state (the routing state outlives tables).
+    limiters: Arc<crate::routing::RoutingState>,
 }
 
 impl FhirEdge {
@@ -74,7 +77,17 @@ impl FhirEdge {
             audit,
             ids: RequestIds::new(),
             portal: None,
+            limiters: crate::routing::RoutingState::detached(Default::default()),
         }
+    }
+
+    /// Keeps tenants' limiter state in `state` (the one the routing table is built with).
+    pub(crate) fn with_routing_state(
+        mut self,
+        state: Arc<crate::routing::RoutingState>,
+    ) -> FhirEdge {
+        self.limiters = state;
+        self
     }
 
     /// Serves the registration portal as well.
@@ -94,6 +107,26 @@ impl FhirEdge {
         o.respond(session, &self.settings.realm, &ctx.request_id, false)
             .await?;
         Ok(true)
+    }
+
+    /// Reports the current attempt's node as failed.
+    fn node_failed(&self, ctx: &RequestCtx) {
+        if let Some(lease) = &ctx.node {
+            lease.node.health.failure();
+        }
+    }
+
+    /// Whether the request may be sent once more, to another node in rotation.
+    fn another_node(&self, ctx: &RequestCtx) -> bool {
+        let (Some(route), Some(lease)) = (&ctx.route, &ctx.node) else {
+            return false;
+        };
+        ctx.attempts < 2
+            && route.upstream.nodes.iter().any(|n| {
+                !Arc::ptr_eq(n, &lease.node)
+                    && n.unresolved.is_none()
+                    && n.health.out_for().is_none()
+            })
     }
 
     /// Counts an upstream failure by route and kind.
@@ -135,10 +168,11 @@ impl FhirEdge {
             portal_action: ctx.portal_action,
             client_ip: client_ip.as_deref(),
             account: ctx.portal_account.as_deref(),
-            upstream: ctx
-                .route
-                .as_ref()
-                .and_then(|r| r.upstream.host.to_str().ok()),
+            upstream: match (&ctx.node, &ctx.route) {
+                (Some(lease), _) => lease.node.host.to_str().ok(),
+                (None, Some(r)) => r.upstream.first().host.to_str().ok(),
+                (None, None) => None,
+            },
             auth_failure: ctx
                 .outcome
                 .and_then(Outcome::auth_failure)
@@ -247,14 +281,85 @@ impl ProxyHttp for FhirEdge {
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         ctx.upstream_start = Some(Instant::now());
-        match &ctx.route {
-            Some(r) => {
-                let mut peer = r.upstream.peer.clone();
-                peer.group_key = r.group_key();
+        let Some(route) = ctx.route.clone() else {
+            return Error::e_explain(ErrorType::InternalError, "no upstream decided");
+        };
+        // A retry moves away from the node the last attempt failed on (and is no longer in
+        // flight there).
+        let avoid = ctx.node.take().map(|lease| lease.node.clone());
+        if ctx.attempts > 0 {
+            self.metrics
+                .upstream_retries
+                .with_label_values(&[&*route.label()])
+                .inc();
+        }
+        ctx.attempts = ctx.attempts.saturating_add(1);
+        match route.upstream.pick(avoid.as_ref()) {
+            Some(lease) => {
+                let mut peer = lease.node.peer.clone();
+                peer.group_key = route.group_key();
+                ctx.node = Some(lease);
                 Ok(Box::new(peer))
             }
-            None => Error::e_explain(ErrorType::InternalError, "no upstream decided"),
+            None => {
+                // Every node went out of rotation since `request_filter` looked.
+                let wait = route.upstream.all_out().unwrap_or_default();
+                ctx.outcome = Some(Outcome::UpstreamsDown {
+                    retry_after: crate::routing::limits::retry_after_seconds(wait),
+                });
+                Error::e_explain(ErrorType::HTTPStatus(503), "no upstream node in rotation")
+            }
         }
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if let Some(lease) = &ctx.node {
+            lease.node.health.failure();
+        }
+        // No byte of the request was sent: another node may take it, whatever its method.
+        e.set_retry(self.another_node(ctx));
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        _peer: &HttpPeer,
+        session: &mut Session,
+        mut e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let upstream_fault = *e.esource() == ErrorSource::Upstream;
+        // Sent again only if the method is idempotent, the whole body is still at hand, and no
+        // byte of a response has come back (so the client has seen nothing of this attempt).
+        let resendable = session.req_header().method.is_idempotent()
+            && !session.as_ref().retry_buffer_truncated()
+            && session.response_written().is_none()
+            && ctx.upstream_status.is_none();
+        if !resendable {
+            if upstream_fault {
+                self.node_failed(ctx);
+            }
+            e.set_retry(false);
+            return e;
+        }
+        // A pooled connection the server had already closed: not the node's fault, and the
+        // request may go again (Pingora's own rule for reused connections).
+        e.retry.decide_reuse(client_reused);
+        if e.retry() {
+            return e;
+        }
+        if upstream_fault {
+            self.node_failed(ctx);
+            e.set_retry(self.another_node(ctx));
+        }
+        e
     }
 
     async fn upstream_request_filter(
@@ -302,6 +407,16 @@ impl ProxyHttp for FhirEdge {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if let Some(lease) = &ctx.node {
+            // Passive health: a gateway error is the node's failure, any other answer a success.
+            match resp.status.as_u16() {
+                502..=504 => lease.node.health.failure(),
+                _ => {
+                    lease.node.health.success();
+                    false
+                }
+            };
+        }
         if let (Some(route), Some(t)) = (&ctx.route, ctx.upstream_start) {
             self.metrics
                 .upstream_duration

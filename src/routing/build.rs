@@ -9,9 +9,10 @@ use std::sync::Arc;
 
 use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
 
+use crate::config::limits::TenantLimits;
 use crate::config::problems::{Problem, Problems, Source};
 use crate::config::routes::TenantEntry;
-use crate::routing::upstream::Upstream;
+use crate::routing::nodes::{Balance, Upstreams};
 use crate::routing::{route, Resolve, Route, RoutingTable, TableContext};
 use crate::tenant::TenantId;
 
@@ -34,7 +35,7 @@ pub(super) struct Builder<'p> {
     /// so a later entry reusing one is still reported.
     failed_names: HashMap<Box<str>, TenantId>,
     /// One upstream per distinct set of the fields it is built from.
-    shared: HashTable<(SharedKey, Arc<Upstream>)>,
+    shared: HashTable<(SharedKey, Arc<Upstreams>)>,
 }
 
 impl<'p> Builder<'p> {
@@ -45,6 +46,8 @@ impl<'p> Builder<'p> {
     pub(super) fn new(path: &'p Path, text: &'p str, ctx: &'p TableContext) -> Self {
         let upstreams = memchr::memmem::find_iter(text.as_bytes(), "upstream").count();
         let estimate = upstreams.min(text.len() / MIN_ENTRY_BYTES + 1);
+        // Servers the tables before the current one named, and it does not, are forgotten.
+        ctx.state.nodes.prune();
         Builder {
             src: Source::new(path, text),
             dir: path.parent().unwrap_or(Path::new(".")),
@@ -118,12 +121,14 @@ impl<'p> Builder<'p> {
     ) -> Result<Route, route::Invalid> {
         route::check_name(entry)?;
         let upstream_headers = route::headers(entry)?;
-        let key = UpstreamKey::of(entry);
+        let limits = TenantLimits::resolve(&self.ctx.defaults.limits, entry.limits.as_ref())
+            .map_err(|(key, m)| route::invalid_limit(key, m))?;
+        let key = UpstreamKey::of(entry, limits);
         let hash = self.hasher.hash_one(&key);
         let upstream = match self.shared.find(hash, |(k, _)| k.is(&key)) {
             Some((_, u)) => Arc::clone(u),
             None => {
-                let built = Arc::new(route::upstream(entry, self.dir, self.ctx)?);
+                let built = Arc::new(route::upstreams(entry, self.dir, self.ctx, limits)?);
                 let shared = (key.to_shared(hash), Arc::clone(&built));
                 self.shared.insert_unique(hash, shared, |(k, _)| k.hash);
                 built
@@ -160,11 +165,14 @@ impl<'p> Builder<'p> {
         }
         let mut unavailable: Vec<Box<str>> = routes
             .values()
-            .filter(|r| r.upstream.unresolved.is_some())
+            .filter(|r| r.upstream.unresolved())
             .map(|r| r.name.clone())
             .collect();
         unavailable.sort();
-        let named = routes.values().any(|r| r.upstream.named);
+        let named = routes
+            .values()
+            .any(|r| r.upstream.nodes.iter().any(|n| n.named));
+        let partly_unresolved = routes.values().any(|r| r.upstream.partly_unresolved());
         let refresh_at = self
             .ctx
             .refresh
@@ -173,6 +181,7 @@ impl<'p> Builder<'p> {
         Ok(RoutingTable {
             routes,
             unavailable,
+            partly_unresolved,
             refresh_at,
         })
     }
@@ -184,7 +193,10 @@ impl<'p> Builder<'p> {
 /// strings may hold a NUL).
 #[derive(Hash)]
 struct UpstreamKey<'a> {
-    upstream: &'a str,
+    upstream: Option<&'a str>,
+    upstreams: &'a [Cow<'a, str>],
+    balance: Balance,
+    limits: TenantLimits,
     tls_verify: bool,
     sni: Option<&'a str>,
     connect_timeout_ms: Option<u64>,
@@ -194,9 +206,12 @@ struct UpstreamKey<'a> {
 }
 
 impl<'a> UpstreamKey<'a> {
-    fn of(entry: &'a TenantEntry<'a>) -> Self {
+    fn of(entry: &'a TenantEntry<'a>, limits: TenantLimits) -> Self {
         UpstreamKey {
-            upstream: &entry.upstream,
+            upstream: entry.upstream.as_deref(),
+            upstreams: &entry.upstreams,
+            balance: entry.balance,
+            limits,
             tls_verify: entry.tls_verify,
             sni: entry.sni.as_deref(),
             connect_timeout_ms: entry.connect_timeout_ms,
@@ -208,7 +223,10 @@ impl<'a> UpstreamKey<'a> {
 
     fn to_shared(&self, hash: u64) -> SharedKey {
         SharedKey {
-            upstream: self.upstream.into(),
+            upstream: self.upstream.map(Into::into),
+            upstreams: self.upstreams.iter().map(|b| (**b).into()).collect(),
+            balance: self.balance,
+            limits: self.limits,
             tls_verify: self.tls_verify,
             sni: self.sni.map(Into::into),
             connect_timeout_ms: self.connect_timeout_ms,
@@ -223,7 +241,10 @@ impl<'a> UpstreamKey<'a> {
 /// An [`UpstreamKey`] kept by the builder after the entry it came from is gone (one per distinct
 /// upstream, so a handful of small allocations per table), with its hash.
 struct SharedKey {
-    upstream: Box<str>,
+    upstream: Option<Box<str>>,
+    upstreams: Box<[Box<str>]>,
+    balance: Balance,
+    limits: TenantLimits,
     tls_verify: bool,
     sni: Option<Box<str>>,
     connect_timeout_ms: Option<u64>,
@@ -236,7 +257,15 @@ struct SharedKey {
 impl SharedKey {
     /// Field by field, as [`UpstreamKey`]'s derived `Hash` reads them.
     fn is(&self, k: &UpstreamKey<'_>) -> bool {
-        *self.upstream == *k.upstream
+        self.upstream.as_deref() == k.upstream
+            && self.upstreams.len() == k.upstreams.len()
+            && self
+                .upstreams
+                .iter()
+                .zip(k.upstreams)
+                .all(|(a, b)| **a == **b)
+            && self.balance == k.balance
+            && self.limits == k.limits
             && self.tls_verify == k.tls_verify
             && self.sni.as_deref() == k.sni
             && self.connect_timeout_ms == k.connect_timeout_ms

@@ -19,10 +19,14 @@ use crate::config::routes::RoutesDocument;
 use crate::config::RouteDefaults;
 use crate::ops::metrics::TenantLabel;
 use crate::reload::{parse, Loadable};
-use crate::routing::upstream::{Upstream, UpstreamUrl};
+use crate::routing::nodes::Upstreams;
+use crate::routing::upstream::UpstreamUrl;
 use crate::tenant::{GuidText, TenantId};
 
 mod build;
+pub(crate) mod limits;
+pub(crate) mod nodes;
+pub(crate) mod probe;
 mod route;
 pub(crate) mod upstream;
 
@@ -33,10 +37,11 @@ pub struct Route {
     /// Operator-chosen label for logs and metrics (never PHI). A `Box`, not an `Arc`: no counts in
     /// its allocation, which is then the name's length rounded up (16 bytes less per tenant).
     pub name: Box<str>,
-    /// Shared by every tenant whose upstream settings are identical (built once per table load), so
-    /// a table of 100,000 tenants on a few servers holds a few peers. Pooling stays per tenant through
-    /// [`Route::group_key`], which `upstream_peer` sets on its copy of the peer.
-    pub upstream: Arc<Upstream>,
+    /// The tenant's nodes (one or more). Shared by every tenant whose upstream settings are
+    /// identical (built once per table load), so a table of 100,000 tenants on a few servers holds a
+    /// few peers. Pooling stays per tenant through [`Route::group_key`], which `upstream_peer` sets
+    /// on its copy of the peer.
+    pub upstream: Arc<Upstreams>,
     /// Extra headers sent upstream (credentials for the hospital's server, for instance).
     pub upstream_headers: Box<[(HeaderName, HeaderValue)]>,
     pub allow_writes: bool,
@@ -87,8 +92,10 @@ pub struct RoutingTable {
     /// only looks up a tenant named by a verified token, so SipHash's flooding resistance buys
     /// nothing here, while it was most of a lookup's cost.
     routes: hashbrown::HashMap<TenantId, Arc<Route>>,
-    /// Names of the tenants whose upstream host did not resolve when this table was built.
+    /// Names of the tenants none of whose upstream hosts resolved when this table was built.
     unavailable: Vec<Box<str>>,
+    /// Some node's host did not resolve (its tenant may have others that did).
+    partly_unresolved: bool,
     /// When the table's host names are due to be resolved again (`None`: no names, or never).
     refresh_at: Option<std::time::Instant>,
 }
@@ -128,12 +135,41 @@ pub struct TableContext {
     /// How long a table whose upstreams include host names serves before it is rebuilt to resolve
     /// them again (`None`: only on edits and SIGHUP).
     pub refresh: Option<std::time::Duration>,
+    /// What outlives a table: limiter state and node health.
+    pub state: Arc<RoutingState>,
+}
+
+/// The state tables hand on to the tables that replace them: each tenant's limiter (while its
+/// limits stay the same) and each upstream server's health.
+#[derive(Debug)]
+pub struct RoutingState {
+    pub limiters: limits::LimiterRegistry,
+    pub nodes: nodes::NodeRegistry,
+}
+
+impl RoutingState {
+    /// State for tables built with `health`, without metrics.
+    pub fn detached(health: crate::config::limits::HealthPolicy) -> Arc<RoutingState> {
+        RoutingState::new(health, None)
+    }
+
+    /// State for tables built with `health`, exporting node metrics to `metrics` when given.
+    pub(crate) fn new(
+        health: crate::config::limits::HealthPolicy,
+        metrics: Option<Arc<crate::ops::metrics::Metrics>>,
+    ) -> Arc<RoutingState> {
+        Arc::new(RoutingState {
+            limiters: limits::LimiterRegistry::default(),
+            nodes: nodes::NodeRegistry::new(health, metrics),
+        })
+    }
 }
 
 impl TableContext {
     /// A context for checking a file without resolving any host name ([`Resolve::Offline`]).
     pub fn offline(defaults: RouteDefaults) -> TableContext {
         TableContext {
+            state: RoutingState::new(defaults.health, None),
             defaults,
             resolve: Resolve::Offline,
             refresh: None,
@@ -144,6 +180,7 @@ impl TableContext {
 impl From<RouteDefaults> for TableContext {
     fn from(defaults: RouteDefaults) -> TableContext {
         TableContext {
+            state: RoutingState::new(defaults.health, None),
             defaults,
             resolve: Resolve::Dns,
             refresh: None,
@@ -170,7 +207,7 @@ impl Loadable for RoutingTable {
     }
 
     fn retry(&self) -> bool {
-        !self.unavailable.is_empty()
+        self.partly_unresolved
             || self
                 .refresh_at
                 .is_some_and(|at| std::time::Instant::now() >= at)
@@ -178,10 +215,26 @@ impl Loadable for RoutingTable {
 }
 
 impl RoutingTable {
-    /// Tenants (by name) whose upstream host did not resolve when this table was built: they are
-    /// answered 503 until a rebuild (every poll while there are any, and on SIGHUP) resolves them.
+    /// Tenants (by name) none of whose upstream hosts resolved when this table was built: they are
+    /// answered 503 until a rebuild (every poll while any host is unresolved, and on SIGHUP)
+    /// resolves them.
     pub fn unavailable(&self) -> &[Box<str>] {
         &self.unavailable
+    }
+
+    /// Names of tenants (at most `limit`, in name order) every one of whose nodes is out of
+    /// rotation now, and how many more there are.
+    pub fn all_nodes_out(&self, limit: usize) -> (Vec<&str>, usize) {
+        let mut names: Vec<&str> = self
+            .routes
+            .values()
+            .filter(|r| !r.upstream.unresolved() && r.upstream.all_out().is_some())
+            .map(|r| &*r.name)
+            .collect();
+        names.sort_unstable();
+        let more = names.len().saturating_sub(limit);
+        names.truncate(limit);
+        (names, more)
     }
 
     pub fn get(&self, tenant: &TenantId) -> Option<&Arc<Route>> {

@@ -9,6 +9,10 @@ use std::time::Duration;
 use http::header::{HeaderName, HeaderValue};
 
 use crate::config::routes::TenantEntry;
+use std::sync::Arc;
+
+use crate::config::limits::TenantLimits;
+use crate::routing::nodes::Upstreams;
 use crate::routing::upstream::{read_ca_file, Upstream, UpstreamUrl};
 use crate::routing::TableContext;
 
@@ -19,6 +23,19 @@ pub(super) struct Invalid {
     pub(super) field: &'static str,
     pub(super) needle: String,
     pub(super) message: String,
+}
+
+/// A problem with a key of the route's `limits`.
+pub(super) fn invalid_limit(key: &'static str, message: String) -> Invalid {
+    let leaf = key.rsplit('.').next().unwrap_or(key);
+    let field = match key {
+        "requests_per_second" => "limits.requests_per_second",
+        "burst" => "limits.burst",
+        "max_in_flight" => "limits.max_in_flight",
+        "per_client.requests_per_second" => "limits.per_client.requests_per_second",
+        _ => "limits.per_client.burst",
+    };
+    invalid(field, leaf, message)
 }
 
 fn invalid(field: &'static str, needle: &str, message: impl Into<String>) -> Invalid {
@@ -93,25 +110,66 @@ pub(super) fn headers(
     Ok(headers.into_boxed_slice())
 }
 
-/// The upstream an entry names, checked, resolved as the context says, and built.
-pub(super) fn upstream(
+/// The most nodes one tenant may name.
+const MAX_NODES: usize = 16;
+
+/// The nodes an entry names (`upstream`, or `upstreams`), checked, resolved as the context says,
+/// and built, each with its server's health from the context's registry.
+pub(super) fn upstreams(
     entry: &TenantEntry<'_>,
     dir: &Path,
     ctx: &TableContext,
-) -> Result<Upstream, Invalid> {
-    let url =
-        UpstreamUrl::parse(&entry.upstream).map_err(|m| invalid("upstream", &entry.upstream, m))?;
-    if !url.tls && !entry.tls_verify {
-        return Err(invalid(
-            "tls_verify",
-            "tls_verify",
-            "only applies to https upstreams",
-        ));
-    }
-    if let Some(sni) = &entry.sni {
-        if !url.tls {
+    limits: TenantLimits,
+) -> Result<Upstreams, Invalid> {
+    let written: Vec<&str> = match (&entry.upstream, entry.upstreams.as_slice()) {
+        (Some(one), []) => vec![one],
+        (None, []) => {
+            return Err(invalid(
+                "upstream",
+                "",
+                "is required (the tenant's FHIR base URL; or `upstreams`, a list of them)",
+            ))
+        }
+        (None, list) if list.len() > MAX_NODES => {
+            return Err(invalid(
+                "upstreams",
+                "upstreams",
+                format!("names more than {MAX_NODES} nodes"),
+            ))
+        }
+        (None, list) => list.iter().map(|u| &**u).collect(),
+        (Some(_), _) => {
+            return Err(invalid(
+                "upstreams",
+                "upstreams",
+                "give `upstream` or `upstreams`, not both",
+            ))
+        }
+    };
+    let field = if entry.upstream.is_some() {
+        "upstream"
+    } else {
+        "upstreams"
+    };
+    let mut urls: Vec<UpstreamUrl> = Vec::with_capacity(written.len());
+    for w in &written {
+        let url = UpstreamUrl::parse(w).map_err(|m| invalid(field, w, m))?;
+        if urls.iter().any(|u| u.base_url() == url.base_url()) {
+            return Err(invalid(field, w, "names the same node twice"));
+        }
+        if !url.tls && !entry.tls_verify {
+            return Err(invalid(
+                "tls_verify",
+                "tls_verify",
+                "only applies to https upstreams",
+            ));
+        }
+        if entry.sni.is_some() && !url.tls {
             return Err(invalid("sni", "sni", "only applies to https upstreams"));
         }
+        urls.push(url);
+    }
+    if let Some(sni) = &entry.sni {
         if !is_host_name(sni) {
             return Err(invalid(
                 "sni",
@@ -136,23 +194,36 @@ pub(super) fn upstream(
         let parsed = UpstreamUrl::parse(b).map_err(|m| invalid("link_bases", b, m))?;
         settings.link_bases.push(parsed.base_url());
     }
+    // Each node's links may name the others (nodes behind one database).
+    if urls.len() > 1 {
+        settings
+            .link_bases
+            .extend(urls.iter().map(UpstreamUrl::base_url));
+    }
     if let Some(ca) = &entry.ca_file {
         let der = read_ca_file(&dir.join(&**ca)).map_err(|m| invalid("ca_file", ca, m))?;
         settings.ca_der = Some(der);
     }
-    // A host that does not resolve makes its tenants unavailable, not the table invalid: one
-    // hospital's DNS must not freeze every other tenant's routing edits (or the start).
-    let (addr, unresolved) = match ctx.resolve.address(&url) {
-        Ok(addr) => (addr, None),
-        Err(m) => (
-            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), url.port),
-            Some(m.into_boxed_str()),
-        ),
-    };
-    let mut upstream = Upstream::build(&url, addr, &settings)
-        .map_err(|m| invalid("upstream", &entry.upstream, m))?;
-    upstream.unresolved = unresolved;
-    Ok(upstream)
+    let mut nodes = Vec::with_capacity(urls.len());
+    for (url, w) in urls.iter().zip(&written) {
+        // A host that does not resolve makes its node unavailable, not the table invalid: one
+        // hospital's DNS must not freeze every other tenant's routing edits (or the start).
+        let (addr, unresolved) = match ctx.resolve.address(url) {
+            Ok(addr) => (addr, None),
+            Err(m) => (
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), url.port),
+                Some(m.into_boxed_str()),
+            ),
+        };
+        let health = ctx.state.nodes.node(&url.node_label());
+        let mut upstream =
+            Upstream::build(url, addr, &settings, health).map_err(|m| invalid(field, w, m))?;
+        upstream.unresolved = unresolved;
+        let upstream = Arc::new(upstream);
+        upstream.health.set_target(&upstream);
+        nodes.push(upstream);
+    }
+    Ok(Upstreams::new(nodes, entry.balance, limits))
 }
 
 /// A DNS host name as TLS SNI carries it (RFC 6066 §3: no IP literals): dot-separated labels of 1-63

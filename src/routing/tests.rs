@@ -13,6 +13,8 @@ fn defaults() -> RouteDefaults {
         ca_der: None,
         public_base: "https://edge.example/fhir".into(),
         tenant_label: TenantLabel::Name,
+        limits: Default::default(),
+        health: Default::default(),
     }
 }
 
@@ -107,7 +109,7 @@ fn a_table_written_as_json_loads_like_yaml_and_reports_like_yaml() {
     assert_eq!(t.len(), 2);
     let b = t.get(&TenantId::parse(B).unwrap()).unwrap();
     assert_eq!((&*b.name, b.allow_writes), ("b", true));
-    assert_eq!(b.upstream.base_path, "/r5");
+    assert_eq!(b.upstream.first().base_path, "/r5");
     // Unknown keys are refused in JSON as in YAML, with the YAML parser's key path.
     let bad = json.replace("allow_writes", "allow_writez");
     let msg = load(&bad).unwrap_err().to_string();
@@ -184,8 +186,8 @@ fn loads_a_valid_table() {
     .unwrap();
     let r = t.get(&TenantId::parse(A).unwrap()).unwrap();
     assert_eq!(&*r.name, "contoso");
-    assert_eq!(r.upstream.base_path, "/r4");
-    assert_eq!(r.upstream.host, "127.0.0.1:9");
+    assert_eq!(r.upstream.first().base_path, "/r4");
+    assert_eq!(r.upstream.first().host, "127.0.0.1:9");
 }
 
 #[test]
@@ -346,8 +348,11 @@ fn an_offline_build_resolves_nothing_but_checks_everything_else() {
     .unwrap();
     let a = t.get(&TenantId::parse(A).unwrap()).unwrap();
     let b = t.get(&TenantId::parse(B).unwrap()).unwrap();
-    assert_eq!(a.upstream.peer.address().to_string(), "0.0.0.0:443");
-    assert_eq!(b.upstream.peer.address().to_string(), "10.1.2.3:8080");
+    assert_eq!(a.upstream.first().peer.address().to_string(), "0.0.0.0:443");
+    assert_eq!(
+        b.upstream.first().peer.address().to_string(),
+        "10.1.2.3:8080"
+    );
     let e = build(&format!(
         "tenants:\n  {A}:\n    name: a\n    upstream: ftp://fhir.contoso.invalid/r4\n"
     ))

@@ -14,6 +14,7 @@ use http::HeaderValue;
 use pingora::upstreams::peer::{HttpPeer, HttpUpstreamRequestPolicy};
 
 use crate::fhir::rewrite::Rewrites;
+use crate::routing::nodes::NodeHealth;
 
 /// A parsed and checked upstream base URL (not yet resolved).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,6 +92,17 @@ impl UpstreamUrl {
         format!("{scheme}://{}{}", self.authority, self.base_path)
     }
 
+    /// `scheme://host:port`: the node's name in metrics and logs, and its health's key.
+    pub fn node_label(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        let port = self.port;
+        if self.host.contains(':') {
+            format!("{scheme}://[{}]:{port}", self.host)
+        } else {
+            format!("{scheme}://{}:{port}", self.host)
+        }
+    }
+
     /// Resolves the host (blocking DNS). Called when a file loads, never on the request path.
     pub fn resolve(&self) -> Result<SocketAddr, String> {
         let mut addrs = (self.host.as_str(), self.port)
@@ -140,6 +152,8 @@ pub struct Upstream {
     pub unresolved: Option<Box<str>>,
     /// The host is a DNS name (not an address literal): its address can change.
     pub named: bool,
+    /// The server's health, shared by every tenant and table that names it.
+    pub health: Arc<NodeHealth>,
 }
 
 impl Upstream {
@@ -147,6 +161,7 @@ impl Upstream {
         url: &UpstreamUrl,
         addr: SocketAddr,
         s: &PeerSettings,
+        health: Arc<NodeHealth>,
     ) -> Result<Upstream, String> {
         let sni = match (&s.sni, url.tls) {
             (Some(sni), _) => sni.clone(),
@@ -196,6 +211,7 @@ impl Upstream {
                 .trim_matches(['[', ']'])
                 .parse::<std::net::IpAddr>()
                 .is_err(),
+            health,
         })
     }
 }

@@ -250,3 +250,12 @@ pub fn status_and_challenge(env: &Env, token: &str) -> (u16, String) {
         .unwrap_or_default();
     (r.status().as_u16(), www)
 }
+
+/// The routing table's generation in a metrics text (0 when absent).
+pub fn routes_generation(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("fhir_edge_config_generation{file=\"routes\"} "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0)
+}
