@@ -514,13 +514,23 @@ fn route_limits_and_node_lists_are_checked_when_the_table_loads() {
 #[test]
 fn a_token_with_thousands_of_scope_entries_is_refused() {
     let env = Env::start();
-    // Thousands of one-letter entries: the token still fits the request
-    // header limit, so it is the scope bound, not the header cap, that refuses it.
-    let scope = format!("{TENANT_A} {}", "a ".repeat(3000));
+    // Over the bound of 256 entries (the token's tenant comes first), yet small enough for the
+    // token size limit: it is the scope bound that refuses it. The scope names no tenant then.
+    let scope = format!("{TENANT_A} {}", "a ".repeat(300));
     let token = tokens::token(scope.trim_end());
+    assert!(token.len() < 4096, "{} bytes", token.len());
     let r = get(&env.proxy, &token);
-    assert_eq!(r.status, 401);
+    assert_eq!(r.status, 403);
+    assert!(r
+        .header("www-authenticate")
+        .is_some_and(|c| c.contains("insufficient_scope")));
     assert_eq!(env.a.count(), 0);
+    // Within the bound the same shape is served.
+    let scope = format!("{TENANT_A} {}", "a ".repeat(200));
+    assert_eq!(
+        get(&env.proxy, &tokens::token(scope.trim_end())).status,
+        200
+    );
 }
 
 /// A connection to the proxy from `source` (any 127.0.0.0/8 address: Linux routes them all to
@@ -665,4 +675,32 @@ fn each_source_address_has_its_own_connection_bound_and_a_trusted_proxy_has_none
         .unwrap();
     assert_eq!(finish(&mut again).status, 503);
     assert_eq!(finish(&mut untrusted).status, 200);
+}
+
+#[test]
+fn a_pooled_connection_the_server_closed_is_resent_to_the_same_single_node() {
+    // The server answers one request per connection and closes the connection when the next one
+    // comes: every reused pooled connection fails before any response byte. The request must go
+    // again on a new connection to the only node there is, never be refused as if every node were
+    // out, and the node stays in rotation (this is not its failure).
+    let env = Env::start();
+    env.a.set_mode(Mode::OncePerConnection);
+    let a = tokens::token(TENANT_A);
+    for i in 0..12 {
+        let r = get(&env.proxy, &a);
+        assert_eq!(r.status, 200, "request {i}: {}", r.body_text());
+    }
+    let text = env.proxy.admin("/metrics").1;
+    let counted = |name: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(counted("fhir_edge_upstreams_down_total{"), 0.0);
+    assert_eq!(counted("fhir_edge_upstream_ejections_total{"), 0.0);
+    assert!(
+        counted("fhir_edge_upstream_node_up{") >= 1.0,
+        "the node is in rotation"
+    );
 }

@@ -28,6 +28,9 @@ pub(crate) struct RequestCtx {
     pub(crate) node: Option<Lease>,
     /// Attempts made on upstream nodes.
     pub(crate) attempts: u8,
+    /// The next attempt moves to another node (the last one failed there). Unset for a resend
+    /// after a pooled connection the server had closed, which goes to the same node.
+    pub(crate) elsewhere: bool,
     pub(crate) tenant: Option<TenantId>,
     /// The response fhir-edge made (or decided on, from a later phase) instead of the upstream's:
     /// the one record of what went wrong, for the audit line and the error response.
@@ -69,6 +72,7 @@ impl RequestCtx {
             admitted: None,
             node: None,
             attempts: 0,
+            elsewhere: false,
             tenant: None,
             outcome: None,
             batch: None,

@@ -284,10 +284,11 @@ impl ProxyHttp for FhirEdge {
         let Some(route) = ctx.route.clone() else {
             return Error::e_explain(ErrorType::InternalError, "no upstream decided");
         };
-        // A retry moves away from the node the last attempt failed on (and is no longer in
-        // flight there).
-        let avoid = ctx.node.take().map(|lease| lease.node.clone());
-        if ctx.attempts > 0 {
+        // A retry after a failure moves away from the node it failed on (and is no longer in
+        // flight there); a resend after a stale pooled connection stays on the same node.
+        let last = ctx.node.take().map(|lease| lease.node.clone());
+        let avoid = last.filter(|_| std::mem::take(&mut ctx.elsewhere));
+        if avoid.is_some() {
             self.metrics
                 .upstream_retries
                 .with_label_values(&[&*route.label()])
@@ -323,7 +324,8 @@ impl ProxyHttp for FhirEdge {
             lease.node.health.failure();
         }
         // No byte of the request was sent: another node may take it, whatever its method.
-        e.set_retry(self.another_node(ctx));
+        ctx.elsewhere = self.another_node(ctx);
+        e.set_retry(ctx.elsewhere);
         e
     }
 
@@ -357,7 +359,8 @@ impl ProxyHttp for FhirEdge {
         }
         if upstream_fault {
             self.node_failed(ctx);
-            e.set_retry(self.another_node(ctx));
+            ctx.elsewhere = self.another_node(ctx);
+            e.set_retry(ctx.elsewhere);
         }
         e
     }

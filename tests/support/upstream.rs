@@ -46,6 +46,9 @@ pub enum Mode {
     RawKeepOpen(Vec<u8>),
     /// Read the request, then never answer.
     Hang,
+    /// The Bundle for a connection's first request; a later request on the same connection is read
+    /// and the connection closed unanswered (a server whose keep-alive ran out as the request came).
+    OncePerConnection,
     /// The response header, then `body` in `chunk`-byte pieces every `every`.
     Trickle {
         content_type: String,
@@ -206,6 +209,7 @@ fn serve<S: Read + Write>(
     beh: &Mutex<Behaviour>,
 ) {
     let mut reader = BufReader::new(stream);
+    let mut answered = 0usize;
     loop {
         let Some(r) = read_request(&mut reader) else {
             return;
@@ -222,7 +226,8 @@ fn serve<S: Read + Write>(
         let w = reader.get_mut();
         let head_only = r.method == "HEAD";
         let ok = match mode {
-            Mode::Bundle => {
+            Mode::OncePerConnection if answered > 0 => return,
+            Mode::Bundle | Mode::OncePerConnection => {
                 let body = format!(
                     r#"{{"resourceType":"Bundle","type":"searchset","total":0,"meta":{{"tag":[{{"code":"{name}"}}]}},"upstream":"{name}","method":"{}"}}"#,
                     r.method
@@ -293,6 +298,7 @@ fn serve<S: Read + Write>(
         if !ok {
             return;
         }
+        answered += 1;
     }
 }
 
