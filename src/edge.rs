@@ -353,6 +353,7 @@ impl Edge {
                 routes: self.routes,
                 token: self.token,
                 issuers,
+                routing: self.routing,
             },
         ));
         Ok(())

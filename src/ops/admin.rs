@@ -23,6 +23,8 @@ pub(crate) struct Admin {
     pub routes: Arc<Live<RoutingTable>>,
     pub token: Option<Arc<TokenService>>,
     pub issuers: Vec<Arc<crate::auth::issuer::Issuer>>,
+    /// Upstream node health, whose up/down gauges are brought up to date at each scrape.
+    pub routing: Arc<crate::routing::RoutingState>,
 }
 
 fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -87,6 +89,10 @@ impl Admin {
         }
         for issuer in &self.issuers {
             self.metrics.observe_issuer(issuer);
+        }
+        // A node whose ejection ran out is back in rotation even before a request proves it.
+        for node in self.routing.nodes.live() {
+            node.refresh_gauge();
         }
         self.metrics.render()
     }

@@ -193,6 +193,13 @@ impl NodeHealth {
         }
     }
 
+    /// Sets the node's up/down gauge from its state now (an ejection that ran out is up).
+    pub fn refresh_gauge(&self) {
+        if let Some(g) = &self.gauges {
+            g.up.set(i64::from(self.out_for().is_none()));
+        }
+    }
+
     /// An active check passed: the node is back in rotation at once.
     pub fn check_passed(&self) {
         self.failures.store(0, Ordering::Relaxed);
