@@ -112,10 +112,19 @@ impl TenantLimits {
             }
         }
         let [(_, rps), (_, burst), (_, in_flight), (_, crps), (_, cburst)] = values;
-        if burst.is_some_and(|b| b > 0) && rps.unwrap_or(0) == 0 {
+        // A burst written where no rate is (here or inherited) is a mistake; a burst inherited
+        // by a route that lifts the rate (`requests_per_second: 0`) simply goes with it.
+        let lifted = |own_rps: Option<u32>| own_rps == Some(0);
+        if burst.is_some_and(|b| b > 0)
+            && rps.unwrap_or(0) == 0
+            && !(own.burst.is_none() && lifted(own.requests_per_second))
+        {
             return Err(("burst", "needs requests_per_second".into()));
         }
-        if cburst.is_some_and(|b| b > 0) && crps.unwrap_or(0) == 0 {
+        if cburst.is_some_and(|b| b > 0)
+            && crps.unwrap_or(0) == 0
+            && !(client.burst.is_none() && lifted(client.requests_per_second))
+        {
             return Err((
                 "per_client.burst",
                 "needs per_client.requests_per_second".into(),
@@ -239,9 +248,11 @@ mod tests {
             Some((10, 200))
         );
         assert_eq!(l.max_in_flight.map(NonZeroU32::get), Some(50));
-        // 0 lifts a default.
+        // 0 lifts a default; the inherited burst goes with the rate it belongs to.
         let l = TenantLimits::resolve(&defaults, Some(&spec(Some(0), Some(0), Some(0)))).unwrap();
         assert!(!l.any());
+        let l = TenantLimits::resolve(&defaults, Some(&spec(Some(0), None, None))).unwrap();
+        assert_eq!(l.rate, None);
     }
 
     #[test]

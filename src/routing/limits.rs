@@ -255,7 +255,11 @@ impl LimiterRegistry {
     /// Drops the state of tenants and clients that have nothing to remember (full buckets,
     /// nothing in flight). Run every minute.
     pub fn sweep(&self) {
-        let now = now_secs();
+        self.sweep_as_of(now_secs());
+    }
+
+    /// [`sweep`](Self::sweep) as if the clock said `now` (whole seconds) for tenant state.
+    fn sweep_as_of(&self, now: u64) {
         self.tenants.retain(|_, l| !l.forgettable(now));
         self.tenants.shrink_to_fit();
         let live: Vec<Arc<ClientLimiter>> = {
@@ -368,6 +372,34 @@ mod tests {
         // State with something in flight is kept by a sweep.
         reg.sweep();
         assert_eq!(reg.tenants(), 1);
+    }
+
+    #[test]
+    fn state_is_kept_only_for_tenants_and_clients_with_something_to_remember() {
+        let reg = LimiterRegistry::default();
+        let limits = TenantLimits {
+            max_in_flight: NonZeroU32::new(8),
+            per_client: rate(1000, 1),
+            ..Default::default()
+        };
+        let ids: Vec<TenantId> = (0..100_000u32)
+            .map(|i| TenantId::parse(&format!("00000000-0000-4000-8000-{i:012x}")).unwrap())
+            .collect();
+        for id in &ids {
+            drop(reg.admit(*id, &limits, Some("client")));
+        }
+        let busy = reg.admit(ids[0], &limits, Some("client")).unwrap();
+        assert_eq!(reg.tenants(), 100_000);
+        assert_eq!(reg.client_buckets(), 100_000);
+        // Long after: only the tenant with a request in flight is remembered; every client bucket
+        // has filled again (1,000 a second, one deep) and goes too.
+        std::thread::sleep(Duration::from_millis(20));
+        reg.sweep_as_of(now_secs() + 10);
+        assert_eq!(reg.tenants(), 1);
+        assert_eq!(reg.client_buckets(), 0);
+        drop(busy);
+        reg.sweep_as_of(now_secs() + 10);
+        assert_eq!(reg.tenants(), 0);
     }
 
     #[test]
