@@ -1,7 +1,7 @@
 //! Micro-benchmarks of the per-request work: JWT verification and signing (RS256, ES256, HS256),
 //! scope → tenant, routing-table lookup at 10, 1,000 and 100,000 tenants, and the whole
-//! authenticate-and-route decision with the token cache hit, missed and turned off; and the CPU work
-//! of reloading a 100,000-tenant table.
+//! authenticate-and-route decision with the token cache hit, missed and turned off; a tenant's
+//! request limits; and the CPU work of reloading a 100,000-tenant table.
 //!
 //! Every group name carries the JWT crypto backend it was built with, so the two backends can be
 //! compared: `cargo bench --bench hot_path` (aws-lc-rs, the default) and
@@ -132,6 +132,8 @@ fn defaults() -> RouteDefaults {
         ca_der: None,
         public_base: "https://edge.bench/fhir".into(),
         tenant_label: fhir_edge::internals::ops::metrics::TenantLabel::Name,
+        limits: Default::default(),
+        health: Default::default(),
     }
 }
 
@@ -268,6 +270,73 @@ fn bench_lookup(c: &mut Criterion) {
     g.finish();
 }
 
+/// The per-request cost of a tenant's limits (`src/routing/limits.rs`): admitting a request and
+/// giving its in-flight place back. `none` is the baseline (a tenant without limits); the others
+/// add the in-flight count, the tenant's token bucket and a per-client bucket, then the same across
+/// 100,000 tenants with state, and a refusal. Rates are high enough that the buckets never empty
+/// (except `refused`), so every iteration takes the admitting path.
+fn bench_limiter(c: &mut Criterion) {
+    use fhir_edge::internals::config::limits::{ClientLimitSpec, LimitSpec, TenantLimits};
+    use fhir_edge::internals::routing::limits::LimiterRegistry;
+    let resolve =
+        |spec: LimitSpec| TenantLimits::resolve(&LimitSpec::default(), Some(&spec)).unwrap();
+    let high = Some(1_000_000);
+    let unlimited = resolve(LimitSpec {
+        max_in_flight: Some(0),
+        ..LimitSpec::default()
+    });
+    let in_flight = resolve(LimitSpec::default());
+    let rate = resolve(LimitSpec {
+        requests_per_second: high,
+        burst: high,
+        ..LimitSpec::default()
+    });
+    let per_client = resolve(LimitSpec {
+        requests_per_second: high,
+        burst: high,
+        per_client: Some(ClientLimitSpec {
+            requests_per_second: high,
+            burst: high,
+        }),
+        ..LimitSpec::default()
+    });
+    let refused = resolve(LimitSpec {
+        requests_per_second: Some(1),
+        burst: Some(1),
+        ..LimitSpec::default()
+    });
+    let registry = LimiterRegistry::default();
+    let one = TenantId::parse(&tenant(7)).unwrap();
+    let mut g = c.benchmark_group("tenant_limits");
+    for (name, limits) in [
+        ("none", unlimited),
+        ("in_flight", in_flight),
+        ("rate_and_in_flight", rate),
+        ("rate_in_flight_and_client", per_client),
+        ("refused", refused),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter(|| drop(black_box(registry.admit(one, &limits, Some("client-1")))))
+        });
+    }
+    // State for 100,000 tenants; each request is one of them, in turn.
+    let many = LimiterRegistry::default();
+    let ids: Vec<TenantId> = (0..100_000)
+        .map(|i| TenantId::parse(&tenant(i)).unwrap())
+        .collect();
+    for id in &ids {
+        drop(many.admit(*id, &per_client, Some("client-1")));
+    }
+    let mut i = 0;
+    g.bench_function("rate_in_flight_and_client/100000_tenants", |b| {
+        b.iter(|| {
+            i = (i + 7919) % ids.len();
+            drop(black_box(many.admit(ids[i], &per_client, Some("client-1"))))
+        })
+    });
+    g.finish();
+}
+
 /// The whole request-filter decision for a valid token: extract, verify (or hit the cache), tenant
 /// from scope, route lookup in a 1,000-tenant table. `cached`: the same token every time (the normal
 /// client); `uncached`: cache off; `unique`: a different token per request with the cache on (every
@@ -370,6 +439,7 @@ criterion_group!(
     bench_scope,
     bench_lookup,
     bench_decision,
+    bench_limiter,
     bench_reload
 );
 criterion_main!(benches);

@@ -6,10 +6,12 @@
 //! cargo bench --bench load -- compare      # the peer table only
 //! cargo bench --bench load -- tenants      # 10 vs 100,000 tenants, reload under load, RSS
 //! cargo bench --bench load -- token        # token endpoint rate
+//! cargo bench --bench load -- noisy        # tenant B alone vs beside tenant A at 10x its limit
 //! ```
 //! Needs `wrk`, `hey`, `nginx`, `haproxy` and `taskset` (Debian: `apt-get install wrk hey nginx-light
 //! haproxy util-linux`). Environment: `LOAD_SECONDS` (5, per run), `LOAD_ROUNDS` (3), `LOAD_CONNECTIONS`
-//! (64), `PROXY_CPUS` ("1"), `CLIENT_CPUS` ("0"), `UNIQUE_TOKENS` (5000), `LOAD_RELOADS` (3 timed
+//! (64), `NOISY_LIMIT` (tenant A's rate limit in `noisy`, 200 req/s), `NOISY_STEADY` (tenant B's
+//! steady rate, 500 req/s), `PROXY_CPUS` ("1"), `CLIENT_CPUS` ("0"), `UNIQUE_TOKENS` (5000), `LOAD_RELOADS` (3 timed
 //! reloads per load run in `tenants`), `LOAD_KEEP` (keep the work
 //! directory), `FHIR_EDGE_BASELINE` (path to another fhir-edge binary, e.g. a copy of the previous
 //! build: `compare` then runs it beside this build as peer "baseline" and prints the ratios,
@@ -1114,6 +1116,108 @@ fn compare(s: &Settings) {
     }
 }
 
+/// Tenant isolation: tenant B at a steady rate alone ("solo"), beside a control load, and beside
+/// tenant A driven at ten times A's rate limit, in interleaved rounds against one fhir-edge. B's
+/// throughput and p99 should stay within 10 % of its solo figures. Both load generators share
+/// `CLIENT_CPUS` with the upstream, as in every mode; the control (the same second generator aimed
+/// at the upstream directly, not at the proxy) shows how much of a change is that contention.
+fn noisy(s: &Settings) {
+    let limit: f64 = env_or("NOISY_LIMIT", "200").parse().unwrap();
+    let steady: f64 = env_or("NOISY_STEADY", "500").parse().unwrap();
+    println!(
+        "\n== noisy neighbour: tenant B at {steady:.0} req/s, alone and beside tenant A at 10 x its {limit:.0} req/s limit (hey; {} interleaved rounds x {} s, medians)",
+        s.rounds, s.seconds
+    );
+    let up = start_upstream(s);
+    let routes = routes_yaml(2, up.port, "t").replacen(
+        "    name: t0\n",
+        &format!(
+            "    name: t0\n    limits: {{ requests_per_second: {limit:.0}, burst: {limit:.0} }}\n"
+        ),
+        1,
+    );
+    let e = start_fhir_edge_with(s, routes, 10_000, "noisy");
+    let key = encoding_key(ALGS[0]);
+    let (token_a, token_b) = (mint(&key, ALGS[0], 0, 0), mint(&key, ALGS[0], 1, 1));
+    let path = "/fhir/Patient?family=Synthetic&_count=2";
+    let url = format!("http://127.0.0.1:{}{path}", e.port);
+    assert_eq!(status(e.port, path, Some(&token_b)), Some(200));
+    // The control: the same second load generator, aimed at the upstream itself instead of the
+    // proxy. It costs the client CPU what tenant A's does, so B beside it shows what the harness
+    // adds, and B beside A what the proxy adds on top.
+    let direct = format!("http://127.0.0.1:{}{path}", up.port);
+    let (mut solo, mut control, mut beside, mut noisy_runs) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let throttled = r#"fhir_edge_throttled_requests_total{limit="rate",tenant="t0"}"#;
+    let beside_load = |target: &str, token: Option<String>| {
+        let (s2, target) = (s.clone(), target.to_string());
+        // The other load starts first and ends last: B's whole run is beside it.
+        let other = std::thread::spawn(move || {
+            hey(&s2, &target, token.as_deref(), 10.0 * limit, s2.seconds + 2)
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        let b = hey(s, &url, Some(&token_b), steady, s.seconds);
+        (b, other.join().unwrap())
+    };
+    for _ in 0..s.rounds {
+        solo.push(hey(s, &url, Some(&token_b), steady, s.seconds));
+        control.push(beside_load(&direct, None).0);
+        let (b, a) = beside_load(&url, Some(token_a.clone()));
+        beside.push(b);
+        noisy_runs.push(a);
+    }
+    let (solo, control, beside, a) = (
+        combine(&solo),
+        combine(&control),
+        combine(&beside),
+        combine(&noisy_runs),
+    );
+    println!(
+        "| {:<26} | {:>9} | {:>8} | {:>8} | {:>10} |",
+        "case", "req/s", "p50 ms", "p99 ms", "non-200"
+    );
+    println!(
+        "|{:-<28}|{:->11}|{:->10}|{:->10}|{:->12}|",
+        "", "", "", "", ""
+    );
+    for (name, r) in [
+        ("B alone", &solo),
+        ("B beside the control load", &control),
+        ("B beside A", &beside),
+        ("A at 10 x its limit", &a),
+    ] {
+        println!(
+            "| {name:<26} | {:>9.0} | {:>8.2} | {:>8.2} | {:>10} |",
+            r.rps, r.p50_ms, r.p99_ms, r.errors
+        );
+    }
+    let rps_ratio = beside.rps / solo.rps;
+    let p99_ratio = beside.p99_ms / solo.p99_ms;
+    let within = |r: f64, worse_above: bool| {
+        if (worse_above && r <= 1.10) || (!worse_above && r >= 0.90) {
+            "within 10 %"
+        } else {
+            "NOT within 10 %"
+        }
+    };
+    println!(
+        "B beside A / B alone: throughput {rps_ratio:.3} ({}), p99 {p99_ratio:.3} ({}); B's non-200 answers: {}",
+        within(rps_ratio, false),
+        within(p99_ratio, true),
+        beside.errors
+    );
+    let (c_rps, c_p99) = (beside.rps / control.rps, beside.p99_ms / control.p99_ms);
+    println!(
+        "B beside A / B beside the control load: throughput {c_rps:.3} ({}), p99 {c_p99:.3} ({})",
+        within(c_rps, false),
+        within(c_p99, true),
+    );
+    println!(
+        "tenant A: {:.0} requests refused with 429 in all (fhir_edge_throttled_requests_total)",
+        metric(e.admin, throttled).unwrap_or(0.0)
+    );
+}
+
 fn tenants(s: &Settings) {
     println!(
         "\n== tenants: 10 vs 100,000 tenants (RS256, one token; {} interleaved rounds x {} s, medians), reload of 100,000 under load, RSS",
@@ -1506,6 +1610,9 @@ fn main() {
     }
     if want("token") {
         token_rate(&s);
+    }
+    if want("noisy") {
+        noisy(&s);
     }
     if std::env::var_os("LOAD_KEEP").is_some() {
         println!("kept {}", dir.keep().display());

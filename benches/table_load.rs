@@ -60,6 +60,8 @@ fn defaults() -> RouteDefaults {
         ca_der: None,
         public_base: "https://edge.bench/fhir".into(),
         tenant_label: TenantLabel::Name,
+        limits: Default::default(),
+        health: Default::default(),
     }
 }
 
