@@ -67,14 +67,19 @@ fn start_on(routes: String) -> (StubUpstream, Proxy) {
     (meta, Proxy::start(cfg))
 }
 
-#[test]
-fn over_the_rate_a_tenant_gets_429_with_retry_after_and_nothing_reaches_its_upstream() {
-    let env = Env::start_with(|c| {
+/// The usual two tenants, tenant A with `limits` (a YAML flow mapping).
+fn with_limits_of_a(limits: &str) -> Env {
+    Env::start_with(|c| {
         c.routes = c.routes.replace(
             "name: tenant-a\n",
-            "name: tenant-a\n    limits: { requests_per_second: 1, burst: 3 }\n",
+            &format!("name: tenant-a\n    limits: {limits}\n"),
         );
-    });
+    })
+}
+
+#[test]
+fn over_the_rate_a_tenant_gets_429_with_retry_after_and_nothing_reaches_its_upstream() {
+    let env = with_limits_of_a("{ requests_per_second: 1, burst: 3 }");
     let a = tokens::token(TENANT_A);
     let start = Instant::now();
     let statuses: Vec<raw::RawResponse> = (0..10).map(|_| get(&env.proxy, &a)).collect();
@@ -114,12 +119,7 @@ fn over_the_rate_a_tenant_gets_429_with_retry_after_and_nothing_reaches_its_upst
 
 #[test]
 fn each_client_of_a_tenant_has_its_own_bucket() {
-    let env = Env::start_with(|c| {
-        c.routes = c.routes.replace(
-            "name: tenant-a\n",
-            "name: tenant-a\n    limits: { per_client: { requests_per_second: 1, burst: 2 } }\n",
-        );
-    });
+    let env = with_limits_of_a("{ per_client: { requests_per_second: 1, burst: 2 } }");
     let x = token_of(TENANT_A, "client-x");
     let y = token_of(TENANT_A, "client-y");
     let x_statuses: Vec<u16> = (0..6).map(|_| get(&env.proxy, &x).status).collect();
@@ -134,12 +134,7 @@ fn each_client_of_a_tenant_has_its_own_bucket() {
 
 #[test]
 fn requests_in_flight_are_bounded_per_tenant_and_kept_across_a_reload() {
-    let env = Env::start_with(|c| {
-        c.routes = c.routes.replace(
-            "name: tenant-a\n",
-            "name: tenant-a\n    limits: { max_in_flight: 2 }\n",
-        );
-    });
+    let env = with_limits_of_a("{ max_in_flight: 2 }");
     env.a.set_delay(Duration::from_secs(4));
     let a = tokens::token(TENANT_A);
     let slow: Vec<_> = (0..2)
@@ -179,12 +174,7 @@ fn requests_in_flight_are_bounded_per_tenant_and_kept_across_a_reload() {
 
 #[test]
 fn a_reload_keeps_the_buckets_of_tenants_whose_limits_did_not_change() {
-    let env = Env::start_with(|c| {
-        c.routes = c.routes.replace(
-            "name: tenant-a\n",
-            "name: tenant-a\n    limits: { requests_per_second: 1, burst: 60 }\n",
-        );
-    });
+    let env = with_limits_of_a("{ requests_per_second: 1, burst: 60 }");
     let a = tokens::token(TENANT_A);
     let drained = Instant::now();
     while get(&env.proxy, &a).status == 200 {
