@@ -15,7 +15,7 @@ use std::sync::Arc;
 use pingora::apps::http_app::HttpServer;
 use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::TlsSettings;
-use pingora::listeners::{L4BufferSettings, ListenerConfig};
+use pingora::listeners::{L4BufferSettings, ListenerConfig, Listeners};
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
 use pingora::services::background::background_service;
@@ -33,6 +33,7 @@ use crate::portal::service::PortalService;
 use crate::portal::Portal;
 use crate::proxy::conns::ConnectionGate;
 use crate::proxy::deadline::HeaderDeadline;
+use crate::proxy::proxy_protocol::{BeforeTls, ProxyProtocol};
 use crate::proxy::FhirEdge;
 use crate::reload::{Live, Reload, Reloader};
 use crate::routing::upstream::Upstream;
@@ -413,14 +414,23 @@ fn proxy_service(
     // 431 before Pingora's own 1 MiB cap answers 400).
     let max_header_block = (limits.max_uri_bytes + limits.max_header_bytes + HEADER_BLOCK_SLACK)
         .min(PINGORA_MAX_HEADER_BLOCK);
-    let mut service = Service::new(
-        "fhir-edge".to_string(),
-        HeaderDeadline::new(app, limits.header_timeout, max_header_block, gate),
-    );
+    // Listeners that expect a PROXY protocol header: plain ones read it as the connection is
+    // admitted, TLS ones before the handshake.
+    let proxy_protocol = (!config.proxy_protocol_listeners.is_empty()).then(|| {
+        Arc::new(ProxyProtocol::new(
+            config.proxy_protocol_listeners.clone(),
+            config.trusted_proxies.clone(),
+            limits.header_timeout,
+        ))
+    });
+    let mut listeners = Listeners::new();
+    if let Some(pp) = &proxy_protocol {
+        listeners.set_pre_tls_callback(Arc::new(BeforeTls(pp.clone())));
+    }
     let buffers = L4BufferSettings::default().write(DOWNSTREAM_WRITE_BUFFER);
     let portal_listen = config.portal.iter().flat_map(|p| &p.listen);
     for addr in config.listen.iter().chain(portal_listen) {
-        service.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(buffers));
+        listeners.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(buffers));
     }
     let mut stores = Vec::new();
     for l in &config.tls_listeners {
@@ -437,12 +447,23 @@ fn proxy_service(
             tls.enable_h2();
         }
         stores.push(store);
-        service.add_listener(
+        listeners.add_listener(
             ListenerConfig::tcp(l.addr.to_string())
                 .tls(tls)
                 .l4_buffer(buffers),
         );
     }
+    let service = Service::with_listeners(
+        "fhir-edge".to_string(),
+        listeners,
+        HeaderDeadline::new(
+            app,
+            limits.header_timeout,
+            max_header_block,
+            gate,
+            proxy_protocol,
+        ),
+    );
     Ok((service, stores))
 }
 

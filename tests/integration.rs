@@ -21,6 +21,7 @@ mod lifecycle;
 mod metadata;
 mod operations;
 mod portal;
+mod proxy_protocol;
 mod registry;
 mod reload;
 mod rewriting;

@@ -141,8 +141,10 @@ pub(crate) struct Config {
     pub listen: Vec<SocketAddr>,
     pub tls_listeners: Vec<TlsListener>,
     pub public: PublicBase,
-    /// Peers whose `X-Forwarded-For` is believed.
+    /// Peers whose `X-Forwarded-For` (and PROXY protocol header) is believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Listeners whose connections start with a PROXY protocol header.
+    pub proxy_protocol_listeners: Vec<SocketAddr>,
     pub routes_file: PathBuf,
     /// Where `/metadata` comes from (resolved when the edge is built).
     pub metadata: MetadataSource,

@@ -26,6 +26,9 @@ pub struct Settings {
     /// Load balancers and proxies (CIDRs or addresses) whose `X-Forwarded-For` is believed: the
     /// client is the right-most address in it that is not one of them.
     pub trusted_proxies: Vec<String>,
+    /// Listeners (addresses from `listen` or `tls_listeners`) whose connections start with a PROXY
+    /// protocol header (v1 or v2) from a peer in `trusted_proxies`: it gives the client's address.
+    pub proxy_protocol_listeners: Vec<String>,
     /// The hot-reloaded routing table, YAML or JSON (required).
     pub routes_file: String,
     /// Where `GET {base}/metadata` comes from: an upstream FHIR base URL, or a file.
@@ -59,6 +62,7 @@ impl Default for Settings {
             tls_listeners: Vec::new(),
             public_base_url: String::new(),
             trusted_proxies: Vec::new(),
+            proxy_protocol_listeners: Vec::new(),
             routes_file: String::new(),
             metadata_upstream: None,
             metadata_file: None,

@@ -48,6 +48,7 @@ pub(super) fn validate(f: Settings, src: &mut Source) -> Option<Config> {
             ),
         }
     }
+    let proxy_protocol_listeners = proxy_protocol(&f, &listen, &tls_listeners, src);
     let limits = validate_limits(&f.limits, src);
     let (server, mut route_defaults) = validate_server(&f.server, dir, src);
     if let (Some(d), Some(p)) = (&mut route_defaults, &public) {
@@ -120,6 +121,7 @@ pub(super) fn validate(f: Settings, src: &mut Source) -> Option<Config> {
         tls_listeners,
         public: public?,
         trusted_proxies,
+        proxy_protocol_listeners,
         routes_file: routes_file?,
         metadata: metadata?,
         metadata_ttl: Duration::from_secs(f.metadata_ttl_seconds),
@@ -137,6 +139,38 @@ pub(super) fn validate(f: Settings, src: &mut Source) -> Option<Config> {
         access_log,
         access_queue: f.log.access_queue_lines,
     })
+}
+
+/// `proxy_protocol_listeners`: each one of the listeners, and someone to believe the header from.
+fn proxy_protocol(
+    f: &Settings,
+    listen: &[SocketAddr],
+    tls: &[TlsListener],
+    src: &mut Source,
+) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for (i, a) in f.proxy_protocol_listeners.iter().enumerate() {
+        let key = format!("proxy_protocol_listeners[{i}]");
+        match a.parse::<SocketAddr>() {
+            Ok(addr) if listen.contains(&addr) || tls.iter().any(|l| l.addr == addr) => {
+                out.push(addr)
+            }
+            Ok(_) => src.at(
+                a,
+                key,
+                "must be one of the addresses in listen or tls_listeners",
+            ),
+            Err(_) => src.at(a, key, "must be IP:port"),
+        }
+    }
+    if !f.proxy_protocol_listeners.is_empty() && f.trusted_proxies.is_empty() {
+        src.at(
+            "proxy_protocol_listeners",
+            "proxy_protocol_listeners",
+            "needs trusted_proxies: the header is believed only from them",
+        );
+    }
+    out
 }
 
 /// A value the file must give.

@@ -43,6 +43,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::outcome::Outcome;
 use crate::proxy::conns::{Admission, ConnectionGate};
+use crate::proxy::proxy_protocol::ProxyProtocol;
 
 /// Where a connection is in its request cycle, as far as the header goes.
 const HEADER: u8 = 0;
@@ -405,22 +406,54 @@ pub(crate) struct HeaderDeadline<A> {
     limit: Duration,
     max_header_bytes: usize,
     gate: Arc<ConnectionGate>,
+    proxy_protocol: Option<Arc<ProxyProtocol>>,
 }
 
 impl<A> HeaderDeadline<A> {
     /// `limit` is the total time for a header block; `max_header_bytes` its size on the wire;
-    /// `gate` admits (or refuses) each new connection.
+    /// `gate` admits (or refuses) each new connection; `proxy_protocol` names the plain listeners
+    /// whose connections start with a PROXY protocol header (TLS ones read it before the handshake).
     pub(crate) fn new(
         inner: A,
         limit: Duration,
         max_header_bytes: usize,
         gate: Arc<ConnectionGate>,
+        proxy_protocol: Option<Arc<ProxyProtocol>>,
     ) -> HeaderDeadline<A> {
         HeaderDeadline {
             inner: Arc::new(inner),
             limit,
             max_header_bytes,
             gate,
+            proxy_protocol,
+        }
+    }
+}
+
+/// Reads the PROXY protocol header of a new plain connection on a listener that expects one.
+/// False: the connection is to be closed.
+async fn proxy_header(pp: &ProxyProtocol, session: &mut Stream) -> bool {
+    use std::os::unix::io::AsRawFd;
+    let Some(l4) = session
+        .as_any()
+        .downcast_ref::<pingora::protocols::l4::stream::Stream>()
+    else {
+        return true; // A TLS stream: read before its handshake.
+    };
+    let local = l4.get_socket_digest().and_then(|d| {
+        d.local_addr()
+            .and_then(pingora::protocols::l4::socket::SocketAddr::as_inet)
+            .copied()
+    });
+    if !pp.expected_on(local) {
+        return true;
+    }
+    let fd = l4.as_raw_fd();
+    match pp.accept(&mut **session, Some(fd)).await {
+        Ok(()) => true,
+        Err(e) => {
+            log::debug!("connection closed: {e}");
+            false
         }
     }
 }
@@ -460,6 +493,12 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderDeadline<A> {
         if session.as_any().is::<DownstreamConn>() {
             // A kept-alive HTTP/1 connection back for its next request: already admitted.
             return self.inner.process_new(session, shutdown).await;
+        }
+        let mut session = session;
+        if let Some(pp) = &self.proxy_protocol {
+            if !proxy_header(pp, &mut session).await {
+                return None;
+            }
         }
         let peer = session
             .get_socket_digest()

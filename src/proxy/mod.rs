@@ -15,6 +15,7 @@ pub(crate) mod deadline;
 mod forward;
 mod own;
 mod portal;
+pub(crate) mod proxy_protocol;
 pub(crate) mod request_id;
 
 use std::sync::Arc;

@@ -38,7 +38,8 @@ pub struct ProxyConfig {
     pub tls: bool,
     /// Extra entries for `auth.issuers` (YAML list items indented by four spaces).
     pub extra_issuers: String,
-    /// Extra top-level config lines (`metadata_ttl_seconds: 1`, …).
+    /// Extra top-level config lines (`metadata_ttl_seconds: 1`, …); `@PORT@` and `@TLS_PORT@` become
+    /// the plain and TLS listeners' ports.
     pub top: String,
     /// Extra lines for the `admin:` section (`  tenant_label: guid`).
     pub admin: String,
@@ -177,7 +178,11 @@ admin:
             } else {
                 format!("metadata_upstream: \"{}\"\n", cfg.metadata_upstream)
             },
-            top = cfg.top,
+            // `@PORT@` and `@TLS_PORT@` in the top-level lines name the listeners' ports.
+            top = cfg
+                .top
+                .replace("@PORT@", &port.to_string())
+                .replace("@TLS_PORT@", &tls_port.unwrap_or(0).to_string()),
             admin = cfg.admin,
             debounce = cfg.reload_debounce_ms,
             keys = keys.display(),
