@@ -146,29 +146,7 @@ fn sigquit_hands_the_listeners_to_an_upgraded_process_without_failing_a_request(
     );
 
     let stop = Arc::new(AtomicBool::new(false));
-    let (url, auth) = (old.url("/Patient/1"), format!("Bearer {}", token(TENANT_A)));
-    let load = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut statuses = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                // A fresh connection each time, so every request meets whichever process accepts now.
-                let c = reqwest::blocking::Client::builder()
-                    .pool_max_idle_per_host(0)
-                    .build()
-                    .unwrap();
-                statuses.push(
-                    c.get(&url)
-                        .header("authorization", &auth)
-                        .send()
-                        .map(|r| r.status().as_u16())
-                        .unwrap_or(0),
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            statuses
-        })
-    };
+    let load = load_until(stop.clone(), old.url("/Patient/1"));
     std::thread::sleep(Duration::from_millis(300));
     old.signal("QUIT");
     // The old process hands over, keeps its in-flight work for Pingora's 5 s close timeout, then
@@ -229,4 +207,147 @@ fn transparent_huge_pages_are_off_unless_mimalloc_allow_thp_is_set() {
     cfg.env.push(("MIMALLOC_ALLOW_THP".into(), "1".into()));
     let allowed = Proxy::start(cfg);
     assert_eq!(thp_enabled(allowed.pid()), thp_enabled(std::process::id()));
+}
+
+/// Sends SIGTERM (then SIGKILL) to a process the test did not start itself when dropped.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let pid = self.0.to_string();
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status();
+        std::thread::sleep(Duration::from_millis(500));
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &pid])
+            .status();
+    }
+}
+
+/// The parent pid of `pid` (`/proc/{pid}/stat`, the field after the state).
+fn parent_of(pid: u32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_name = &stat[stat.rfind(')').unwrap() + 1..];
+    after_name
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Requests on fresh connections every 20 ms until `stop` (so every request meets whichever
+/// process accepts now); their statuses.
+fn load_until(
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    url: String,
+) -> std::thread::JoinHandle<Vec<u16>> {
+    let auth = format!("Bearer {}", token(TENANT_A));
+    std::thread::spawn(move || {
+        let mut statuses = Vec::new();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let c = reqwest::blocking::Client::builder()
+                .pool_max_idle_per_host(0)
+                .build()
+                .unwrap();
+            statuses.push(
+                c.get(&url)
+                    .header("authorization", &auth)
+                    .send()
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0),
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        statuses
+    })
+}
+
+#[test]
+fn sigusr2_starts_the_successor_itself_which_becomes_the_services_main_process() {
+    use std::os::unix::net::UnixDatagram;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let a = StubUpstream::start("tenant-a");
+    let routes = routes_yaml(&[(TENANT_A, "tenant-a", &a.url(""), "")]);
+    // systemd's side of Type=notify: a datagram socket named by NOTIFY_SOCKET.
+    let notify_dir = tempfile::tempdir().unwrap();
+    let notify_path = notify_dir.path().join("notify");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let next_message = || {
+        let mut b = [0u8; 512];
+        let n = notify.recv(&mut b).expect("a notification");
+        String::from_utf8_lossy(&b[..n]).to_string()
+    };
+    let main_pid = |m: &str| -> u32 {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MAINPID="))
+            .expect("MAINPID=")
+            .parse()
+            .unwrap()
+    };
+    let mut cfg = ProxyConfig::new(a.url(""), routes);
+    cfg.env
+        .push(("NOTIFY_SOCKET".into(), notify_path.display().to_string()));
+    let mut old = Proxy::start(cfg);
+    let ready = next_message();
+    assert!(ready.contains("READY=1"), "{ready}");
+    assert_eq!(main_pid(&ready), old.pid());
+
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let load = load_until(stop.clone(), old.url("/Patient/1"));
+    std::thread::sleep(Duration::from_millis(300));
+    old.signal("USR2");
+    // The successor says it is ready and is the main process now; the old one started it, so it
+    // runs inside the service (systemd accepts MAINPID= only from the service's own processes).
+    let handed = next_message();
+    assert!(handed.contains("READY=1"), "{handed}");
+    let new_pid = main_pid(&handed);
+    let _successor = KillOnDrop(new_pid);
+    assert_ne!(new_pid, old.pid());
+    assert_eq!(parent_of(new_pid), old.pid());
+    assert!(
+        old.wait_exit(Duration::from_secs(15)).is_some(),
+        "the old process did not exit"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let statuses = load.join().unwrap();
+    assert!(statuses.len() > 50, "too few requests: {}", statuses.len());
+    assert!(
+        statuses.iter().all(|&s| s == 200),
+        "failed requests during the upgrade: {statuses:?}"
+    );
+    assert_eq!(
+        status_with_token(&old, "/Patient/1", &token(TENANT_A)).0,
+        200,
+        "the successor does not serve"
+    );
+}
+
+#[test]
+fn a_successor_that_cannot_start_leaves_the_running_process_serving() {
+    let a = StubUpstream::start("tenant-a");
+    let routes = routes_yaml(&[(TENANT_A, "tenant-a", &a.url(""), "")]);
+    let mut old = Proxy::start(ProxyConfig::new(a.url(""), routes));
+    // The configuration on disk is broken by the time of the upgrade.
+    let conf = old.dir.path().join("fhir-edge.yaml");
+    let text = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(&conf, format!("{text}\nno_such_key: 1\n")).unwrap();
+    old.signal("USR2");
+    assert!(
+        crate::support::eventually(Duration::from_secs(20), || old
+            .logs()
+            .contains("upgrade abandoned")),
+        "{}",
+        old.logs()
+    );
+    assert!(old.is_running());
+    assert_eq!(
+        status_with_token(&old, "/Patient/1", &token(TENANT_A)).0,
+        200
+    );
 }

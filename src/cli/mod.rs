@@ -7,6 +7,7 @@
 mod clients;
 mod db;
 mod portal;
+mod upgrade;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,6 +15,7 @@ use std::process::ExitCode;
 use anyhow::{anyhow, Context};
 use clap::{Parser, Subcommand};
 use pingora::server::configuration::Opt;
+use pingora::server::RunArgs;
 use pingora::server::Server;
 
 use crate::config::{Config, MetadataSource, Settings};
@@ -159,6 +161,15 @@ fn run(config: PathBuf, upgrade: bool, daemon: bool, hooks: Hooks) -> anyhow::Re
     );
     let mut conf = edge.server_conf();
     conf.daemon = daemon;
+    let signals = upgrade::UpgradeSignals {
+        // The path this binary was started from: what a package upgrade replaces.
+        exe: std::env::current_exe()
+            .map(|p| p.into_os_string())
+            .or_else(|_| std::env::args_os().next().ok_or(()))
+            .unwrap_or_else(|()| "fhir-edge".into()),
+        config: config.clone(),
+        upgrade_sock: conf.upgrade_sock.clone().into(),
+    };
     let opt = Opt {
         upgrade,
         daemon,
@@ -167,7 +178,18 @@ fn run(config: PathBuf, upgrade: bool, daemon: bool, hooks: Hooks) -> anyhow::Re
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
     edge.add_to(&mut server).context("cannot start")?;
-    server.run_forever()
+    let probe = settings
+        .listen
+        .iter()
+        .chain(settings.tls_listeners.iter().map(|l| &l.addr))
+        .find_map(|a| a.parse().ok());
+    if !daemon {
+        upgrade::notify_when_serving(server.watch_execution_phase(), probe);
+    }
+    server.run(RunArgs {
+        shutdown_signal: Box::new(signals),
+    });
+    Ok(ExitCode::SUCCESS)
 }
 
 fn check(config: PathBuf, offline: bool) -> anyhow::Result<ExitCode> {

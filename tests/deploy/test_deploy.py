@@ -130,6 +130,8 @@ def test_the_systemd_unit_runs_fhir_edge_with_reload_and_drain():
     assert s["ExecStart"].split()[1:] == ["run", "--config", "/etc/fhir-edge/fhir-edge.yaml"]
     assert s["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert s["KillSignal"] == "SIGTERM"
+    # The binary upgrade (SIGUSR2) hands the service to a new main process, which says so itself.
+    assert s["Type"] == "notify" and s["NotifyAccess"] == "all"
     assert int(s["TimeoutStopSec"]) > 10
     assert s["NoNewPrivileges"] == "yes" and s["ProtectSystem"] == "strict"
     assert unit["Install"]["WantedBy"] == "multi-user.target"
