@@ -9,6 +9,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -156,10 +157,38 @@ def kubelet_files(directory: Path, files: dict, mode: int, group: int):
         p.chmod(mode)
 
 
-def test_the_kubernetes_pod_starts_as_its_container_would():
+def image_under_test(tmp: Path):
+    """The image scripts/build-image makes, from the binary under test, under a test-only name; and
+    the podman command with its settings (runc, rlimits this machine allows). Removed by the caller."""
+    tag = "localhost/fhir-edge:deploy-test"
+    subprocess.run([str(REPO / "scripts" / "build-image"), "--binary", fhir_edge(), "--tag", tag],
+                   check=True, capture_output=True, text=True, timeout=300)
+    import resource
+    # As many descriptors as this machine lets a process have, up to the systemd unit's 65536.
+    nofile = min(65536, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    conf = tmp / "containers.conf"
+    conf.write_text('[engine]\nruntime = "runc"\n[containers]\n'
+                    f'default_ulimits = ["nofile={nofile}:{nofile}", "nproc=4096:4096"]\n')
+    env = dict(os.environ, CONTAINERS_CONF=str(conf))
+    return tag, env
+
+
+def test_the_kubernetes_manifest_names_the_image_the_build_script_makes():
+    default = subprocess.run([str(REPO / "scripts" / "build-image"), "--print-tag"], check=True,
+                             capture_output=True, text=True).stdout.strip()
+    m = manifests()
+    for kind, name in (("Deployment", "fhir-edge"), ("Job", "fhir-edge-db-migrate")):
+        (c,) = m[(kind, name)]["spec"]["template"]["spec"]["containers"]
+        assert c["image"] == default, (kind, c["image"], default)
+
+
+@pytest.mark.parametrize("runner", ["setpriv", "podman"])
+def test_the_kubernetes_pod_starts_as_its_container_would(runner):
     """The Deployment's container, reproduced with the real binary: its user and groups (runAsUser,
     runAsGroup, fsGroup), its volumes' owners and modes, its probes. A key it cannot read would make
-    it exit at start, and Kubernetes would restart it forever."""
+    it exit at start, and Kubernetes would restart it forever. With `setpriv` the binary runs as the
+    container's user on this machine; with `podman` the image scripts/build-image builds runs as the
+    pod would run it (read-only root, no capabilities, the volumes mounted where the manifest says)."""
     import shutil
     import tempfile
     import time
@@ -167,7 +196,6 @@ def test_the_kubernetes_pod_starts_as_its_container_would():
     import urllib.request
 
     if os.geteuid() != 0:
-        import pytest
         pytest.fail("needs root to reproduce the container's user and file owners")
     m = manifests()
     pod = m[("Deployment", "fhir-edge")]["spec"]["template"]["spec"]
@@ -176,12 +204,9 @@ def test_the_kubernetes_pod_starts_as_its_container_would():
     volumes = {v["name"]: v for v in pod["volumes"]}
     fs_group = sc.get("fsGroup")
     root = Path(tempfile.mkdtemp(prefix="fhir-edge-pod-"))
+    image = None
     try:
         root.chmod(0o755)
-        # The image: the binary in a directory anyone may read.
-        binary = root / "fhir-edge"
-        shutil.copy(fhir_edge(), binary)
-        binary.chmod(0o755)
         mounts = {mnt["mountPath"]: root / mnt["name"] for mnt in c["volumeMounts"]}
         http_port, admin_port = free_port(), free_port()
 
@@ -189,8 +214,10 @@ def test_the_kubernetes_pod_starts_as_its_container_would():
                                  + r")(?=[/\"'\s]|$)")
 
         def localise(text: str) -> str:
-            # One pass, so a path already moved under the (temporary) root is not moved again.
-            text = mount_paths.sub(lambda mt: str(mounts[mt.group(1)]), text)
+            # In the container the volumes are where the manifest mounts them; on this machine,
+            # under the (temporary) root. One pass, so a moved path is not moved again.
+            if runner == "setpriv":
+                text = mount_paths.sub(lambda mt: str(mounts[mt.group(1)]), text)
             text = re.sub(r"[a-z0-9.-]+\.(svc\.cluster\.local|example)(?=[:/\"])", "127.0.0.1", text)
             text = text.replace('"0.0.0.0:8080"', f'"127.0.0.1:{http_port}"')
             return text.replace('"0.0.0.0:9089"', f'"127.0.0.1:{admin_port}"')
@@ -207,12 +234,32 @@ def test_the_kubernetes_pod_starts_as_its_container_would():
         tmp = mounts["/tmp"]
         tmp.mkdir()
         os.chown(tmp, sc["runAsUser"], sc["runAsGroup"])
-        groups = ["--groups", str(fs_group)] if fs_group is not None else ["--clear-groups"]
-        as_container = ["setpriv", "--reuid", str(sc["runAsUser"]), "--regid", str(sc["runAsGroup"]),
-                        *groups, "--", str(binary)]
+        env = None
+        if runner == "setpriv":
+            # The image: the binary in a directory anyone may read.
+            binary = root / "fhir-edge"
+            shutil.copy(fhir_edge(), binary)
+            binary.chmod(0o755)
+            groups = ["--groups", str(fs_group)] if fs_group is not None else ["--clear-groups"]
+            as_container = ["setpriv", "--reuid", str(sc["runAsUser"]), "--regid", str(sc["runAsGroup"]),
+                            *groups, "--", str(binary)]
+        else:
+            image, env = image_under_test(root)
+            csc = c["securityContext"]
+            as_container = ["podman", "run", "--rm", "--network", "host",
+                            "--user", f"{sc['runAsUser']}:{sc['runAsGroup']}",
+                            *(["--group-add", str(fs_group)] if fs_group is not None else []),
+                            *(["--read-only"] if csc.get("readOnlyRootFilesystem") else []),
+                            *(["--cap-drop", "all"] if "ALL" in csc.get("capabilities", {}).get("drop", []) else []),
+                            *(["--security-opt", "no-new-privileges"]
+                              if csc.get("allowPrivilegeEscalation") is False else []),
+                            *[a for mnt in c["volumeMounts"] for a in
+                              ("-v", f"{mounts[mnt['mountPath']]}:{mnt['mountPath']}"
+                                     + (":ro" if mnt.get("readOnly") else ""))],
+                            image]
         args = [localise(a) for a in c["args"]]
         log = open(root / "stderr.log", "w")
-        proc = subprocess.Popen(as_container + args, stdout=subprocess.DEVNULL, stderr=log)
+        proc = subprocess.Popen(as_container + args, stdout=subprocess.DEVNULL, stderr=log, env=env)
         try:
             def probe(path):
                 try:
@@ -223,7 +270,7 @@ def test_the_kubernetes_pod_starts_as_its_container_would():
                 except OSError:
                     return None
 
-            deadline = time.time() + 15
+            deadline = time.time() + 30
             while probe(c["livenessProbe"]["httpGet"]["path"]) != 200:
                 assert proc.poll() is None, "the container exited:\n" + (root / "stderr.log").read_text()
                 assert time.time() < deadline, (root / "stderr.log").read_text()
@@ -235,7 +282,7 @@ def test_the_kubernetes_pod_starts_as_its_container_would():
             assert proc.poll() is None, (root / "stderr.log").read_text()
         finally:
             proc.terminate()
-            proc.wait(timeout=15)
+            proc.wait(timeout=30)
             log.close()
         stderr = (root / "stderr.log").read_text()
         assert "Permission denied" not in stderr, stderr
@@ -243,10 +290,12 @@ def test_the_kubernetes_pod_starts_as_its_container_would():
         # finds no database).
         job = m[("Job", "fhir-edge-db-migrate")]["spec"]["template"]["spec"]
         out = subprocess.run(as_container + [localise(a) for a in job["containers"][0]["args"]],
-                             capture_output=True, text=True, timeout=60)
+                             capture_output=True, text=True, timeout=60, env=env)
         assert "Permission denied" not in out.stderr and "cannot read" not in out.stderr, out.stderr
         assert "unavailable" in out.stderr, out.stderr
     finally:
+        if image:
+            subprocess.run(["podman", "rmi", "--force", image], capture_output=True, env=env)
         shutil.rmtree(root, ignore_errors=True)
 
 
