@@ -77,6 +77,20 @@ fn with_limits_of_a(limits: &str) -> Env {
     })
 }
 
+/// Renames tenant B in the routing table (tenant A's entry stays as it is) and waits for the reload.
+fn reload_changing_only_b(env: &Env) {
+    let generation = routes_generation(&env.proxy.admin("/metrics").1);
+    let text = std::fs::read_to_string(env.proxy.routes_path()).unwrap();
+    std::fs::write(
+        env.proxy.routes_path(),
+        text.replace("name: tenant-b", "name: tenant-b2"),
+    )
+    .unwrap();
+    assert!(eventually(Duration::from_secs(5), || {
+        routes_generation(&env.proxy.admin("/metrics").1) > generation
+    }));
+}
+
 #[test]
 fn over_the_rate_a_tenant_gets_429_with_retry_after_and_nothing_reaches_its_upstream() {
     let env = with_limits_of_a("{ requests_per_second: 1, burst: 3 }");
@@ -151,16 +165,7 @@ fn requests_in_flight_are_bounded_per_tenant_and_kept_across_a_reload() {
     // Tenant B's requests are its own.
     assert_eq!(get(&env.proxy, &tokens::token(TENANT_B)).status, 200);
     // A reload that leaves tenant A's limits as they were keeps its count.
-    let generation = routes_generation(&env.proxy.admin("/metrics").1);
-    let text = std::fs::read_to_string(env.proxy.routes_path()).unwrap();
-    std::fs::write(
-        env.proxy.routes_path(),
-        text.replace("name: tenant-b", "name: tenant-b2"),
-    )
-    .unwrap();
-    assert!(eventually(Duration::from_secs(5), || {
-        routes_generation(&env.proxy.admin("/metrics").1) > generation
-    }));
+    reload_changing_only_b(&env);
     assert_eq!(get(&env.proxy, &a).status, 429);
     for t in slow {
         assert_eq!(t.join().unwrap().status, 200);
@@ -183,16 +188,7 @@ fn a_reload_keeps_the_buckets_of_tenants_whose_limits_did_not_change() {
             "never throttled"
         );
     }
-    let generation = routes_generation(&env.proxy.admin("/metrics").1);
-    let text = std::fs::read_to_string(env.proxy.routes_path()).unwrap();
-    std::fs::write(
-        env.proxy.routes_path(),
-        text.replace("name: tenant-b", "name: tenant-b2"),
-    )
-    .unwrap();
-    assert!(eventually(Duration::from_secs(5), || {
-        routes_generation(&env.proxy.admin("/metrics").1) > generation
-    }));
+    reload_changing_only_b(&env);
     // A fresh bucket would let all 20 through; the kept one about one per second since it ran dry.
     let since = Instant::now();
     let passed = (0..20)

@@ -133,7 +133,7 @@ fn idle_keep_alive_connections_are_closed_after_the_configured_timeout() {
 /// being answered throughout (no connection is refused).
 #[test]
 fn sigquit_hands_the_listeners_to_an_upgraded_process_without_failing_a_request() {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
     let a = StubUpstream::start("tenant-a");
     let routes = routes_yaml(&[(TENANT_A, "tenant-a", &a.url(""), "")]);
@@ -149,24 +149,7 @@ fn sigquit_hands_the_listeners_to_an_upgraded_process_without_failing_a_request(
     let load = load_until(stop.clone(), old.url("/Patient/1"));
     std::thread::sleep(Duration::from_millis(300));
     old.signal("QUIT");
-    // The old process hands over, keeps its in-flight work for Pingora's 5 s close timeout, then
-    // drains (grace 2 s, shutdown timeout 2 s in the test config).
-    assert!(
-        old.wait_exit(Duration::from_secs(15)).is_some(),
-        "the old process did not exit"
-    );
-    std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::Relaxed);
-    let statuses = load.join().unwrap();
-    assert!(
-        statuses.len() > 50,
-        "too few requests during the handover: {}",
-        statuses.len()
-    );
-    assert!(
-        statuses.iter().all(|&s| s == 200),
-        "failed requests during the upgrade: {statuses:?}"
-    );
+    handover_failed_nothing(&mut old, &stop, load);
     assert!(
         matches!(new.try_wait(), Ok(None)),
         "the upgraded process is not running"
@@ -264,10 +247,36 @@ fn load_until(
     })
 }
 
+/// Waits for the old process to hand over and exit (it keeps its in-flight work for Pingora's 5 s
+/// close timeout, then drains: grace 2 s, shutdown timeout 2 s in the test config), then stops the
+/// load and checks that every request on a fresh connection throughout got 200.
+fn handover_failed_nothing(
+    old: &mut Proxy,
+    stop: &std::sync::atomic::AtomicBool,
+    load: std::thread::JoinHandle<Vec<u16>>,
+) {
+    assert!(
+        old.wait_exit(Duration::from_secs(15)).is_some(),
+        "the old process did not exit"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let statuses = load.join().unwrap();
+    assert!(
+        statuses.len() > 50,
+        "too few requests during the handover: {}",
+        statuses.len()
+    );
+    assert!(
+        statuses.iter().all(|&s| s == 200),
+        "failed requests during the upgrade: {statuses:?}"
+    );
+}
+
 #[test]
 fn sigusr2_starts_the_successor_itself_which_becomes_the_services_main_process() {
     use std::os::unix::net::UnixDatagram;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::AtomicBool;
     let a = StubUpstream::start("tenant-a");
     let routes = routes_yaml(&[(TENANT_A, "tenant-a", &a.url(""), "")]);
     // systemd's side of Type=notify: a datagram socket named by NOTIFY_SOCKET.
@@ -309,18 +318,7 @@ fn sigusr2_starts_the_successor_itself_which_becomes_the_services_main_process()
     let _successor = KillOnDrop(new_pid);
     assert_ne!(new_pid, old.pid());
     assert_eq!(parent_of(new_pid), old.pid());
-    assert!(
-        old.wait_exit(Duration::from_secs(15)).is_some(),
-        "the old process did not exit"
-    );
-    std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::Relaxed);
-    let statuses = load.join().unwrap();
-    assert!(statuses.len() > 50, "too few requests: {}", statuses.len());
-    assert!(
-        statuses.iter().all(|&s| s == 200),
-        "failed requests during the upgrade: {statuses:?}"
-    );
+    handover_failed_nothing(&mut old, &stop, load);
     assert_eq!(
         status_with_token(&old, "/Patient/1", &token(TENANT_A)).0,
         200,
