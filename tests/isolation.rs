@@ -144,6 +144,26 @@ fn each_client_of_a_tenant_has_its_own_bucket() {
     assert_eq!(get(&env.proxy, &y).status, 200);
     env.proxy
         .metrics_when(|m| m.contains("limit=\"client_rate\",tenant=\"tenant-a\""));
+    // An identity provider's token that names its client in `azp` (Entra ID v2, Keycloak) has a
+    // bucket of its own too, and the audit log names that client.
+    let mut claims = tokens::claims(TENANT_A);
+    claims.as_object_mut().unwrap().remove("client_id");
+    claims["azp"] = "entra-app".into();
+    let z = tokens::sign_with(
+        Some("rs1"),
+        "rs1",
+        jsonwebtoken::Algorithm::RS256,
+        Some("at+jwt"),
+        &claims,
+    );
+    let z_statuses: Vec<u16> = (0..4).map(|_| get(&env.proxy, &z).status).collect();
+    assert_eq!(&z_statuses[..2], &[200, 200]);
+    assert!(z_statuses.contains(&429), "{z_statuses:?}");
+    let audit = env.proxy.access_log_at_least(12);
+    assert!(
+        audit.iter().any(|l| l["client_id"] == "entra-app"),
+        "{audit:?}"
+    );
 }
 
 #[test]

@@ -237,6 +237,18 @@ impl Claims {
     }
 }
 
+impl Claims {
+    /// The client the token was issued to: RFC 9068's `client_id`, else OpenID Connect's `azp`
+    /// (Entra ID v2 access tokens, Keycloak, Okta), else Entra ID v1's `appid`. Never `sub`: an
+    /// external issuer's `sub` may name a person. Read for the audit log and per-client limits.
+    pub(crate) fn client(&self) -> Option<String> {
+        let other = |name: &str| self.others.get(name).and_then(Value::as_str);
+        self.client_id
+            .clone()
+            .or_else(|| other("azp").or_else(|| other("appid")).map(str::to_string))
+    }
+}
+
 fn string(v: Option<Value>) -> Result<Option<String>, AuthFailure> {
     match v {
         None => Ok(None),
@@ -269,6 +281,24 @@ fn strings(v: Value) -> Result<Vec<String>, AuthFailure> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_client_is_client_id_then_azp_then_appid_and_never_sub() {
+        let client = |v: serde_json::Value| {
+            let Value::Object(m) = v else { unreachable!() };
+            Claims::from_members(m).unwrap().client()
+        };
+        let all = serde_json::json!({"client_id": "c", "azp": "a", "appid": "p", "sub": "s"});
+        assert_eq!(client(all).as_deref(), Some("c"));
+        let entra_v2 = serde_json::json!({"azp": "a", "appid": "p", "sub": "s"});
+        assert_eq!(client(entra_v2).as_deref(), Some("a"));
+        assert_eq!(
+            client(serde_json::json!({"appid": "p"})).as_deref(),
+            Some("p")
+        );
+        assert_eq!(client(serde_json::json!({"sub": "s"})), None);
+        assert_eq!(client(serde_json::json!({"azp": 7})), None, "not a string");
+    }
 
     #[test]
     fn a_member_given_twice_is_refused_at_any_depth() {

@@ -133,7 +133,8 @@ pub struct Grant {
     pub tenant: TenantId,
     /// Issued by fhir-edge's own token endpoint (then also checked against the client registry).
     pub own: bool,
-    /// The `client_id` claim (never `sub`: an external issuer's `sub` may name a person).
+    /// The client the token was issued to: its `client_id` claim, else `azp`, else `appid` (see
+    /// [`claims::Claims::client`]); never `sub`, which may name a person.
     pub client_id: Option<String>,
     /// Which client secret authenticated the token request (own tokens).
     pub secret_id: Option<String>,
@@ -193,7 +194,7 @@ pub(crate) fn authenticate_with(
     let grant = Arc::new(Grant {
         tenant,
         own,
-        client_id: claims.client_id,
+        client_id: claims.client(),
         secret_id: claims.secret_id,
         jti_hash: claims.jti.as_deref().map(crate::ops::audit::jti_hash),
         // `as` saturates: NaN and negatives become 0. `exp` rounds down, `nbf` up, so a cached
