@@ -1,10 +1,12 @@
-//! Wall-clock time as fhir-edge writes and reads it: Unix seconds, RFC 3339 UTC timestamps
+//! Time as fhir-edge reads it: a process-wide monotonic clock, and wall-clock time as it writes and
+//! reads it: Unix seconds, RFC 3339 UTC timestamps
 //! (`2026-11-29T04:00:00Z`, through the `time` crate) and operator durations (`90s`, `30m`, `12h`,
 //! `7d`). The duration syntax is ours and tiny: a bare number is seconds, which humantime (the
 //! obvious crate) refuses, and the four units are all an operator needs for secret lifetimes.
 
 use std::num::NonZeroU8;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use time::format_description::well_known::iso8601::{Config, EncodedConfig, TimePrecision};
 use time::format_description::well_known::{Iso8601, Rfc3339};
@@ -15,6 +17,19 @@ pub(crate) fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// Time since the first call in this process: a monotonic clock whose readings fit in an atomic
+/// word, for deadlines and last-seen times that threads share (node ejections, idle connections,
+/// limiter state).
+pub(crate) fn monotonic() -> Duration {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed()
+}
+
+/// [`monotonic`] in whole milliseconds.
+pub(crate) fn monotonic_ms() -> u64 {
+    u64::try_from(monotonic().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// `secs` as a UTC time, clamped to the last second RFC 3339's four-digit years can write.

@@ -19,9 +19,8 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::Waker;
-use std::time::Instant;
 
 use crate::ops::metrics::Metrics;
 
@@ -31,13 +30,6 @@ const BUSY: u8 = 0;
 const IDLE: u8 = 1;
 /// Chosen to be closed: its next read ends the stream.
 const CLOSING: u8 = 2;
-
-/// Milliseconds since the first call, for ordering idle connections.
-fn now_ms() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    let epoch = EPOCH.get_or_init(Instant::now);
-    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
-}
 
 /// Which bound refused a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +61,8 @@ pub(crate) struct Slot {
 impl Slot {
     /// The connection's response ended; it waits for the next request.
     pub(crate) fn mark_idle(&self) {
-        self.idle_since.store(now_ms(), Ordering::Relaxed);
+        self.idle_since
+            .store(crate::time::monotonic_ms(), Ordering::Relaxed);
         let _ = self
             .state
             .compare_exchange(BUSY, IDLE, Ordering::AcqRel, Ordering::Relaxed);

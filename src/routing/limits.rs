@@ -157,13 +157,9 @@ impl TenantLimiter {
     }
 }
 
-/// Whole seconds on a process-wide monotonic clock.
+/// Whole seconds on the process-wide monotonic clock.
 fn now_secs() -> u64 {
-    static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();
-    EPOCH
-        .get_or_init(std::time::Instant::now)
-        .elapsed()
-        .as_secs()
+    crate::time::monotonic().as_secs()
 }
 
 /// A client id's key in the per-client limiter: a hash with a per-process seed, so no client can

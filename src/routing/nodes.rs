@@ -18,8 +18,8 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use prometheus::{IntCounter, IntGauge};
 
@@ -40,13 +40,9 @@ pub enum Balance {
     LeastConnections,
 }
 
-/// Milliseconds on a process-wide monotonic clock, never 0 (0 marks "not ejected").
+/// Milliseconds on the process-wide monotonic clock, never 0 (0 marks "not ejected").
 fn now_ms() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    let epoch = EPOCH.get_or_init(Instant::now);
-    u64::try_from(epoch.elapsed().as_millis())
-        .unwrap_or(u64::MAX)
-        .saturating_add(1)
+    crate::time::monotonic_ms().saturating_add(1)
 }
 
 /// One upstream server's health, shared by every tenant and table that names it.
