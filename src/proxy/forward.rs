@@ -142,7 +142,7 @@ impl FhirEdge {
                 retry_after: crate::routing::limits::retry_after_seconds(wait),
             });
         }
-        let admitted = self.limiters.limiters.admit(
+        let admitted = self.routing.limiters.admit(
             route.tenant,
             &route.upstream.limits,
             grant.client_id.as_deref(),

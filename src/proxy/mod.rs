@@ -56,8 +56,8 @@ pub(crate) struct FhirEdge {
     ids: RequestIds,
     /// The registration portal, when configured.
     portal: Option<Arc<crate::portal::Portal>>,
-    /// Each tenant's limiter state (the routing state outlives tables).
-    limiters: Arc<crate::routing::RoutingState>,
+    /// Limiter state and node health, which outlive routing tables.
+    routing: Arc<crate::routing::RoutingState>,
 }
 
 impl FhirEdge {
@@ -78,7 +78,7 @@ impl FhirEdge {
             audit,
             ids: RequestIds::new(),
             portal: None,
-            limiters: crate::routing::RoutingState::detached(Default::default()),
+            routing: crate::routing::RoutingState::detached(Default::default()),
         }
     }
 
@@ -87,7 +87,7 @@ impl FhirEdge {
         mut self,
         state: Arc<crate::routing::RoutingState>,
     ) -> FhirEdge {
-        self.limiters = state;
+        self.routing = state;
         self
     }
 
@@ -122,12 +122,7 @@ impl FhirEdge {
         let (Some(route), Some(lease)) = (&ctx.route, &ctx.node) else {
             return false;
         };
-        ctx.attempts < 2
-            && route.upstream.nodes.iter().any(|n| {
-                !Arc::ptr_eq(n, &lease.node)
-                    && n.unresolved.is_none()
-                    && n.health.out_for().is_none()
-            })
+        ctx.attempts < 2 && route.upstream.another_in_rotation(&lease.node)
     }
 
     /// Counts an upstream failure by route and kind.
@@ -321,9 +316,7 @@ impl ProxyHttp for FhirEdge {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        if let Some(lease) = &ctx.node {
-            lease.node.health.failure();
-        }
+        self.node_failed(ctx);
         // No byte of the request was sent: another node may take it, whatever its method.
         ctx.elsewhere = self.another_node(ctx);
         e.set_retry(ctx.elsewhere);

@@ -228,7 +228,7 @@ impl RoutingTable {
         let mut names: Vec<&str> = self
             .routes
             .values()
-            .filter(|r| !r.upstream.unresolved() && r.upstream.all_out().is_some())
+            .filter(|r| r.upstream.all_out().is_some())
             .map(|r| &*r.name)
             .collect();
         names.sort_unstable();

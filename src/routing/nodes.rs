@@ -283,6 +283,11 @@ impl NodeRegistry {
     }
 }
 
+/// Whether a node can take a request now: its host resolved and it is not ejected.
+fn in_rotation(node: &Upstream) -> bool {
+    node.unresolved.is_none() && node.health.out_for().is_none()
+}
+
 /// A tenant's nodes and how requests are spread over them.
 #[derive(Debug)]
 pub struct Upstreams {
@@ -341,6 +346,13 @@ impl Upstreams {
         soonest
     }
 
+    /// Whether a node other than `than` is in rotation (a failed attempt may move there).
+    pub fn another_in_rotation(&self, than: &Arc<Upstream>) -> bool {
+        self.nodes
+            .iter()
+            .any(|n| !Arc::ptr_eq(n, than) && in_rotation(n))
+    }
+
     /// Chooses a node in rotation, other than `avoid` (the one a retry moves away from). `None`
     /// when there is none.
     pub fn pick(&self, avoid: Option<&Arc<Upstream>>) -> Option<Lease> {
@@ -350,11 +362,8 @@ impl Upstreams {
         } else {
             self.turn.fetch_add(1, Ordering::Relaxed) % n
         };
-        let usable = |node: &Arc<Upstream>| {
-            node.unresolved.is_none()
-                && avoid.is_none_or(|a| !Arc::ptr_eq(a, node))
-                && node.health.out_for().is_none()
-        };
+        let usable =
+            |node: &Arc<Upstream>| avoid.is_none_or(|a| !Arc::ptr_eq(a, node)) && in_rotation(node);
         let mut chosen: Option<&Arc<Upstream>> = None;
         for i in 0..n {
             let node = &self.nodes[(start + i) % n];
