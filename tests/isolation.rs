@@ -77,18 +77,20 @@ fn with_limits_of_a(limits: &str) -> Env {
     })
 }
 
-/// Renames tenant B in the routing table (tenant A's entry stays as it is) and waits for the reload.
-fn reload_changing_only_b(env: &Env) {
+/// Replaces `from` with `to` in the routing table and waits for the proxy to load the new table.
+fn edit_routes(env: &Env, from: &str, to: &str) {
     let generation = routes_generation(&env.proxy.admin("/metrics").1);
     let text = std::fs::read_to_string(env.proxy.routes_path()).unwrap();
-    std::fs::write(
-        env.proxy.routes_path(),
-        text.replace("name: tenant-b", "name: tenant-b2"),
-    )
-    .unwrap();
+    assert!(text.contains(from), "{from:?} is not in the table");
+    std::fs::write(env.proxy.routes_path(), text.replace(from, to)).unwrap();
     assert!(eventually(Duration::from_secs(5), || {
         routes_generation(&env.proxy.admin("/metrics").1) > generation
     }));
+}
+
+/// Renames tenant B in the routing table (tenant A's entry stays as it is) and waits for the reload.
+fn reload_changing_only_b(env: &Env) {
+    edit_routes(env, "name: tenant-b", "name: tenant-b2");
 }
 
 #[test]
@@ -218,16 +220,7 @@ fn a_reload_keeps_the_buckets_of_tenants_whose_limits_did_not_change() {
         since.elapsed().as_secs() as usize + drained.elapsed().as_secs().min(1) as usize + 2;
     assert!(passed <= bound, "{passed} of 20 passed after the reload");
     // Changed limits start a new bucket.
-    let text = std::fs::read_to_string(env.proxy.routes_path()).unwrap();
-    let generation = routes_generation(&env.proxy.admin("/metrics").1);
-    std::fs::write(
-        env.proxy.routes_path(),
-        text.replace("burst: 60", "burst: 61"),
-    )
-    .unwrap();
-    assert!(eventually(Duration::from_secs(5), || {
-        routes_generation(&env.proxy.admin("/metrics").1) > generation
-    }));
+    edit_routes(&env, "burst: 60", "burst: 61");
     assert_eq!(get(&env.proxy, &a).status, 200);
 }
 
