@@ -27,6 +27,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 const SUCCESSOR_START: Duration = Duration::from_secs(60);
 
 /// Pingora's own signals, and `SIGUSR2`: start a successor, then hand over to it.
+#[derive(Clone)]
 pub(crate) struct UpgradeSignals {
     /// The binary to start: the path this process was started from.
     pub exe: OsString,
@@ -67,7 +68,7 @@ impl ShutdownSignalWatch for UpgradeSignals {
                 _ = next(&mut int) => return ShutdownSignal::FastShutdown,
                 _ = next(&mut usr2) => {
                     log::info!("SIGUSR2 received: starting the new binary to hand over to");
-                    let started = self.clone_paths();
+                    let started = self.clone();
                     match tokio::task::spawn_blocking(move || started.start_successor()).await {
                         Ok(Ok(pid)) => {
                             log::info!("process {pid} waits for the listening sockets: handing over");
@@ -85,14 +86,6 @@ impl ShutdownSignalWatch for UpgradeSignals {
 }
 
 impl UpgradeSignals {
-    fn clone_paths(&self) -> UpgradeSignals {
-        UpgradeSignals {
-            exe: self.exe.clone(),
-            config: self.config.clone(),
-            upgrade_sock: self.upgrade_sock.clone(),
-        }
-    }
-
     /// Starts the successor and waits until it waits on the upgrade socket (it creates the socket
     /// anew after loading its configuration). Returns its pid.
     fn start_successor(&self) -> Result<u32, String> {

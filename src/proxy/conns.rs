@@ -151,17 +151,7 @@ impl Admission {
 impl Drop for Admission {
     fn drop(&mut self) {
         let g = &self.gate;
-        g.total.fetch_sub(1, Ordering::AcqRel);
-        if let Some(ip) = self.slot.source {
-            if let Ok(mut s) = g.sources.lock() {
-                if let Some(n) = s.get_mut(&ip) {
-                    *n = n.saturating_sub(1);
-                    if *n == 0 {
-                        s.remove(&ip);
-                    }
-                }
-            }
-        }
+        g.give_back(self.slot.source);
         if let Ok(mut live) = g.live.lock() {
             live.remove(&self.slot.id);
         }
@@ -242,18 +232,24 @@ impl ConnectionGate {
             self.max_per_source > 0 && *n > self.max_per_source
         };
         if over && !self.close_idle(Some(ip)) {
-            if let Ok(mut s) = self.sources.lock() {
-                if let Some(n) = s.get_mut(&ip) {
-                    *n -= 1;
-                    if *n == 0 {
-                        s.remove(&ip);
-                    }
-                }
-            }
-            self.total.fetch_sub(1, Ordering::AcqRel);
+            self.give_back(Some(ip));
             return Err(Refusal::PerSource);
         }
         Ok(())
+    }
+
+    /// Uncounts a connection from `source` (in total, and for its source).
+    fn give_back(&self, source: Option<IpAddr>) {
+        self.total.fetch_sub(1, Ordering::AcqRel);
+        let Some(ip) = source else { return };
+        if let Ok(mut s) = self.sources.lock() {
+            if let Some(n) = s.get_mut(&ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    s.remove(&ip);
+                }
+            }
+        }
     }
 
     /// Closes the connection idle longest (of `source`, if given). False if none is idle.
