@@ -449,7 +449,7 @@ async fn proxy_header(pp: &ProxyProtocol, session: &mut Stream) -> bool {
         return true;
     }
     let fd = l4.as_raw_fd();
-    match pp.accept(&mut **session, Some(fd)).await {
+    match pp.accept(&mut **session, fd).await {
         Ok(()) => true,
         Err(e) => {
             log::debug!("connection closed: {e}");

@@ -87,9 +87,13 @@ impl ProxyProtocol {
         source(&header)
     }
 
-    /// Reads the header of a connection that has its peer address in its socket digest, and makes
-    /// the client's address that digest's peer address.
-    pub(crate) async fn accept<S>(&self, stream: &mut S, fd: Option<i32>) -> Result<(), Refused>
+    /// Reads the header of a connection (socket `fd`) that has its peer address in its socket
+    /// digest, and makes the client's address that digest's peer address.
+    pub(crate) async fn accept<S>(
+        &self,
+        stream: &mut S,
+        fd: std::os::unix::io::RawFd,
+    ) -> Result<(), Refused>
     where
         S: AsyncRead + GetSocketDigest + Unpin + ?Sized,
     {
@@ -97,7 +101,7 @@ impl ProxyProtocol {
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(PeerAddr::as_inet).map(|a| a.ip()));
         let source = self.read(stream, peer).await?;
-        if let (Some(source), Some(fd)) = (source, fd) {
+        if let Some(source) = source {
             let digest = SocketDigest::from_raw_fd(fd);
             let _ = digest.peer_addr.set(Some(PeerAddr::Inet(source)));
             stream.set_socket_digest(digest);
@@ -179,7 +183,7 @@ impl pingora::listeners::PreTlsProcess for BeforeTls {
             return Ok(());
         }
         let fd = stream.as_raw_fd();
-        self.0.accept(stream, Some(fd)).await.map_err(|e| {
+        self.0.accept(stream, fd).await.map_err(|e| {
             log::debug!("connection closed: {e}");
             pingora::Error::explain(pingora::ErrorType::AcceptError, "PROXY protocol header")
         })
