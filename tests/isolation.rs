@@ -639,6 +639,7 @@ fn each_source_address_has_its_own_connection_bound_and_a_trusted_proxy_has_none
     let port = env.proxy.port;
     let mut first = connect_from("127.0.0.1", port);
     busy(&mut first, &token);
+    env.proxy.wait_connections_open(1);
     // Another connection from the same address is refused; another address is served.
     assert_refused(connect_from("127.0.0.1", port), &token);
     let mut other = connect_from("127.0.0.2", port);
@@ -666,6 +667,7 @@ fn each_source_address_has_its_own_connection_bound_and_a_trusted_proxy_has_none
     // An untrusted peer gains nothing by naming other clients.
     let mut untrusted = connect_from("127.0.0.3", port);
     busy(&mut untrusted, &token);
+    env.proxy.wait_connections_open(1);
     let mut again = connect_from("127.0.0.3", port);
     busy(&mut again, &token);
     use std::io::Write;

@@ -122,6 +122,7 @@ fn the_per_source_connection_bound_counts_the_address_the_header_gives() {
     // Two clients behind one balancer address: one connection each.
     let mut a = open("203.0.113.7");
     let mut b = open("198.51.100.9");
+    env.proxy.wait_connections_open(2);
     // The same client again is over its bound: answered 503.
     let mut again = open("203.0.113.7");
     assert_eq!(finish(&mut again), 503);

@@ -329,6 +329,14 @@ admin:
         text
     }
 
+    /// Waits until the proxy has admitted exactly `n` client connections (they are admitted by
+    /// the task each one gets, so two connections opened in turn may be admitted in either order).
+    pub fn wait_connections_open(&self, n: usize) {
+        let line = format!("fhir_edge_client_connections {n}\n");
+        let text = self.metrics_when(|m| m.contains(&line));
+        assert!(text.contains(&line), "never {n} open connections:\n{text}");
+    }
+
     pub fn clients_path(&self) -> PathBuf {
         self.dir.path().join("clients.yaml")
     }
