@@ -57,6 +57,14 @@ fn nodes_yaml(nodes: &[String], extra: &str, b: &str) -> String {
 }
 
 fn start_on(routes: String) -> (StubUpstream, Proxy) {
+    start_configured(routes, |_| {})
+}
+
+/// [`start_on`], with `configure` changing the proxy's configuration first.
+fn start_configured(
+    routes: String,
+    configure: impl FnOnce(&mut ProxyConfig),
+) -> (StubUpstream, Proxy) {
     let meta = StubUpstream::start("meta");
     meta.set_response(
         &[("Content-Type", "application/fhir+json")],
@@ -64,6 +72,7 @@ fn start_on(routes: String) -> (StubUpstream, Proxy) {
     );
     let mut cfg = ProxyConfig::new(meta.url(""), routes);
     cfg.top = HEALTH.into();
+    configure(&mut cfg);
     (meta, Proxy::start(cfg))
 }
 
@@ -170,8 +179,16 @@ fn each_client_of_a_tenant_has_its_own_bucket() {
 
 #[test]
 fn requests_in_flight_are_bounded_per_tenant_and_kept_across_a_reload() {
-    let env = with_limits_of_a("{ max_in_flight: 2 }");
-    env.a.set_delay(Duration::from_secs(4));
+    // Tenant A's server holds its answers until released; the proxy waits far longer than the test
+    // takes, however slow the machine.
+    let env = Env::start_with(|c| {
+        c.routes = c.routes.replace(
+            "name: tenant-a\n",
+            "name: tenant-a\n    limits: { max_in_flight: 2 }\n",
+        );
+        c.upstream_read_timeout_ms = 120_000;
+    });
+    env.a.hold();
     let a = tokens::token(TENANT_A);
     let slow: Vec<_> = (0..2)
         .map(|_| {
@@ -189,10 +206,10 @@ fn requests_in_flight_are_bounded_per_tenant_and_kept_across_a_reload() {
     // A reload that leaves tenant A's limits as they were keeps its count.
     reload_changing_only_b(&env);
     assert_eq!(get(&env.proxy, &a).status, 429);
+    env.a.release();
     for t in slow {
         assert_eq!(t.join().unwrap().status, 200);
     }
-    env.a.set_delay(Duration::ZERO);
     assert!(eventually(Duration::from_secs(3), || get(&env.proxy, &a)
         .status
         == 200));
@@ -249,14 +266,19 @@ fn least_connections_avoids_the_node_that_is_busy() {
     let n1 = StubUpstream::start("n1");
     let n2 = StubUpstream::start("n2");
     let b = StubUpstream::start("b");
-    n1.set_delay(Duration::from_secs(6));
-    let (_meta, proxy) = start_on(nodes_yaml(
-        &[n1.url(""), n2.url("")],
-        "balance: least_connections",
-        &b.url(""),
-    ));
+    // n1 stays busy until released, and the proxy waits for it far longer than the test takes,
+    // however slow the machine.
+    n1.hold();
+    let (_meta, proxy) = start_configured(
+        nodes_yaml(
+            &[n1.url(""), n2.url("")],
+            "balance: least_connections",
+            &b.url(""),
+        ),
+        |cfg| cfg.upstream_read_timeout_ms = 120_000,
+    );
     let a = tokens::token(TENANT_A);
-    // Requests in the background until one is held by the slow node.
+    // Requests in the background until one is held by the busy node.
     let port = proxy.port;
     let bearer = format!("Bearer {a}");
     let held = std::thread::spawn(move || {
@@ -275,7 +297,7 @@ fn least_connections_avoids_the_node_that_is_busy() {
         "every request went to the idle node"
     );
     assert_eq!(n1.count(), 1);
-    n1.set_delay(Duration::ZERO);
+    n1.release();
     held.join().unwrap();
 }
 

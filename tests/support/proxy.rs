@@ -49,6 +49,8 @@ pub struct ProxyConfig {
     /// `server.reload_debounce_ms` (100 unless a test needs to tell a debounced reload from an
     /// immediate one).
     pub reload_debounce_ms: u64,
+    /// `server.upstream_read_timeout_ms` (5000 unless a test holds an upstream answer longer).
+    pub upstream_read_timeout_ms: u64,
     /// Extra environment variables for the proxy process.
     pub env: Vec<(String, String)>,
     /// Another program to start instead of `fhir-edge run` (given `--config PATH` and `args`).
@@ -82,6 +84,7 @@ impl ProxyConfig {
             top: String::new(),
             admin: String::new(),
             reload_debounce_ms: 100,
+            upstream_read_timeout_ms: 5000,
             env: Vec::new(),
             program: None,
             args: Vec::new(),
@@ -159,7 +162,7 @@ server:
   grace_period_seconds: 2
   graceful_shutdown_timeout_seconds: 2
   upstream_connect_timeout_ms: 1000
-  upstream_read_timeout_ms: 5000
+  upstream_read_timeout_ms: {read_timeout}
   reload_debounce_ms: {debounce}
   pid_file: {dir}/fhir-edge.pid
   upgrade_sock: {dir}/upgrade.sock
@@ -185,6 +188,7 @@ admin:
                 .replace("@TLS_PORT@", &tls_port.unwrap_or(0).to_string()),
             admin = cfg.admin,
             debounce = cfg.reload_debounce_ms,
+            read_timeout = cfg.upstream_read_timeout_ms,
             keys = keys.display(),
             limits = if cfg.limits.is_empty() {
                 "  max_body_bytes: 1048576\n  keepalive_requests: 1000000".to_string()

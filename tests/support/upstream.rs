@@ -5,7 +5,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 /// One request as the upstream received it.
@@ -70,6 +70,8 @@ pub enum Mode {
 struct Behaviour {
     delay: Duration,
     mode: Mode,
+    /// While the flag is set, requests are read and recorded but not answered.
+    hold: Arc<(Mutex<bool>, Condvar)>,
 }
 
 pub struct StubUpstream {
@@ -99,6 +101,7 @@ impl StubUpstream {
         let behaviour = Arc::new(Mutex::new(Behaviour {
             delay: Duration::ZERO,
             mode: Mode::Bundle,
+            hold: Arc::new((Mutex::new(false), Condvar::new())),
         }));
         let connections = Arc::new(Mutex::new(0));
         let (rec, beh, nm, conns) = (
@@ -145,6 +148,20 @@ impl StubUpstream {
     /// Delays every response by `d` (for timeouts and draining).
     pub fn set_delay(&self, d: Duration) {
         self.behaviour.lock().unwrap().delay = d;
+    }
+
+    /// Holds every answer (requests are still read and recorded) until [`StubUpstream::release`]:
+    /// a node that stays busy for as long as a test needs, whatever the machine's speed.
+    pub fn hold(&self) {
+        let hold = self.behaviour.lock().unwrap().hold.clone();
+        *hold.0.lock().unwrap() = true;
+    }
+
+    /// Lets held answers (and every later one) go.
+    pub fn release(&self) {
+        let hold = self.behaviour.lock().unwrap().hold.clone();
+        *hold.0.lock().unwrap() = false;
+        hold.1.notify_all();
     }
 
     pub fn set_mode(&self, mode: Mode) {
@@ -219,10 +236,12 @@ fn serve<S: Read + Write>(
         if !complete {
             return;
         }
-        let Behaviour { delay, mode } = beh.lock().unwrap().clone();
+        let Behaviour { delay, mode, hold } = beh.lock().unwrap().clone();
         if !delay.is_zero() {
             std::thread::sleep(delay);
         }
+        let (held, released) = &*hold;
+        drop(released.wait_while(held.lock().unwrap(), |h| *h).unwrap());
         let w = reader.get_mut();
         let head_only = r.method == "HEAD";
         let ok = match mode {
