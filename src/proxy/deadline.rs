@@ -433,22 +433,14 @@ impl<A> HeaderDeadline<A> {
 /// Reads the PROXY protocol header of a new plain connection on a listener that expects one.
 /// False: the connection is to be closed.
 async fn proxy_header(pp: &ProxyProtocol, session: &mut Stream) -> bool {
-    use std::os::unix::io::AsRawFd;
-    let Some(l4) = session
+    // A TLS stream is no plain `Stream` here: its header was read before its handshake.
+    let Some(fd) = session
         .as_any()
         .downcast_ref::<pingora::protocols::l4::stream::Stream>()
+        .and_then(|l4| pp.expected_fd(l4))
     else {
-        return true; // A TLS stream: read before its handshake.
-    };
-    let local = l4.get_socket_digest().and_then(|d| {
-        d.local_addr()
-            .and_then(pingora::protocols::l4::socket::SocketAddr::as_inet)
-            .copied()
-    });
-    if !pp.expected_on(local) {
         return true;
-    }
-    let fd = l4.as_raw_fd();
+    };
     match pp.accept(&mut **session, fd).await {
         Ok(()) => true,
         Err(e) => {

@@ -64,7 +64,7 @@ impl ProxyProtocol {
     }
 
     /// Whether a connection accepted on `local` (the socket's own address) must send the header.
-    pub(crate) fn expected_on(&self, local: Option<SocketAddr>) -> bool {
+    fn expected_on(&self, local: Option<SocketAddr>) -> bool {
         let Some(local) = local else { return false };
         self.listeners
             .iter()
@@ -85,6 +85,16 @@ impl ProxyProtocol {
             .await
             .map_err(|_| Refused::Timeout)??;
         source(&header)
+    }
+
+    /// The socket of a connection whose listener expects the header (`None`: it does not), for
+    /// [`accept`](Self::accept).
+    pub(crate) fn expected_fd(&self, stream: &L4Stream) -> Option<std::os::unix::io::RawFd> {
+        use std::os::unix::io::AsRawFd;
+        let local = stream
+            .get_socket_digest()
+            .and_then(|d| d.local_addr().and_then(PeerAddr::as_inet).copied());
+        self.expected_on(local).then(|| stream.as_raw_fd())
     }
 
     /// Reads the header of a connection (socket `fd`) that has its peer address in its socket
@@ -175,14 +185,9 @@ pub(crate) struct BeforeTls(pub(crate) std::sync::Arc<ProxyProtocol>);
 #[async_trait]
 impl pingora::listeners::PreTlsProcess for BeforeTls {
     async fn process(&self, stream: &mut L4Stream) -> pingora::Result<()> {
-        use std::os::unix::io::AsRawFd;
-        let local = stream
-            .get_socket_digest()
-            .and_then(|d| d.local_addr().and_then(PeerAddr::as_inet).copied());
-        if !self.0.expected_on(local) {
+        let Some(fd) = self.0.expected_fd(stream) else {
             return Ok(());
-        }
-        let fd = stream.as_raw_fd();
+        };
         self.0.accept(stream, fd).await.map_err(|e| {
             log::debug!("connection closed: {e}");
             pingora::Error::explain(pingora::ErrorType::AcceptError, "PROXY protocol header")
