@@ -406,13 +406,11 @@ impl ProxyHttp for FhirEdge {
     ) -> Result<()> {
         if let Some(lease) = &ctx.node {
             // Passive health: a gateway error is the node's failure, any other answer a success.
-            match resp.status.as_u16() {
-                502..=504 => lease.node.health.failure(),
-                _ => {
-                    lease.node.health.success();
-                    false
-                }
-            };
+            if matches!(resp.status.as_u16(), 502..=504) {
+                lease.node.health.failure();
+            } else {
+                lease.node.health.success();
+            }
         }
         if let (Some(route), Some(t)) = (&ctx.route, ctx.upstream_start) {
             self.metrics

@@ -130,19 +130,18 @@ impl NodeHealth {
     }
 
     /// An exchange failed (connection refused or reset, timeout, 502/503/504, a failed check).
-    /// Returns whether this failure ejected the node.
-    pub fn failure(&self) -> bool {
+    pub fn failure(&self) {
         let n = self
             .failures
             .fetch_add(1, Ordering::Relaxed)
             .saturating_add(1);
         if n < self.policy.failures.get() {
-            return false;
+            return;
         }
         let now = now_ms();
         let until = self.ejected_until.load(Ordering::Relaxed);
         if until > now {
-            return false; // Already out: the requests that were in flight report late.
+            return; // Already out: the requests that were in flight report late.
         }
         let exponent = self.ejections.fetch_add(1, Ordering::Relaxed).min(16);
         let backoff = self
@@ -156,7 +155,7 @@ impl NodeHealth {
             .compare_exchange(until, next, Ordering::Relaxed, Ordering::Relaxed)
             .is_err()
         {
-            return false; // Another failure ejected it first.
+            return; // Another failure ejected it first.
         }
         // When it is due back, one more failure is enough to eject it again.
         self.failures
@@ -170,7 +169,6 @@ impl NodeHealth {
             self.label,
             backoff.as_secs()
         );
-        true
     }
 
     /// An exchange succeeded: the failure count and the backoff start over. A node that is out
@@ -227,7 +225,6 @@ impl Drop for NodeHealth {
 
 /// Every node some table names, by label (weakly: a node no table names is dropped with its
 /// last table).
-#[derive(Default)]
 pub struct NodeRegistry {
     nodes: Mutex<HashMap<Box<str>, Weak<NodeHealth>>>,
     metrics: Option<Arc<Metrics>>,
@@ -276,10 +273,6 @@ impl NodeRegistry {
     pub fn live(&self) -> Vec<Arc<NodeHealth>> {
         let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
         nodes.values().filter_map(Weak::upgrade).collect()
-    }
-
-    pub fn policy(&self) -> HealthPolicy {
-        self.policy
     }
 }
 
