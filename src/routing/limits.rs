@@ -285,7 +285,7 @@ impl LimiterRegistry {
     }
 }
 
-/// The background service that sweeps idle per-client buckets every minute.
+/// The background service that sweeps idle limiter state (tenants' and clients') every minute.
 pub(crate) struct Sweeper {
     pub(crate) state: Arc<crate::routing::RoutingState>,
 }

@@ -4,14 +4,13 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{HeaderName, HeaderValue};
 
-use crate::config::routes::TenantEntry;
-use std::sync::Arc;
-
 use crate::config::limits::TenantLimits;
+use crate::config::routes::TenantEntry;
 use crate::routing::nodes::Upstreams;
 use crate::routing::upstream::{read_ca_file, Upstream, UpstreamUrl};
 use crate::routing::TableContext;
